@@ -1,0 +1,166 @@
+"""What one logging event captured: per probe, tokens, masks and attention.
+
+A `Snapshot` lives on the training device while scores are computed, then `to_host()` turns it
+into small CPU copies (float16 attention) that the worker thread renders and the sinks write.
+`save`/`load` give the archive format other tools read back: one `.npz` per step, plain numpy
+arrays plus one JSON string, so no attnlog import is needed to read it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+
+# Array-valued fields of ProbeAttention, in archive order. `None` means "not captured".
+_ARRAY_FIELDS = (
+    "attention",  # [L, H, n, n]     self-attention (the encoder's, for encoder-decoders)
+    "queries",  # [L, H, n, d]        query vectors, post-rotary, per head
+    "keys",  # [L, H, n, d]           key vectors, grouped-query keys expanded per head
+    "decoder_attention",  # [L, H, m, m]
+    "cross_attention",  # [L, H, m, n]
+    "special",  # [n] bool            [CLS]/[SEP]/BOS/EOS/added special tokens
+    "punct",  # [n] bool              punctuation, full-width CJK included
+    "segment",  # [n] int             sentence A = 0, sentence B = 1
+    "word_ids",  # [n] int            word index from the tokenizer, -1 where unknown
+    "token_ids",  # [n] int
+)
+
+
+@dataclass
+class ProbeAttention:
+    """One probe's capture, padding already trimmed.
+
+    Arrays are torch tensors on the training device until `Snapshot.to_host()`, numpy after.
+    """
+
+    name: str
+    tokens: list[str]
+    attention: Any  # [L, H, n, n]
+    special: Any  # [n] bool
+    punct: Any  # [n] bool
+    segment: Any  # [n] int
+    token_ids: Any  # [n] int
+    word_ids: Any = None  # [n] int, -1 = no word id
+    causal: bool = False
+    is_pair: bool = False
+    scaling: float | None = None  # logits = (q . k) * scaling
+    queries: Any = None  # [L, H, n, d]
+    keys: Any = None  # [L, H, n, d]
+    decoder_tokens: list[str] | None = None
+    decoder_attention: Any = None  # [L, H, m, m]
+    cross_attention: Any = None  # [L, H, m, n]
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.attention.shape[0])
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.attention.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class Snapshot:
+    """All probes captured at one training step."""
+
+    step: int
+    probes: list[ProbeAttention]
+    model_type: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_host(self, dtype: Any = np.float16) -> Snapshot:
+        """Small CPU copies: float attention/q/k as `dtype`, masks as numpy."""
+        return replace(self, probes=[_probe_to_numpy(p, dtype) for p in self.probes])
+
+    def save(self, path: str | Path, scores: dict[str, Any] | None = None) -> Path:
+        """Write an `.npz` archive: arrays under `p<i>/<field>`, metadata as JSON in `meta`.
+
+        `scores` is an optional {name: array} mapping stored under `scores/<name>`.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        host = self.to_host()
+        arrays: dict[str, np.ndarray] = {}
+        probes_meta = []
+        for i, probe in enumerate(host.probes):
+            for name in _ARRAY_FIELDS:
+                value = getattr(probe, name)
+                if value is not None:
+                    arrays[f"p{i}/{name}"] = value
+            probes_meta.append(
+                {
+                    "name": probe.name,
+                    "tokens": probe.tokens,
+                    "decoder_tokens": probe.decoder_tokens,
+                    "causal": probe.causal,
+                    "is_pair": probe.is_pair,
+                    "scaling": probe.scaling,
+                }
+            )
+        for name, value in (scores or {}).items():
+            arrays[f"scores/{name}"] = np.asarray(value, dtype=np.float32)
+        meta = {
+            "format": "attnlog.snapshot",
+            "version": FORMAT_VERSION,
+            "step": self.step,
+            "model_type": self.model_type,
+            "meta": self.meta,
+            "probes": probes_meta,
+        }
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+        tmp.replace(path)  # readers never see a half-written file
+        return path
+
+
+def load(path: str | Path) -> tuple[Snapshot, dict[str, np.ndarray]]:
+    """Read an archive written by `Snapshot.save`; returns (snapshot, scores)."""
+    with np.load(Path(path), allow_pickle=False) as data:
+        meta = json.loads(bytes(data["meta"]).decode())
+        if meta.get("format") != "attnlog.snapshot":
+            raise ValueError(f"{path} is not an attnlog snapshot archive")
+        if meta["version"] > FORMAT_VERSION:
+            raise ValueError(
+                f"{path} has archive version {meta['version']}; this attnlog reads up to "
+                f"{FORMAT_VERSION}. Upgrade attnlog with `pip install -U attnlog`."
+            )
+        probes = []
+        for i, pm in enumerate(meta["probes"]):
+            arrays = {n: data[f"p{i}/{n}"] for n in _ARRAY_FIELDS if f"p{i}/{n}" in data}
+            probes.append(ProbeAttention(**pm, **arrays))
+        scores = {k[len("scores/") :]: data[k] for k in data.files if k.startswith("scores/")}
+    snapshot = Snapshot(
+        step=meta["step"], probes=probes, model_type=meta["model_type"], meta=meta["meta"]
+    )
+    return snapshot, scores
+
+
+def _probe_to_numpy(probe: ProbeAttention, dtype: Any) -> ProbeAttention:
+    changes = {}
+    for f in fields(probe):
+        if f.name not in _ARRAY_FIELDS:
+            continue
+        value = getattr(probe, f.name)
+        if value is None:
+            continue
+        if hasattr(value, "detach"):  # torch tensor
+            value = value.detach()
+            if value.is_floating_point():
+                value = value.float()
+            value = value.cpu().numpy()
+        value = np.asarray(value)
+        if value.dtype.kind == "f":
+            value = value.astype(dtype, copy=False)
+        changes[f.name] = value
+    return replace(probe, **changes)

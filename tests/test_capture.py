@@ -1,0 +1,253 @@
+"""Capture: exact eager attention from the real MiniLM and from tiny configs of every family."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from attnlog.capture import AttentionUnavailableError, Capturer, capture, unwrap_model
+from attnlog.probes import Probe
+
+PAIR = ("The cat sat on the mat.", "The cat was very happy.")
+
+
+def _eager_reference(model, tokenizer, *texts):
+    """Attention [L, H, n, n] from a plain eager forward pass of one unpadded probe."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        enc = tokenizer(*texts, return_tensors="pt")
+        with torch.no_grad():
+            out = model(**enc, output_attentions=True)
+    finally:
+        model.set_attn_implementation(previous)
+    return torch.stack([a[0] for a in out.attentions]), enc
+
+
+def test_minilm_matches_plain_eager_forward(minilm):
+    model, tokenizer = minilm
+    probes = [PAIR, "I like strawberries, but not raspberries!", "Short."]
+    snapshot = capture(model, tokenizer, probes, step=7)
+    assert snapshot.step == 7 and snapshot.model_type == "bert"
+    assert [len(p) for p in snapshot.probes] != [len(snapshot.probes[0])] * 3  # padding was used
+    for probe, texts in zip(snapshot.probes, [PAIR, (probes[1],), (probes[2],)]):
+        reference, enc = _eager_reference(model, tokenizer, *texts)
+        assert probe.tokens == tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
+        assert probe.attention.shape == (6, 12, len(probe), len(probe))
+        torch.testing.assert_close(probe.attention, reference, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            probe.attention.sum(-1), torch.ones(6, 12, len(probe)), atol=1e-5, rtol=0
+        )
+
+
+def test_queries_and_keys_give_the_attention_logits(minilm):
+    model, tokenizer = minilm
+    probe = capture(model, tokenizer, [PAIR]).probes[0]
+    assert (
+        probe.queries.shape == (6, 12, len(probe), 32) and probe.keys.shape == probe.queries.shape
+    )
+    logits = probe.queries @ probe.keys.transpose(-1, -2) * probe.scaling
+    torch.testing.assert_close(logits.softmax(-1), probe.attention, atol=1e-5, rtol=0)
+
+
+def test_masks_segments_and_words(minilm):
+    model, tokenizer = minilm
+    probe = capture(model, tokenizer, [Probe(*PAIR, name="pair")]).probes[0]
+    tokens = probe.tokens
+    assert probe.name == "pair" and probe.is_pair and not probe.causal
+    assert [tokens[i] for i in probe.special.nonzero().flatten()] == ["[CLS]", "[SEP]", "[SEP]"]
+    assert [tokens[i] for i in probe.punct.nonzero().flatten()] == [".", "."]
+    first_sep = tokens.index("[SEP]")
+    assert probe.segment[: first_sep + 1].eq(0).all() and probe.segment[first_sep + 1 :].eq(1).all()
+    words = probe.word_ids.tolist()
+    assert words[0] == -1 and len(set(words[1:first_sep])) == first_sep - 1
+    assert set(words[1:first_sep]).isdisjoint(words[first_sep + 1 : -1])  # B's words renumbered
+
+
+def test_training_state_is_restored(minilm):
+    model, tokenizer = minilm
+    model.train()
+    model.encoder.layer[0].eval()  # a user's frozen sub-module stays as it was
+    before = torch.get_rng_state()
+    try:
+        capture(model, tokenizer, ["Hello world."])
+        assert model.training and not model.encoder.layer[0].training
+        assert model.config._attn_implementation == "sdpa"
+        assert torch.equal(torch.get_rng_state(), before)
+    finally:
+        model.eval()
+
+
+def test_unwraps_compile_and_dataparallel(minilm):
+    model, tokenizer = minilm
+    wrapped = torch.nn.DataParallel(model)
+    assert unwrap_model(wrapped) is model
+    compiled = torch.compile(model)  # only unwrapped, never run compiled here
+    assert unwrap_model(compiled) is model
+
+
+def test_peft_lora_model_is_captured_with_its_adapters(minilm):
+    peft = pytest.importorskip("peft")
+    model, tokenizer = minilm
+    lora = peft.get_peft_model(
+        copy.deepcopy(model),
+        peft.LoraConfig(r=2, target_modules=["query", "value"], init_lora_weights=False),
+    )
+    plain = capture(model, tokenizer, ["Adapters change attention."]).probes[0].attention
+    adapted = capture(lora, tokenizer, ["Adapters change attention."]).probes[0].attention
+    assert adapted.shape == plain.shape and not torch.allclose(adapted, plain)
+
+
+# ---- bad input ---------------------------------------------------------------------------
+
+
+def test_empty_inputs_fail_fast(minilm):
+    model, tokenizer = minilm
+    with pytest.raises(ValueError, match="empty"):
+        Capturer(model, tokenizer, [])
+    with pytest.raises(ValueError, match="empty"):
+        Capturer(model, tokenizer, ["fine", "   "])
+    with pytest.raises(ValueError, match="tokenizer"):
+        Capturer(model, None, ["fine"])
+
+
+def test_over_long_probe_truncates_with_warning_or_errors(minilm):
+    model, tokenizer = minilm
+    long_text = "word " * 600
+    with pytest.warns(UserWarning, match="truncated"):
+        cap = Capturer(model, tokenizer, [long_text])
+    assert len(cap.encoded[0]) == 512
+    with pytest.raises(ValueError, match="on_long='truncate'"):
+        Capturer(model, tokenizer, [long_text], on_long="error")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        snap = Capturer(model, tokenizer, [long_text], max_length=40)(0)
+    assert snap.probes[0].tokens[-1] == "[SEP]" and len(snap.probes[0]) == 40
+
+
+def test_vocabulary_mismatch_names_the_fix(minilm):
+    model, tokenizer = minilm
+    tok = copy.deepcopy(tokenizer)
+    tok.add_tokens(["brandnewtoken"])
+    with pytest.raises(ValueError, match="resize_token_embeddings"):
+        Capturer(model, tok, ["a brandnewtoken here"])
+
+
+def test_non_hf_model_is_rejected(minilm):
+    _, tokenizer = minilm
+    with pytest.raises(TypeError, match="Hugging Face"):
+        Capturer(torch.nn.Linear(2, 2), tokenizer, ["x"])
+
+
+# ---- every family from a tiny random config -----------------------------------------------
+
+
+def _tiny(family: str):
+    import transformers as tf
+
+    common = dict(vocab_size=30522, num_hidden_layers=2, num_attention_heads=4, hidden_size=32,
+                  intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+    configs = {
+        "bert": (tf.BertConfig, tf.BertModel, common),
+        "roberta": (tf.RobertaConfig, tf.RobertaForSequenceClassification, {**common, "pad_token_id": 0}),
+        "xlm-roberta": (tf.XLMRobertaConfig, tf.XLMRobertaModel, {**common, "pad_token_id": 0}),
+        "electra": (tf.ElectraConfig, tf.ElectraModel, {**common, "embedding_size": 32}),
+        "albert": (tf.AlbertConfig, tf.AlbertModel, {**common, "embedding_size": 16}),
+        "distilbert": (tf.DistilBertConfig, tf.DistilBertModel,
+                       dict(vocab_size=30522, n_layers=2, n_heads=4, dim=32, hidden_dim=64)),
+        "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel,
+                 dict(vocab_size=30522, n_layer=2, n_head=4, n_embd=32, n_positions=128)),
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {**common, "num_key_value_heads": 2}),
+        "bart": (tf.BartConfig, tf.BartForConditionalGeneration,
+                 dict(vocab_size=30522, d_model=32, encoder_layers=2, decoder_layers=2,
+                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                      decoder_ffn_dim=64, max_position_embeddings=128)),
+        "t5": (tf.T5Config, tf.T5ForConditionalGeneration,
+               dict(vocab_size=30522, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                    decoder_start_token_id=0)),
+    }  # fmt: skip
+    config_cls, model_cls, kwargs = configs[family]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**kwargs)).eval()
+    return model
+
+
+@pytest.mark.parametrize(
+    "family", ["bert", "roberta", "xlm-roberta", "electra", "albert", "distilbert", "gpt2", "llama"]
+)
+def test_every_family_returns_normalised_attention(family, minilm):
+    _, tokenizer = minilm
+    model = _tiny(family)
+    snapshot = capture(model, tokenizer, [PAIR, "A shorter probe."])
+    causal = family in ("gpt2", "llama")
+    for probe in snapshot.probes:
+        n = len(probe)
+        assert probe.attention.shape == (2, 4, n, n) and probe.causal == causal
+        torch.testing.assert_close(probe.attention.sum(-1), torch.ones(2, 4, n), atol=1e-5, rtol=0)
+        if causal:
+            assert probe.attention.triu(1).abs().max() == 0
+        assert probe.queries is not None and probe.queries.shape[:3] == (2, 4, n)
+        logits = probe.queries @ probe.keys.transpose(-1, -2) * probe.scaling
+        if causal:
+            logits = logits.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        if family != "albert":  # same-weight layers still give per-layer q/k
+            torch.testing.assert_close(logits.softmax(-1), probe.attention, atol=1e-4, rtol=0)
+    # the padded batch gives what an unpadded pass gives
+    alone = capture(model, tokenizer, ["A shorter probe."]).probes[0].attention
+    torch.testing.assert_close(snapshot.probes[1].attention, alone, atol=1e-5, rtol=0)
+
+
+def test_grouped_query_keys_are_expanded_per_head(minilm):
+    _, tokenizer = minilm
+    model = _tiny("llama")
+    assert model.config.num_key_value_heads == 2
+    probe = capture(model, tokenizer, ["Rotary keys."]).probes[0]
+    assert probe.keys.shape == probe.queries.shape
+    assert torch.equal(probe.keys[:, 0], probe.keys[:, 1])  # heads 0 and 1 share a key head
+
+
+def test_tokenizer_without_pad_token(minilm):
+    _, tokenizer = minilm
+    tok = copy.deepcopy(tokenizer)
+    tok.pad_token = None
+    assert tok.pad_token_id is None
+    snapshot = capture(_tiny("gpt2"), tok, ["One probe here.", "And another, longer probe here."])
+    assert [p.tokens for p in snapshot.probes] == [
+        tok.convert_ids_to_tokens(tok(t)["input_ids"])
+        for t in ("One probe here.", "And another, longer probe here.")
+    ]
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_encoder_decoder_gives_encoder_decoder_and_cross_attention(family, minilm):
+    _, tokenizer = minilm
+    probe = capture(_tiny(family), tokenizer, [PAIR]).probes[0]
+    n, m = len(probe), len(probe.decoder_tokens)
+    assert probe.attention.shape == (2, 4, n, n) and not probe.causal
+    assert probe.decoder_attention.shape == (2, 4, m, m)
+    assert probe.cross_attention.shape == (2, 4, m, n)
+    assert probe.decoder_attention.triu(1).abs().max() == 0
+    for a in (probe.attention, probe.decoder_attention, probe.cross_attention):
+        torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:-1]), atol=1e-5, rtol=0)
+    assert probe.queries is not None and probe.queries.shape[2] == n
+
+
+def test_model_without_attention_weights_is_reported(minilm):
+    _, tokenizer = minilm
+    model = _tiny("bert")
+
+    class NoWeights(torch.nn.Module):  # a real module whose forward drops attentions
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, **kwargs):
+            out = self.inner(**kwargs)
+            out.attentions = None
+            return out
+
+    with pytest.raises(AttentionUnavailableError, match="output_attentions"):
+        Capturer(NoWeights(model), tokenizer, ["x"]).check()
