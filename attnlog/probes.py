@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +41,7 @@ class Probe:
                 )
 
 
-ProbeLike = Union[Probe, str, tuple, list, dict]
+ProbeLike = Probe | str | tuple | list | dict
 
 DEFAULT_PROBES = (
     Probe("The cat sat on the mat.", "The cat was very happy.", name="cat_pair"),
