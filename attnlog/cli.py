@@ -1,0 +1,199 @@
+"""The `attnlog` command: demo, snapshot, report, compare, sync."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+BROWSE_HINT = """\
+Browse it:
+  tensorboard --logdir {logdir} --samples_per_plugin images=0
+  mlflow ui --backend-store-uri {tracking_uri}
+(--samples_per_plugin images=0 keeps every logged step; TensorBoard shows only 10 images per
+tag without it.)"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad flags give one line, not a usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="attnlog",
+        description="Watch transformer attention change while the model trains.",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    demo = sub.add_parser(
+        "demo",
+        help="fine-tune the shipped MiniLM on a small task with the callback (about 1-2 minutes)",
+        description="Fine-tune the shipped pretrained MiniLM on a built-in sentence-pair task "
+        "('does sentence B repeat a noun of sentence A?') with AttentionLoggerCallback, logging "
+        "to TensorBoard and MLflow, then print what changed and how to browse it.",
+    )
+    demo.add_argument("--steps", type=_positive, default=150, help="training steps (default 150)")
+    demo.add_argument("--every", type=_positive, default=25, help="log every N steps (default 25)")
+    demo.add_argument("--logdir", default="runs", help="TensorBoard folder (default ./runs)")
+    demo.add_argument(
+        "--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (default sqlite:///mlflow.db)"
+    )
+    demo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="training device")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+    snap = sub.add_parser(
+        "snapshot",
+        help="one-shot views, heatmaps and scores for a local model folder",
+        description="Load a local Hugging Face model folder, run the probes once, and write the "
+        "head/model/neuron views, heatmaps and a scores table to --out.",
+    )
+    snap.add_argument("model_dir", help="a local model folder (config.json, weights, tokenizer)")
+    snap.add_argument("--probe", action="append", required=True, help="probe text (repeatable)")
+    snap.add_argument("--pair", action="append", help="sentence B for the probe at the same position")
+    snap.add_argument(
+        "--add-special-tokens", nargs="+", default=[], metavar="TOK", help="extra special tokens, e.g. [unused1]"
+    )
+    snap.add_argument("--out", required=True, help="output folder")
+    snap.add_argument("--max-length", type=_positive, default=None, help="truncate probes to N tokens")
+
+    report = sub.add_parser(
+        "report",
+        help="summarise an archive: logged steps and the strongest heads per pattern",
+        description="Read <logdir>/plugins/attnlog and print, for the last (or --step) logged "
+        "step, the strongest head of every pattern and the head labels.",
+    )
+    report.add_argument("logdir", help="the logger's logdir (holds plugins/attnlog)")
+    report.add_argument("--step", type=int, default=None, help="a logged step (default: the last)")
+    report.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    compare = sub.add_parser(
+        "compare",
+        help="compare the last logged scores of two runs, head by head",
+        description="Print the heads whose pattern scores differ most between two runs' last steps.",
+    )
+    compare.add_argument("run_a", help="first logdir")
+    compare.add_argument("run_b", help="second logdir")
+    compare.add_argument("--top", type=_positive, default=10, help="rows to print (default 10)")
+
+    sync = sub.add_parser(
+        "sync",
+        help="send MLflow events spooled while the tracking server was unreachable",
+        description="Send what the MLflow sink spooled under <logdir>/plugins/attnlog/mlflow_spool.",
+    )
+    sync.add_argument("logdir", help="the logger's logdir")
+    sync.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    handler = {
+        "demo": _demo,
+        "snapshot": _snapshot,
+        "report": _report,
+        "compare": _compare,
+        "sync": _sync,
+    }[args.command]
+    try:
+        return handler(args) or 0
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, OSError) as ex:
+        print(f"attnlog {args.command}: error: {ex}", file=sys.stderr)
+        return 1
+
+
+def _demo(args) -> int:
+    from attnlog.demo import run_demo
+
+    print(f"attnlog demo: fine-tuning MiniLM for {args.steps} steps, logging every {args.every}")
+    result = run_demo(
+        steps=args.steps,
+        every=args.every,
+        logdir=args.logdir,
+        tracking_uri=args.tracking_uri,
+        device=args.device,
+        seed=args.seed,
+    )
+    print(f"\nDone: training loss {result['train_loss']:.3f}, held-out accuracy {result['accuracy']:.0%}")
+    if result["changes"]:
+        print("Heads whose attention changed most:")
+        for row in result["changes"]:
+            print(
+                f"  {row['pattern']:<24} layer {row['layer']} head {row['head']:<3} "
+                f"{row['before']:.2f} -> {row['after']:.2f}  (steps {row['from_step']} -> {row['to_step']})"
+            )
+    print(f"\nLogged to {result['logdir']} and {result['tracking_uri']} (run {result['run_name']}).")
+    print(BROWSE_HINT.format(logdir=args.logdir, tracking_uri=args.tracking_uri))
+    return 0
+
+
+def _snapshot(args) -> int:
+    from attnlog.oneshot import write_snapshot
+
+    pairs = args.pair or []
+    if len(pairs) > len(args.probe):
+        raise ValueError("more --pair than --probe values; each --pair belongs to the --probe before it")
+    probes = [(p, pairs[i]) if i < len(pairs) else p for i, p in enumerate(args.probe)]
+    summary = write_snapshot(
+        args.model_dir, probes, Path(args.out), special_tokens=args.add_special_tokens, max_length=args.max_length
+    )
+    print(summary)
+    return 0
+
+
+def _report(args) -> int:
+    from attnlog.report import report
+
+    text = report(args.logdir, step=args.step, as_json=args.json)
+    print(text)
+    return 0
+
+
+def _compare(args) -> int:
+    from attnlog.report import compare
+
+    print(compare(args.run_a, args.run_b, top=args.top))
+    return 0
+
+
+def _sync(args) -> int:
+    from attnlog.sinks.mlflow import sync
+
+    spool = Path(args.logdir) / "plugins" / "attnlog" / "mlflow_spool"
+    sent = sync(spool, tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    print(f"attnlog sync: sent {sent} spooled entr{'y' if sent == 1 else 'ies'} from {spool}")
+    return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _version() -> str:
+    from attnlog import __version__
+
+    return f"attnlog {__version__}"
+
+
+def _json(data: Any) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

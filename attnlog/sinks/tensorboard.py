@@ -1,0 +1,186 @@
+"""TensorBoard sink: pattern scalars, attention images, alerts and settings as text.
+
+TensorBoard cannot show HTML, so bertviz views are written as files under
+`<logdir>/plugins/attnlog/html/<relpath>`, where the attnlog "Attention" tab (and a browser)
+opens them. The raw-attention archive belongs to `ArchiveSink`; `log_archive` does nothing here.
+
+TensorBoard keeps only 10 images per tag unless it is started with
+`tensorboard --logdir ... --samples_per_plugin images=0`; the sink says so once per process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from attnlog.sinks.base import (
+    TB_ALERTS_TAG,
+    TB_SETTINGS_TAG,
+    check_writable_dir,
+    pattern_scalars,
+    plugin_dir,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from attnlog.patterns import ScoreTable
+    from attnlog.snapshot import Snapshot
+
+log = logging.getLogger(__name__)
+
+IMAGES_HINT = (
+    "attnlog: TensorBoard shows only 10 images per tag by default; start it with "
+    "`tensorboard --logdir <logdir> --samples_per_plugin images=0` to see every logged step"
+)
+_hint_shown = False
+
+
+def _require_tensorboard() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ModuleNotFoundError(
+            "attnlog's TensorBoard sink needs the `tensorboard` package; install it with "
+            "`pip install 'attnlog[tensorboard]'`"
+        )
+
+
+class TensorBoardSink:
+    """Writes to TensorBoard event files, creating the writer on first use.
+
+    Args:
+        logdir: folder of the event files (and of the HTML views). May be left out when `writer`
+            is given: the writer's own folder is used.
+        writer: an existing `SummaryWriter` (e.g. the one of transformers' TensorBoardCallback)
+            to share. The sink then only flushes it, never closes it.
+        max_image_side: images with a longer side are scaled down to it, so one event stays small.
+
+    Raises:
+        ModuleNotFoundError: tensorboard is not installed.
+        ValueError, PermissionError: `logdir` can never be written (checked before training).
+    """
+
+    name = "tensorboard"
+
+    def __init__(
+        self,
+        logdir: str | os.PathLike | None = None,
+        *,
+        writer: Any = None,
+        max_image_side: int = 4096,
+    ) -> None:
+        if writer is None:
+            _require_tensorboard()
+            if logdir is None:
+                raise ValueError("TensorBoardSink needs a logdir or a writer")
+        elif logdir is None:
+            logdir = getattr(writer, "log_dir", None) or writer.get_logdir()
+        if max_image_side < 16:
+            raise ValueError(f"max_image_side must be at least 16, got {max_image_side}")
+        self.logdir = check_writable_dir(logdir, "TensorBoard log folder")
+        self.max_image_side = max_image_side
+        self._writer = writer
+        self._owns_writer = writer is None
+        self._closed = False
+
+    @property
+    def writer(self) -> Any:
+        """The `SummaryWriter`, created on first use (so an unused sink writes no event file)."""
+        if self._closed:
+            raise RuntimeError("TensorBoardSink is closed")
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.logdir))
+        return self._writer
+
+    def log_settings(self, settings: Mapping[str, str]) -> None:
+        """Settings as one markdown table at step 0 (TensorBoard's Text tab)."""
+        rows = "\n".join(f"| {_md(k)} | {_md(v)} |" for k, v in settings.items())
+        self.writer.add_text(TB_SETTINGS_TAG, "| setting | value |\n|---|---|\n" + rows, 0)
+
+    def log_scores(self, table: ScoreTable, step: int) -> None:
+        """Per-layer means and the max of every pattern as scalars; alerts as text."""
+        self.log_scalars(pattern_scalars(table), step)
+        if table.alerts:
+            self.writer.add_text(TB_ALERTS_TAG, "\n\n".join(table.alerts), step)
+
+    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        writer = self.writer
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, float(value), step)
+
+    def log_images(self, images: Mapping[str, np.ndarray], step: int) -> None:
+        """`[height, width, 3]` uint8 images under their tags."""
+        global _hint_shown
+        if not _hint_shown and images:
+            _hint_shown = True
+            log.warning(IMAGES_HINT)
+        writer = self.writer
+        for tag, image in images.items():
+            writer.add_image(tag, self._fit(tag, image), step, dataformats="HWC")
+
+    def log_html(self, files: Mapping[str, str], step: int) -> None:
+        """Writes each view to `<logdir>/plugins/attnlog/html/<relpath>` (TensorBoard has no HTML)."""
+        root = plugin_dir(self.logdir) / "html"
+        for relpath, html in files.items():
+            target = root / _relative(relpath)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".tmp")
+            tmp.write_text(html, encoding="utf-8")
+            tmp.replace(target)
+
+    def log_text(self, texts: Mapping[str, str], step: int) -> None:
+        writer = self.writer
+        for tag, text in texts.items():
+            writer.add_text(tag, text, step)
+
+    def log_archive(self, snapshot: Snapshot, table: ScoreTable, step: int) -> None:
+        pass  # ArchiveSink owns the archive; one writer per file.
+
+    def flush(self) -> None:
+        if self._writer is not None and not self._closed:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Closes the writer it created; a shared writer is only flushed. Safe to call twice."""
+        if self._closed:
+            return
+        if self._writer is not None:
+            if self._owns_writer:
+                self._writer.close()
+            else:
+                self._writer.flush()
+        self._closed = True
+
+    def _fit(self, tag: str, image: np.ndarray) -> np.ndarray:
+        import numpy as np
+
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+            raise ValueError(
+                f"image {tag!r} must be uint8 [height, width, 3], got {image.dtype} {image.shape}"
+            )
+        if max(image.shape[:2]) <= self.max_image_side:
+            return image
+        from PIL import Image
+
+        scale = self.max_image_side / max(image.shape[:2])
+        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+        return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
+
+
+def _md(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _relative(relpath: str) -> Path:
+    """`relpath` as a path inside the HTML folder; absolute paths and `..` are refused."""
+    parts = PurePosixPath(relpath.replace("\\", "/")).parts
+    if not parts or parts[0] == "/" or ".." in parts:
+        raise ValueError(f"HTML path {relpath!r} must be relative and stay inside the log folder")
+    return Path(*parts)

@@ -1,0 +1,311 @@
+"""MLflowSink against a real sqlite store and a real `mlflow server` that is killed and restarted."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from test_sinks_contract import make_html, make_images, make_table
+
+pytest.importorskip("mlflow")
+
+import mlflow  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+
+from attnlog.sinks.base import head_metrics, html_path, scores_path, text_path  # noqa: E402
+from attnlog.sinks.mlflow import MLflowSink, mlflow_key, sync  # noqa: E402
+
+
+@pytest.fixture
+def store(tmp_path):
+    """(tracking uri, experiment name) of a fresh sqlite store with artifacts under tmp_path."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowClient(uri).create_experiment("exp", artifact_location=str(tmp_path / "art"))
+    return uri, "exp"
+
+
+def runs_of(uri: str, experiment: str) -> list:
+    client = MlflowClient(uri)
+    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+
+
+def artifact_files(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    out = set()
+    for info in client.list_artifacts(run_id, path):
+        out |= artifact_files(client, run_id, info.path) if info.is_dir else {info.path}
+    return out
+
+
+def log_event(sink: MLflowSink, step: int) -> None:
+    sink.log_scores(make_table(step), step)
+    sink.log_images({"attention/cat/model": make_images(step)["attention/cat/model"]}, step)
+    sink.log_html(make_html(step), step)
+
+
+def test_everything_reads_back_from_one_run(store, tmp_path):
+    uri, experiment = store
+    sink = MLflowSink(uri, experiment_name=experiment, spool_dir=tmp_path / "spool")
+    sink.log_settings({"every_n_steps": 100, "probes": "x" * 7000})
+    tables = {step: make_table(step) for step in (0, 100)}
+    for step, table in tables.items():
+        sink.log_scores(table, step)
+        sink.log_scalars({"patterns/cls/max": float(step)}, step)
+        sink.log_images(make_images(step), step)
+        sink.log_html(make_html(step), step)
+        sink.log_text({"attnlog/alerts": f"alert at {step}"}, step)
+    sink.close()
+
+    (run,) = runs_of(uri, experiment)
+    assert run.info.run_id == sink.run_id and run.info.status == "FINISHED"
+    client = MlflowClient(uri)
+    expected = head_metrics(tables[0])
+    assert "attn.cls.L0H1" in expected and "attn.cls.L0" in expected
+    assert "attn.cross_sentence.L1H0" not in expected  # NaN: never logged
+    assert set(expected) | {"patterns/cls/max"} == set(run.data.metrics)
+    for key in ("attn.sep.L0H1", "attn.prev.L1", "attn.cross_sentence.L0H2"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == [0, 100]
+        for m in history:
+            assert m.value == pytest.approx(head_metrics(tables[m.step])[key], rel=1e-6)
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "patterns/cls/max")] == [
+        0.0,
+        100.0,
+    ]
+
+    assert run.data.params["attnlog.every_n_steps"] == "100"
+    assert run.data.params["attnlog.probes"] == "x" * 6000  # MLflow's value limit
+    alerts = sorted(k for k in run.data.tags if k.startswith("attnlog.alert."))
+    assert alerts == ["attnlog.alert.0", "attnlog.alert.1"]
+    assert run.data.tags["attnlog.alert.1"] == tables[100].alerts[0]
+
+    files = artifact_files(client, run.info.run_id)
+    for step in (0, 100):
+        assert scores_path(step) in files
+        assert set(make_html(step)) <= files
+        assert text_path(step, "attnlog/alerts") in files
+    local = client.download_artifacts(run.info.run_id, scores_path(100), str(tmp_path / "dl"))
+    scores = json.loads(Path(local).read_text())
+    assert scores["step"] == 100 and scores["scores"]["cross_sentence"][1] == [None, None, None]
+    html = html_path(0, "cat", "head_view")
+    local = client.download_artifacts(run.info.run_id, html, str(tmp_path / "dl2"))
+    assert Path(local).read_text() == make_html(0)[html]
+    # log_image with key/step: the files MLflow's image slider reads.
+    images = [f for f in files if f.startswith("images/") and f.endswith(".png")]
+    assert sorted(f.split("+")[0] for f in images) == sorted(
+        f"images/{tag.replace('/', '~')}" for tag in make_images(0) for _ in (0, 100)
+    )
+    assert not list((tmp_path / "spool").glob("*.json"))
+
+
+def test_metrics_are_batched_within_mlflow_limits(store, tmp_path):
+    uri, experiment = store
+    table = make_table(7, layers=24, heads=16)  # 4 patterns x 384 heads: > 1000 metrics
+    assert len(head_metrics(table)) > 1000
+    sink = MLflowSink(uri, experiment_name=experiment, spool_dir=tmp_path / "spool")
+    sink.log_scores(table, 7)
+    sink.close()
+    (run,) = runs_of(uri, experiment)
+    assert run.data.metrics == pytest.approx(head_metrics(table), rel=1e-6)
+
+
+@pytest.mark.parametrize("how", ["argument", "env", "active"])
+def test_joins_an_existing_run_and_leaves_it_running(how, store, tmp_path, monkeypatch):
+    uri, experiment = store
+    client = MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    spool = tmp_path / "spool"
+    if how == "active":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        with mlflow.start_run(experiment_id=experiment_id) as active:
+            sink = MLflowSink(spool_dir=spool)
+        run_id = active.info.run_id
+        client.update_run(run_id, status="RUNNING")  # as if the Trainer were still running
+    else:
+        run_id = client.create_run(experiment_id).info.run_id
+        if how == "env":
+            monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
+            sink = MLflowSink(uri, spool_dir=spool)
+        else:
+            sink = MLflowSink(uri, run_id=run_id, spool_dir=spool)
+    sink.log_scalars({"patterns/cls/max": 0.5}, 1)
+    sink.close()
+
+    (run,) = runs_of(uri, experiment)
+    assert run.info.run_id == run_id and run.info.status == "RUNNING"
+    assert run.data.metrics == {"patterns/cls/max": 0.5}
+
+
+def test_keys_are_sanitised_in_one_place():
+    assert mlflow_key("patterns/cls/layer_0") == "patterns/cls/layer_0"
+    assert mlflow_key("attn.句子.L0H1") == "attn.__.L0H1"
+    assert mlflow_key("a//b/./c:d") == "a/b/_/c_d"
+    assert len(mlflow_key("k" * 400)) == 250
+
+
+def test_unwritable_spool_fails_at_construction(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="spool"):
+        MLflowSink(f"sqlite:///{tmp_path}/mlflow.db", spool_dir=tmp_path / "file" / "spool")
+
+
+# ---- a real tracking server -------------------------------------------------------------------
+
+
+class Server:
+    """`mlflow server` on 127.0.0.1 in its own process group, so the test kills only it."""
+
+    def __init__(self, tmp_path):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.tmp = tmp_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        exe = shutil.which("mlflow") or pytest.skip("the `mlflow` command is not on PATH")
+        cmd = [
+            exe, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{self.tmp}/server.db",
+            "--artifacts-destination", str(self.tmp / "server-art"),
+        ]  # fmt: skip
+        env = {**os.environ, "MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "1"}
+        with open(self.tmp / "server.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError((self.tmp / "server.log").read_text()[-3000:])
+
+    def stop(self) -> None:
+        """SIGKILL the server's process group: a crash, not a clean shutdown."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = Server(tmp_path)
+    yield srv
+    srv.stop()
+
+
+def completes(fn, *args) -> None:
+    """Run `fn` in a thread and fail (rather than hang the suite) if it does not return."""
+    errors: list[BaseException] = []
+
+    def target():
+        try:
+            fn(*args)
+        except BaseException as exc:  # re-raised below, in the test's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), f"{fn.__name__} hung while the server was down"
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.slow
+def test_server_killed_and_restarted_loses_nothing(server, tmp_path):
+    server.start()
+    MlflowClient(server.uri).create_experiment("exp")
+    spool = tmp_path / "spool"
+    sink = MLflowSink(server.uri, experiment_name="exp", spool_dir=spool, retry_interval_s=60)
+    log_event(sink, 0)
+    log_event(sink, 1)
+    assert not list(spool.glob("*.json"))
+
+    server.stop()
+    completes(log_event, sink, 2)
+    completes(log_event, sink, 3)
+    completes(sink.flush)  # still down: reported, not raised
+    spooled = sorted(spool.glob("*.json"))
+    assert len(spooled) == 6  # 3 calls per event, one file each
+    assert all(json.loads(p.read_text())["run_id"] == sink.run_id for p in spooled)
+
+    server.start()
+    sink.flush()
+    assert not list(spool.glob("*.json"))
+    sink.close()
+
+    (run,) = runs_of(server.uri, "exp")
+    assert run.info.run_id == sink.run_id and run.info.status == "FINISHED"
+    client = MlflowClient(server.uri)
+    for key in ("attn.cls.L0H0", "attn.sep.L1"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == [0, 1, 2, 3]  # each step once: nothing sent twice
+        assert [m.value for m in history] == pytest.approx(
+            [head_metrics(make_table(s))[key] for s in range(4)], rel=1e-6
+        )
+    files = artifact_files(client, run.info.run_id)
+    for step in range(4):
+        assert scores_path(step) in files and set(make_html(step)) <= files
+    images = [
+        f for f in files if f.startswith("images/attention~cat~model+") and f.endswith(".png")
+    ]
+    assert sorted(int(f.split("+")[2]) for f in images) == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_sync_sends_a_spool_written_while_the_server_never_answered(server, tmp_path):
+    spool = tmp_path / "spool"
+    sink = MLflowSink(server.uri, experiment_name="offline", spool_dir=spool)  # nothing listens
+    completes(log_event, sink, 0)
+    completes(log_event, sink, 5)
+    completes(sink.close)
+    entries = [json.loads(p.read_text()) for p in sorted(spool.glob("*.json"))]
+    assert len(entries) == 7 and {e["run_id"] for e in entries} == {None}
+    assert entries[-1]["end_run"] == "FINISHED"
+    with pytest.raises(ConnectionError, match="7 events left"):
+        sync(spool)
+
+    server.start()
+    assert sync(spool) == 7
+    assert sync(spool) == 0
+    (run,) = runs_of(server.uri, "offline")
+    assert run.info.status == "FINISHED"
+    client = MlflowClient(server.uri)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "attn.cls.L0H0")] == [0, 5]
+    files = artifact_files(client, run.info.run_id)
+    assert {scores_path(0), scores_path(5)} <= files
+    assert len([f for f in files if f.endswith(".png")]) == 2
+
+
+def test_refused_spool_entry_is_set_aside_and_the_rest_is_sent(store, tmp_path):
+    uri, experiment = store
+    sink = MLflowSink(uri, experiment_name=experiment, spool_dir=tmp_path / "spool")
+    bogus = {"version": 1, "run_id": "0" * 32, "step": 1, "metrics": [["m", 1.0, 0, 1]]}
+    bogus |= {"params": {}, "tags": {}, "artifacts": [], "images": [], "end_run": None}
+    sink.spool.add(bogus)  # e.g. a run deleted on the server since
+    with pytest.raises(RuntimeError, match="moved to"):
+        sink.log_scalars({"m": 2.0}, 2)  # a refused old entry does not cost this event
+    assert sorted(p.parent.name for p in (tmp_path / "spool").rglob("*.json")) == [
+        "failed",
+        "spool",
+    ]
+    sink.close()
+    (run,) = runs_of(uri, experiment)
+    assert run.data.metrics == {"m": 2.0}
+    assert not list((tmp_path / "spool").glob("*.json"))

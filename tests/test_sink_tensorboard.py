@@ -1,0 +1,125 @@
+"""TensorBoardSink: written with a real SummaryWriter, read back with TensorBoard's EventAccumulator."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from test_sinks_contract import make_html, make_images, make_table
+
+pytest.importorskip("tensorboard")
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+import attnlog.sinks.tensorboard as tb_module  # noqa: E402
+from attnlog.sinks.base import TB_ALERTS_TAG, TB_SETTINGS_TAG, pattern_scalars  # noqa: E402
+from attnlog.sinks.tensorboard import TensorBoardSink  # noqa: E402
+
+
+def read(logdir) -> EventAccumulator:
+    acc = EventAccumulator(str(logdir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def text_of(acc: EventAccumulator, tag: str) -> list[tuple[int, str]]:
+    # torch's SummaryWriter.add_text stores `<tag>/text_summary` (as for Trainer's "args").
+    events = acc.Tensors(f"{tag}/text_summary")
+    return [(e.step, e.tensor_proto.string_val[0].decode()) for e in events]
+
+
+def test_scalars_images_and_texts_read_back_exactly(tmp_path):
+    sink = TensorBoardSink(tmp_path)
+    tables = {step: make_table(step) for step in (0, 100)}
+    sink.log_settings({"every_n_steps": "100", "probes": "cat | pair"})
+    for step, table in tables.items():
+        sink.log_scores(table, step)
+        sink.log_images(make_images(step), step)
+        sink.log_text({"attnlog/note": f"note {step}"}, step)
+    sink.close()
+
+    acc = read(tmp_path)
+    expected = pattern_scalars(tables[0])
+    assert set(acc.Tags()["scalars"]) == set(expected)
+    assert "patterns/cross_sentence/layer_1" not in expected  # all-NaN layer: never logged
+    for tag in expected:
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == [0, 100]
+        for event in events:
+            assert event.value == pytest.approx(pattern_scalars(tables[event.step])[tag], rel=1e-6)
+
+    images = make_images(0)
+    assert set(acc.Tags()["images"]) == set(images)
+    for tag, array in images.items():
+        events = acc.Images(tag)
+        assert [e.step for e in events] == [0, 100]
+        assert (events[0].height, events[0].width) == array.shape[:2]
+
+    assert text_of(acc, TB_ALERTS_TAG) == [(s, "\n\n".join(t.alerts)) for s, t in tables.items()]
+    assert text_of(acc, "attnlog/note") == [(0, "note 0"), (100, "note 100")]
+    ((step, settings),) = text_of(acc, TB_SETTINGS_TAG)
+    assert step == 0 and "| every_n_steps | 100 |" in settings and "cat \\| pair" in settings
+
+
+def test_shared_writer_is_flushed_not_closed(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(tmp_path))
+    sink = TensorBoardSink(writer=writer)
+    assert sink.logdir == tmp_path
+    sink.log_scalars({"patterns/cls/max": 0.25}, 3)
+    sink.close()
+    writer.add_scalar("train/loss", 1.5, 4)  # the Trainer's writer still works
+    writer.close()
+
+    acc = read(tmp_path)
+    assert [(e.step, e.value) for e in acc.Scalars("patterns/cls/max")] == [(3, 0.25)]
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(4, 1.5)]
+
+
+def test_writer_is_created_on_first_use(tmp_path):
+    sink = TensorBoardSink(tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    sink.close()
+    assert not (tmp_path / "run").exists()
+
+
+def test_html_goes_to_the_plugin_folder(tmp_path):
+    sink = TensorBoardSink(tmp_path)
+    files = make_html(100)
+    sink.log_html(files, 100)
+    for relpath, html in files.items():
+        assert (tmp_path / "plugins/attnlog/html" / relpath).read_text() == html
+    with pytest.raises(ValueError, match="relative"):
+        sink.log_html({"../escape.html": "x"}, 100)
+    sink.close()
+
+
+def test_large_images_are_scaled_down(tmp_path):
+    sink = TensorBoardSink(tmp_path, max_image_side=64)
+    sink.log_images({"attention/cat/model": np.zeros((100, 300, 3), np.uint8)}, 1)
+    with pytest.raises(ValueError, match="uint8"):
+        sink.log_images({"attention/cat/model": np.zeros((10, 10), np.float32)}, 2)
+    sink.close()
+    (event,) = read(tmp_path).Images("attention/cat/model")
+    assert (event.height, event.width) == (21, 64)
+
+
+def test_images_hint_is_shown_once(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(tb_module, "_hint_shown", False)
+    sink = TensorBoardSink(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="attnlog"):
+        sink.log_images(make_images(0), 0)
+        sink.log_images(make_images(1), 1)
+    sink.close()
+    hints = [r for r in caplog.records if "--samples_per_plugin images=0" in r.getMessage()]
+    assert len(hints) == 1
+
+
+def test_disk_error_while_logging_raises_from_the_method(tmp_path):
+    sink = TensorBoardSink(tmp_path)
+    (tmp_path / "plugins").write_text("a file where the plugin folder should be")
+    with pytest.raises(OSError):
+        sink.log_html(make_html(0), 0)
+    sink.close()

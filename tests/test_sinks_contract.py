@@ -1,0 +1,185 @@
+"""Every sink implements the whole protocol: callable with realistic inputs, flush/close idempotent.
+
+The builders here (`make_snapshot`, `make_table`, `make_images`, `make_html`) are shared by the
+sink-specific test files.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from attnlog.patterns import ScoreTable
+from attnlog.sinks.base import (
+    Sink,
+    html_path,
+    sink_factory,
+    tb_attention_tag,
+    tb_pattern_tag,
+)
+from attnlog.snapshot import ProbeAttention, Snapshot
+
+LAYERS, HEADS = 2, 3
+PROBES = {
+    "cat": (["[CLS]", "the", "cat", "sat", ".", "[SEP]"], False),
+    "pair": (["[CLS]", "it", "rained", "[SEP]", "we", "stayed", "[SEP]"], True),
+}
+
+
+def make_snapshot(step: int = 100, layers: int = LAYERS, heads: int = HEADS) -> Snapshot:
+    """Two probes (one sentence pair) with softmax-normalised random attention `[L, H, n, n]`."""
+    rng = np.random.default_rng(step)
+    probes = []
+    for name, (tokens, is_pair) in PROBES.items():
+        n = len(tokens)
+        logits = rng.normal(size=(layers, heads, n, n))
+        attention = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+        sep = [i for i, t in enumerate(tokens) if t == "[SEP]"]
+        segment = (np.arange(n) > sep[0]).astype(np.int64) if is_pair else np.zeros(n, np.int64)
+        probes.append(
+            ProbeAttention(
+                name=name,
+                tokens=tokens,
+                attention=attention.astype(np.float32),
+                special=np.array([t.startswith("[") for t in tokens]),
+                punct=np.array([t == "." for t in tokens]),
+                segment=segment,
+                token_ids=np.arange(100, 100 + n),
+                word_ids=np.array([-1, *range(n - 2), -1]),
+                is_pair=is_pair,
+                scaling=0.125,
+            )
+        )
+    return Snapshot(step=step, probes=probes, model_type="bert", meta={"seed": 0})
+
+
+def make_table(step: int = 100, layers: int = LAYERS, heads: int = HEADS) -> ScoreTable:
+    """Scores `[L, H]` for three patterns; `cross_sentence` undefined (NaN) in the last layer."""
+    rng = np.random.default_rng(1000 + step)
+    scores = {p: rng.random((layers, heads)).astype(np.float32) for p in ("cls", "sep", "prev")}
+    scores["cross_sentence"] = rng.random((layers, heads)).astype(np.float32)
+    scores["cross_sentence"][-1] = np.nan
+    per_probe = {name: {p: m.copy() for p, m in scores.items()} for name in PROBES}
+    labels = np.full((layers, heads), "broad", dtype=object)
+    labels[0, 1] = "[SEP]"
+    alerts = [f"step {step}: layer 0 head 1 attends to [SEP] ({scores['sep'][0, 1]:.2f})"]
+    return ScoreTable(step, scores, per_probe=per_probe, labels=labels, alerts=alerts)
+
+
+def make_images(step: int = 100) -> dict[str, np.ndarray]:
+    """Heatmap-like uint8 `[height, width, 3]` images under the public tags."""
+    rng = np.random.default_rng(step)
+
+    def image(h: int, w: int) -> np.ndarray:
+        return rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+    return {
+        tb_attention_tag("cat", 0): image(40, 60),
+        tb_attention_tag("cat"): image(80, 90),
+        tb_pattern_tag("cls"): image(20, 30),
+    }
+
+
+def make_html(step: int = 100) -> dict[str, str]:
+    return {
+        html_path(step, name, view): f"<html><body>{name} {view} {step}</body></html>"
+        for name in PROBES
+        for view in ("head_view", "model_view")
+    }
+
+
+def build_sink(kind: str, tmp_path):
+    """A sink of `kind` writing under `tmp_path` (MLflow: a real sqlite store)."""
+    if kind == "mlflow":
+        from mlflow import MlflowClient
+
+        uri = f"sqlite:///{tmp_path}/mlflow.db"
+        MlflowClient(uri).create_experiment("contract", artifact_location=str(tmp_path / "art"))
+        return sink_factory("mlflow")(uri, experiment_name="contract", logdir=tmp_path / "run")
+    if kind == "memory":
+        return sink_factory("memory")()
+    return sink_factory(kind)(tmp_path / "run")
+
+
+KINDS = ["tensorboard", "mlflow", "archive", "memory"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_method_is_callable_and_close_is_idempotent(kind, tmp_path):
+    sink = build_sink(kind, tmp_path)
+    assert isinstance(sink, Sink)
+    assert sink.name == kind
+
+    sink.log_settings({"every_n_steps": "100", "probes": "cat, pair"})
+    for step in (0, 100):
+        table = make_table(step)
+        sink.log_scores(table, step)
+        sink.log_scalars({tb_pattern_tag("cls", "max"): 0.5}, step)
+        sink.log_images(make_images(step), step)
+        sink.log_html(make_html(step), step)
+        sink.log_text({"attnlog/note": f"step {step}"}, step)
+        sink.log_archive(make_snapshot(step), table, step)
+        sink.flush()
+    sink.flush()
+    sink.close()
+    sink.close()
+    sink.flush()  # after close: a no-op, not an error
+
+
+@pytest.mark.parametrize("kind", ["tensorboard", "mlflow", "archive"])
+def test_unwritable_folder_fails_at_construction(kind, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a regular file, so nothing can be created below it")
+    bad = blocker / "sub"
+    with pytest.raises((ValueError, PermissionError), match="file"):
+        if kind == "mlflow":
+            sink_factory(kind)(f"sqlite:///{tmp_path}/mlflow.db", logdir=bad)
+        else:
+            sink_factory(kind)(bad)
+
+
+@pytest.mark.parametrize(
+    ("kind", "package"), [("tensorboard", "tensorboard"), ("mlflow", "mlflow")]
+)
+def test_missing_optional_dependency_names_the_install_command(
+    kind, package, tmp_path, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, package, None)  # what an absent package looks like
+    with pytest.raises(ModuleNotFoundError, match=rf"pip install 'attnlog\[{kind}\]'"):
+        sink_factory(kind)(tmp_path / "run")
+
+
+def test_unknown_sink_name_lists_the_choices():
+    with pytest.raises(ValueError, match="archive, memory, mlflow, tensorboard"):
+        sink_factory("wandb")
+
+
+def test_sink_modules_import_no_backend():
+    code = (
+        "import sys, attnlog, attnlog.sinks, attnlog.sinks.tensorboard, attnlog.sinks.mlflow, "
+        "attnlog.sinks.archive, attnlog.sinks.memory\n"
+        "bad = [m for m in ('mlflow', 'tensorboard', 'torch.utils.tensorboard') if m in sys.modules]\n"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_memory_sink_records_calls_in_order():
+    from attnlog.sinks.memory import MemorySink
+
+    sink = MemorySink()
+    table = make_table(5)
+    images = make_images(5)
+    sink.log_scores(table, 5)
+    sink.log_images(images, 5)
+    images.clear()  # the record is a copy
+    sink.flush()
+    sink.close()
+    assert [c.method for c in sink.calls] == ["log_scores", "log_images"]
+    assert sink.of("log_scores")[0].args["table"] is table
+    assert set(sink.of("log_images")[0].args["images"]) == set(make_images(5))
+    assert sink.steps("log_images") == [5]
+    assert sink.flushes == 1 and sink.closed
