@@ -107,12 +107,13 @@ class AttentionLogger:
             from attnlog.alerts import AlertTracker
 
             self._alerts = AlertTracker()
+        if check:  # before the sinks: a model without attention leaves nothing behind
+            self.capturer.check()
         self.sinks: list[Sink] = []
         if self.is_main_process:
             self.sinks = self._make_sinks(sinks, archive, sink_options or {})
-        if check:
-            self.capturer.check()
         self._settings_logged = False
+        self._failure: BaseException | None = None  # strict mode: the worker's first error
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._closed = False
         self._worker = threading.Thread(target=self._work, name="attnlog-worker", daemon=True)
@@ -125,13 +126,16 @@ class AttentionLogger:
         if isinstance(sinks, (str, Sink)):
             sinks = [sinks]
         names_or_sinks = list(sinks)
-        if archive and "archive" not in names_or_sinks:
+        named = {i if isinstance(i, str) else getattr(i, "name", None) for i in names_or_sinks}
+        if archive and "archive" not in named:
             names_or_sinks.append("archive")
         made: list[Sink] = []
         for item in names_or_sinks:
             if not isinstance(item, str):
                 if not isinstance(item, Sink):
-                    raise TypeError(f"{item!r} is not a sink name or a Sink (see attnlog.sinks.Sink)")
+                    raise TypeError(
+                        f"{item!r} is not a sink name or a Sink (see attnlog.sinks.Sink)"
+                    )
                 made.append(item)
                 continue
             kwargs = dict(options.get(item, {}))
@@ -199,12 +203,17 @@ class AttentionLogger:
     # -- the worker ------------------------------------------------------------------------
 
     def _work(self) -> None:
+        """One event at a time. Nothing escapes: a dead worker would make `flush` wait forever."""
         while True:
             event = self._queue.get()
             try:
                 if event is _STOP:
                     return
                 self._write(event)
+            except Exception as ex:  # only in strict mode, or a bug: re-raised by flush/close
+                self._failure = self._failure or ex
+                self.stats["errors.worker"] += 1
+                self._report_once("worker", f"writing step {event.step} failed: {_cause(ex)}")
             finally:
                 self._queue.task_done()
 
@@ -213,8 +222,9 @@ class AttentionLogger:
 
         if not self._settings_logged:
             self._settings_logged = True
-            settings = self.settings()
-            self._to_sinks("log_settings", settings)
+            settings = self._contained("settings", self.settings)
+            if settings:
+                self._to_sinks("log_settings", settings)
         images = self._contained(
             "render", render_images, event.snapshot, event.table, layers=self.layer_images
         )
@@ -229,19 +239,24 @@ class AttentionLogger:
 
     def _to_sinks(self, method: str, *args: Any) -> None:
         for sink in self.sinks:
-            self._contained(f"{sink.name}.{method}", getattr(sink, method), *args)
+            self._contained(sink.name, getattr(sink, method), *args, method=method)
 
     # -- errors ---------------------------------------------------------------------------------
 
-    def _contained(self, what: str, fn, *args, **kwargs):
-        """Run fn; on error count it, report the first one per `what` with its cause."""
+    def _contained(self, what: str, fn, *args, method: str | None = None, **kwargs):
+        """Run fn; on error count it in `stats["errors.<what>"]`, report the first per `what`.
+
+        `what` is a stage ("capture", "render") or a sink name: a broken sink is reported once,
+        not once per method, and is tried again at the next event (a full disk may clear).
+        """
         try:
             return fn(*args, **kwargs)
         except Exception as ex:
             if self.strict:
                 raise
             self.stats[f"errors.{what}"] += 1
-            self._report_once(what, f"{what} failed: {type(ex).__name__}: {ex}")
+            doing = f"{what}.{method}" if method else what
+            self._report_once(what, f"{doing} failed: {_cause(ex)}")
             return None
 
     def _report_once(self, key: str, message: str) -> None:
@@ -250,7 +265,7 @@ class AttentionLogger:
         self._reported.add(key)
         text = f"attnlog: {message} (reported once; training continues; see logger.stats)"
         log.warning(text)
-        warnings.warn(text, RuntimeWarning, stacklevel=3)
+        warnings.warn(text, RuntimeWarning, stacklevel=4)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -281,7 +296,14 @@ class AttentionLogger:
         if not done.wait(timeout):
             return False
         self._to_sinks("flush")
+        self._raise_failure()
         return True
+
+    def _raise_failure(self) -> None:
+        """strict: the worker's first error, raised in the caller's thread."""
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
 
     def close(self) -> None:
         """Write everything queued, then close every sink. Safe to call twice."""
@@ -293,12 +315,17 @@ class AttentionLogger:
             self._worker.join()
         self._to_sinks("flush")
         self._to_sinks("close")
+        self._raise_failure()
 
     def __enter__(self) -> AttentionLogger:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _cause(ex: BaseException) -> str:
+    return f"{type(ex).__name__}: {ex}"
 
 
 def _is_main_process() -> bool:

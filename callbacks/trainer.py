@@ -4,6 +4,14 @@ It joins what the Trainer already does rather than inventing parallel convention
 `TrainingArguments.report_to`, TensorBoard events go to the folder of the Trainer's own
 TensorBoardCallback (`TENSORBOARD_LOGGING_DIR`, or `output_dir/runs/...`), and MLflow joins the
 run MLflowCallback started (or the active run, or `MLFLOW_RUN_ID`) — one run, never two.
+
+TensorBoard: attnlog writes its own event file in that folder instead of sharing the
+TensorBoardCallback's `SummaryWriter`. The worker writes after the training thread has moved on,
+and TensorBoardCallback closes its writer in its `on_train_end`, which runs before ours (user
+callbacks come after the built-in ones); a closed `SummaryWriter` silently reopens a new event
+file that nobody closes. TensorBoard merges all event files of a folder into one run, so users
+still see one run, and the two writers' lifetimes no longer depend on callback order, early
+stopping or evaluation after the last step.
 """
 
 from __future__ import annotations
@@ -72,17 +80,12 @@ class AttentionLoggerCallback(TrainerCallback):
         tb_callback = _trainer_callback("TensorBoardCallback")
         sinks = self.sinks if self.sinks is not None else _sinks_from_report_to(args.report_to)
         logdir = self.logdir or _tensorboard_dir(args, tb_callback)
-        sink_options = dict(self.options.pop("sink_options", {}) or {})
-        writer = getattr(tb_callback, "tb_writer", None)
-        if writer is not None and "tensorboard" in sinks and self.logdir is None:
-            sink_options.setdefault("tensorboard", {}).setdefault("writer", writer)
         return AttentionLogger(
             model,
             tokenizer,
             self.probes,
             sinks=sinks,
             logdir=logdir,
-            sink_options=sink_options,
             is_main_process=state.is_world_process_zero,
             **self.options,
         )
@@ -91,15 +94,23 @@ class AttentionLoggerCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
-        if self.logger is not None and (
-            step % self.every_n_steps == 0 or step == state.max_steps
-        ):
+        if self.logger is None:
+            return
+        if step % self.every_n_steps == 0 or step == state.max_steps:
             self.logger.log(step)
+        if step == state.max_steps:
+            # MLflowCallback ends its run in on_train_end, before ours runs: write everything
+            # while the run is still open (training is over; nothing waits on this but the end).
+            self.logger.flush()
 
     def on_evaluate(self, args, state, control, **kwargs):
-        if self.log_on_evaluate and self.logger is not None:
-            if state.global_step not in self.logger.logged_steps:
-                self.logger.log(state.global_step)
+        logger = self.logger
+        if (
+            self.log_on_evaluate
+            and logger is not None
+            and state.global_step not in logger.logged_steps
+        ):
+            logger.log(state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.logger is None:

@@ -1,0 +1,151 @@
+"""AttentionLoggerCallback for Lightning: the same engine as the Trainer callback.
+
+Logs at step 0 (`on_train_start`), every `every_n_steps` optimizer steps (`trainer.global_step`)
+and at the last step; only global rank zero writes. Lightning is an optional extra, imported
+only when this module is.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+try:
+    from lightning.pytorch import Callback
+except ModuleNotFoundError as ex:  # pragma: no cover - exercised only without the extra
+    raise ModuleNotFoundError(
+        "attnlog.callbacks.lightning needs Lightning; install it with "
+        "`pip install 'attnlog[lightning]'`"
+    ) from ex
+
+from attnlog.logger import AttentionLogger
+
+
+class AttentionLoggerCallback(Callback):
+    """Log attention of probe sentences at step 0, every `every_n_steps`, and at the last step.
+
+    Args:
+        probes: sentences, (sentence_a, sentence_b) pairs, a probe file, or None (built-in set).
+        every_n_steps: logging interval in optimizer steps (`trainer.global_step`).
+        sinks: sink names or Sink instances; None: "tensorboard", plus "mlflow" when the Trainer
+            has an MLFlowLogger (its run is joined). The archive is always written.
+        logdir: where TensorBoard events and the archive go; None: the Trainer's TensorBoard
+            logger folder, else `<default_root_dir>/attnlog`.
+        tokenizer: the tokenizer; None takes the LightningModule's `tokenizer` attribute.
+        **options: passed to AttentionLogger (patterns, views, layer_images, sink_options, …).
+
+    The model is the LightningModule's `model` attribute, or the module itself when it is a
+    Hugging Face model.
+    """
+
+    def __init__(
+        self,
+        probes: Any = None,
+        every_n_steps: int = 100,
+        sinks: Any = None,
+        logdir: str | os.PathLike | None = None,
+        tokenizer: Any = None,
+        **options: Any,
+    ) -> None:
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
+        self.probes = probes
+        self.every_n_steps = every_n_steps
+        self.sinks = sinks
+        self.logdir = logdir
+        self.tokenizer = tokenizer
+        self.options = options
+        self.logger: AttentionLogger | None = None
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def _make_logger(self, trainer: Any, pl_module: Any) -> AttentionLogger:
+        tokenizer = self.tokenizer or getattr(pl_module, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError(
+                "AttentionLoggerCallback needs a tokenizer: set `self.tokenizer` on the "
+                "LightningModule or pass AttentionLoggerCallback(tokenizer=tokenizer)"
+            )
+        model = _hf_model(pl_module)
+        sink_options = dict(self.options.pop("sink_options", {}) or {})
+        sinks = self.sinks
+        if sinks is None:
+            sinks = ["tensorboard"]
+            mlflow_logger = _find_logger(trainer, "MLFlowLogger")
+            if mlflow_logger is not None:
+                sinks.append("mlflow")
+                mlflow_options = sink_options.setdefault("mlflow", {})
+                mlflow_options.setdefault("tracking_uri", getattr(mlflow_logger, "_tracking_uri", None))
+                mlflow_options.setdefault("run_id", mlflow_logger.run_id)
+        return AttentionLogger(
+            model,
+            tokenizer,
+            self.probes,
+            sinks=sinks,
+            logdir=self.logdir or _default_logdir(trainer),
+            sink_options=sink_options,
+            is_main_process=trainer.is_global_zero,
+            **self.options,
+        )
+
+    # -- events ------------------------------------------------------------------------------
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.logger is None:
+            self.logger = self._make_logger(trainer, pl_module)
+        if trainer.global_step == 0:  # a resumed run starts later: its first step was logged
+            self.logger.log(0)
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        # With gradient accumulation several batches share a step: log it once.
+        if (
+            self.logger is not None
+            and step % self.every_n_steps == 0
+            and step not in self.logger.logged_steps
+        ):
+            self.logger.log(step)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.logger is None:
+            return
+        if trainer.global_step not in self.logger.logged_steps:
+            self.logger.log(trainer.global_step)
+        self._close()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._close()  # write what was queued before the crash
+
+    def _close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None
+
+
+def _hf_model(pl_module: Any) -> Any:
+    model = getattr(pl_module, "model", None)
+    if model is not None and hasattr(model, "config"):
+        return model
+    if hasattr(pl_module, "config"):
+        return pl_module
+    raise TypeError(
+        f"{type(pl_module).__name__} has no Hugging Face model: keep it as `self.model` on the "
+        "LightningModule so AttentionLoggerCallback can find it"
+    )
+
+
+def _find_logger(trainer: Any, class_name: str) -> Any:
+    for logger in getattr(trainer, "loggers", []) or []:
+        if type(logger).__name__ == class_name:
+            return logger
+    return None
+
+
+def _default_logdir(trainer: Any) -> Path:
+    tb_logger = _find_logger(trainer, "TensorBoardLogger")
+    if tb_logger is not None:
+        return Path(tb_logger.log_dir)
+    return Path(trainer.default_root_dir) / "attnlog"

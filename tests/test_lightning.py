@@ -1,0 +1,110 @@
+"""The Lightning callback with a real `lightning.Trainer` fine-tuning the shipped MiniLM."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("lightning")
+pytest.importorskip("tensorboard")
+
+import torch  # noqa: E402
+from lightning import LightningModule, Trainer  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+from attnlog.callbacks.lightning import AttentionLoggerCallback  # noqa: E402
+from attnlog.probes import Probe  # noqa: E402
+from attnlog.sinks.archive import read_index  # noqa: E402
+
+PAIRS = [
+    ("The cat sat on the mat.", "The cat was happy.", 1),
+    ("A dog ran in the park.", "The train was late.", 0),
+    ("My teacher found a letter.", "Nobody read the letter.", 1),
+    ("The river was cold.", "A bird sang loudly.", 0),
+]
+
+
+class PairClassifier(LightningModule):
+    """The usual layout: a Hugging Face model as `self.model`, its tokenizer as `self.tokenizer`."""
+
+    def __init__(self, path: str, expose_tokenizer: bool = True) -> None:
+        super().__init__()
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.text_tokenizer = AutoTokenizer.from_pretrained(path)
+        if expose_tokenizer:
+            self.tokenizer = self.text_tokenizer
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        self.model.train()
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+
+    def train_dataloader(self):
+        a, b, labels = zip(*PAIRS)
+        enc = self.text_tokenizer(list(a), list(b), padding=True, return_tensors="pt")
+        rows = [{k: v[i] for k, v in enc.items()} | {"labels": labels[i]} for i in range(len(a))]
+        return torch.utils.data.DataLoader(rows, batch_size=2, shuffle=False)
+
+
+def _fit(tmp_path, minilm_path, **options) -> AttentionLoggerCallback:
+    callback = AttentionLoggerCallback(
+        probes=[Probe("The cat sat on the mat.", "The cat was happy.", name="cat")],
+        every_n_steps=3,
+        sinks=["tensorboard"],
+        logdir=tmp_path / "logs",
+        views=("head",),
+        **options,
+    )
+    trainer = Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+    )
+    trainer.fit(PairClassifier(minilm_path))
+    return callback
+
+
+@pytest.mark.slow
+def test_lightning_logs_first_every_n_and_last_step(tmp_path, minilm_path):
+    callback = _fit(tmp_path, minilm_path)
+    logdir = tmp_path / "logs"
+
+    assert [e["step"] for e in read_index(logdir)] == [0, 3, 4]  # step 0, every 3, the last
+    assert callback.logger is None  # closed at the end of training
+
+    acc = EventAccumulator(str(logdir), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    images, scalars = set(acc.Tags()["images"]), set(acc.Tags()["scalars"])
+    for tag in ("attention/cat/model", "attention/cat/layer_0", "patterns/delimiter"):
+        assert tag in images
+        assert [e.step for e in acc.Images(tag)] == [0, 3, 4]
+    assert {"patterns/delimiter/layer_0", "patterns/delimiter/max"} <= scalars
+    assert (logdir / "plugins/attnlog/html/attention/step_00000004/cat/head_view.html").is_file()
+
+
+def test_missing_tokenizer_fails_before_training(tmp_path, minilm_path):
+    callback = AttentionLoggerCallback(every_n_steps=2, sinks=[], logdir=tmp_path)
+    trainer = Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+    )
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        trainer.fit(PairClassifier(minilm_path, expose_tokenizer=False))
+
+
+def test_every_n_steps_must_be_positive():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        AttentionLoggerCallback(every_n_steps=0)
