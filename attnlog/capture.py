@@ -38,9 +38,17 @@ def unwrap_model(model: Any) -> Any:
             model = model.module
         elif hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
             model = model.get_base_model()  # LoRA layers stay inside and stay active
-        elif type(model).__name__ == "FullyShardedDataParallel" and hasattr(model, "module"):
-            model = model.module
     return model
+
+
+def is_sharded(model: Any) -> bool:
+    """FSDP (1 or 2) shards parameters across ranks; its inner module cannot run on one rank."""
+    return any(
+        type(m).__name__ in ("FullyShardedDataParallel", "FSDPModule")
+        or any(c.__name__ == "FSDPModule" for c in type(m).__mro__)
+        for m in (model, getattr(model, "module", None))
+        if m is not None
+    )
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -162,6 +170,11 @@ class Capturer:
     ) -> None:
         if tokenizer is None:
             raise ValueError("attnlog needs the model's tokenizer to encode the probes")
+        if is_sharded(model):
+            raise ValueError(
+                "attnlog does not capture from FSDP/ZeRO-3 sharded models yet: every rank would "
+                "have to join the probe forward. Log from an unsharded copy, or use DDP"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.probe_set = ProbeSet.coerce(probes)
