@@ -8,12 +8,14 @@ into training: failures are contained, reported once with their cause, and count
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import queue
 import threading
 import time
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -119,6 +121,8 @@ class AttentionLogger:
         self._worker = threading.Thread(target=self._work, name="attnlog-worker", daemon=True)
         if self.is_main_process:
             self._worker.start()
+            # A run that crashes never reaches close(): still write what is queued at exit.
+            atexit.register(_close_at_exit, weakref.ref(self))
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -158,9 +162,7 @@ class AttentionLogger:
         """
         if self._closed:
             return False
-        if not self.is_main_process:
-            if _is_sharded(self.capturer.model):  # every rank must join a sharded forward
-                self._contained("capture", self.capturer, step)
+        if not self.is_main_process:  # only rank 0 captures and writes
             return False
         started = time.perf_counter()
         event = self._contained("capture", self._prepare, step)
@@ -210,10 +212,12 @@ class AttentionLogger:
                 if event is _STOP:
                     return
                 self._write(event)
-            except Exception as ex:  # only in strict mode, or a bug: re-raised by flush/close
-                self._failure = self._failure or ex
+            except Exception as ex:  # strict mode (re-raised by flush/close), or a bug
                 self.stats["errors.worker"] += 1
-                self._report_once("worker", f"writing step {event.step} failed: {_cause(ex)}")
+                if self.strict:
+                    self._failure = self._failure or ex
+                else:
+                    self._report_once("worker", f"writing step {event.step} failed: {_cause(ex)}")
             finally:
                 self._queue.task_done()
 
@@ -270,16 +274,19 @@ class AttentionLogger:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def settings(self) -> dict[str, str]:
-        """Probes and options, logged once as TensorBoard text and MLflow params."""
+        """Probes and options, logged once as TensorBoard text and MLflow params.
+
+        Keys are bare (`probe.<name>`): the MLflow sink prefixes them with `attnlog.`.
+        """
         config = unwrap_model(self.capturer.model).config
         out = {
-            "attnlog.model_type": describe(getattr(config, "model_type", "")),
-            "attnlog.patterns": ",".join(self.patterns or ["all"]),
-            "attnlog.views": ",".join(self.views),
+            "model_type": describe(getattr(config, "model_type", "")),
+            "patterns": ",".join(self.patterns or ["all"]),
+            "views": ",".join(self.views),
         }
         for probe in self.capturer.probe_set:
             text = probe.text if probe.pair is None else f"{probe.text} ||| {probe.pair}"
-            out[f"attnlog.probe.{probe.name}"] = describe(text)
+            out[f"probe.{probe.name}"] = describe(text)
         return out
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -338,9 +345,7 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _is_sharded(model: Any) -> bool:
-    """FSDP / ZeRO-3 shard parameters across ranks: every rank must run the probe forward."""
-    name = type(model).__name__
-    if name.startswith("FullyShardedDataParallel") or name == "FSDPModule":
-        return True
-    return any(type(m).__name__.startswith("FSDP") for m in list(model.modules())[:2])
+def _close_at_exit(ref: weakref.ref) -> None:
+    logger = ref()
+    if logger is not None:
+        logger.close()

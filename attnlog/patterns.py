@@ -396,7 +396,9 @@ def positional(a: torch.Tensor, ctx: PatternContext) -> torch.Tensor:
     near_max = torch.where(near, a, -1.0).amax(-1)
     other_max = torch.where(near, -1.0, a).amax(-1)
     rows = ctx.query_rows & (near & ctx.visible).any(-1)
-    return _row_mean((near_max > other_max).to(a.dtype), rows)
+    hit = (near_max > other_max).to(a.dtype)
+    hit = torch.where(a.isnan().any(-1), math.nan, hit)  # NaN attention: undefined, not "no"
+    return _row_mean(hit, rows)
 
 
 @_pattern

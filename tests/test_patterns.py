@@ -416,3 +416,11 @@ def test_patterns_are_public_names():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warnings on all-NaN probes
         score(probe(["a"], torch.ones(1, 1)))
+
+
+def test_nan_attention_gives_nan_positional_not_zero():
+    """A broken (NaN) layer must not be logged as a confident 'not positional'."""
+    n = 5
+    attn = torch.full((1, 1, n, n), float("nan"))
+    ctx = PatternContext.create(n, tokens=[f"t{i}" for i in range(n)])
+    assert torch.isnan(PATTERNS["positional"](attn, ctx)).all()

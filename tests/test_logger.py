@@ -1,0 +1,254 @@
+"""AttentionLogger on the real MiniLM: events reach sinks in order, and nothing breaks training."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from attnlog import AttentionLogger
+from attnlog.sinks.archive import read_index
+from attnlog.sinks.base import head_metrics, html_path, pattern_scalars, plugin_dir
+from attnlog.sinks.memory import MemorySink
+
+PROBES = ["The cat sat on the mat.", ("The cat sat.", "It was happy.")]
+
+
+def make_logger(minilm, logdir, sinks, **options) -> AttentionLogger:
+    model, tokenizer = minilm
+    options.setdefault("views", ())
+    return AttentionLogger(model, tokenizer, PROBES, sinks=sinks, logdir=logdir, **options)
+
+
+class BrokenSink(MemorySink):
+    """A sink whose backend fails in every call (a full disk, a dead server)."""
+
+    name = "broken"
+
+    def _record(self, method, **args):
+        raise OSError(f"disk on fire in {method}")
+
+    def flush(self):
+        raise OSError("disk on fire in flush")
+
+    def close(self):
+        raise OSError("disk on fire in close")
+
+
+class BlockingSink(MemorySink):
+    """Holds the worker in its first call until the test releases it: a backend that hangs."""
+
+    name = "blocking"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def _record(self, method, **args):
+        self.entered.set()
+        if not self.release.wait(timeout=60):
+            raise TimeoutError("the test never released the sink")
+        super()._record(method, **args)
+
+
+def attnlog_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
+
+
+def test_events_reach_every_sink_in_order(minilm, tmp_path):
+    first, second = MemorySink(), MemorySink()
+    with make_logger(minilm, tmp_path, [first, second], views=("head",)) as logger:
+        assert logger.log(0) is True
+        assert logger.log(5) is True
+        assert logger.flush() is True
+        assert first.steps("log_archive") == [0, 5]  # written by flush, before close
+    assert logger.log(10) is False  # closed: ignored, not raised
+
+    for sink in (first, second):
+        methods = [c.method for c in sink.calls]
+        per_step = ["log_scores", "log_images", "log_html", "log_archive"]
+        assert methods == ["log_settings", *per_step, *per_step]
+        assert sink.steps("log_scores") == [0, 5]
+        assert sink.closed and sink.flushes >= 1
+    settings = first.of("log_settings")[0].args["settings"]
+    assert settings["probe.p1_the_cat_sat"] == "The cat sat. ||| It was happy."
+    files = first.of("log_html")[1].args["files"]
+    assert set(files) == {html_path(5, "p0_the_cat_sat", "head_view"),
+                          html_path(5, "p1_the_cat_sat", "head_view")}  # fmt: skip
+    images = first.of("log_images")[0].args["images"]
+    assert {"attention/p0_the_cat_sat/model", "patterns/cls"} <= set(images)
+    assert [e["step"] for e in read_index(tmp_path)] == [0, 5]  # the archive is always written
+    assert logger.logged_steps == {0, 5}
+    assert logger.stats["events"] == 2
+    assert not [k for k in logger.stats if k.startswith("errors")]
+
+
+def test_a_failing_sink_is_contained_counted_and_reported_once(minilm, tmp_path):
+    broken, healthy = BrokenSink(), MemorySink()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        logger = make_logger(minilm, tmp_path, [broken, healthy])
+        assert logger.log(0) is True  # never raises into the training thread
+        assert logger.log(1) is True
+        logger.flush()
+        logger.close()
+
+    reports = attnlog_warnings(record)
+    assert len(reports) == 1, reports
+    assert "broken.log_settings failed: OSError: disk on fire in log_settings" in reports[0]
+    # every failed call counted: what the healthy sink received, plus its flushes and close
+    assert logger.stats["errors.broken"] == len(healthy.calls) + healthy.flushes + 1
+    assert healthy.steps("log_archive") == [0, 1]
+    assert [e["step"] for e in read_index(tmp_path)] == [0, 1]
+
+
+def test_strict_raises_the_sink_error(minilm, tmp_path):
+    logger = make_logger(minilm, tmp_path, [BrokenSink()], strict=True)
+    logger.log(0)
+    with pytest.raises(OSError, match="disk on fire"):
+        logger.flush()
+
+
+def test_unwritable_logdir_fails_at_construction_naming_the_folder(minilm, tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the log folder should go")
+    logdir = blocker / "runs"
+    with pytest.raises(ValueError, match="not_a_folder") as info:
+        make_logger(minilm, logdir, ["tensorboard"])
+    assert str(logdir) in str(info.value)
+
+
+def test_a_write_error_mid_run_is_contained_and_retried(minilm, tmp_path):
+    memory = MemorySink()
+    archive = plugin_dir(tmp_path)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with make_logger(minilm, tmp_path, [memory]) as logger:
+            logger.log(0)
+            logger.flush()
+            shutil.rmtree(archive)
+            archive.write_text("the archive folder became a file")  # every write now fails
+            assert logger.log(1) is True
+            logger.flush()
+            assert logger.stats["errors.archive"] == 1
+            archive.unlink()  # the disk is back: the next event is archived again
+            archive.mkdir()
+            logger.log(2)
+    assert memory.steps("log_archive") == [0, 1, 2]
+    assert [e["step"] for e in read_index(tmp_path)] == [2]
+    assert (archive / "step_00000002.npz").is_file()
+    [report] = attnlog_warnings(record)
+    assert "archive.log_archive failed" in report
+
+
+def test_nan_attention_is_logged_without_nan_values(minilm, tmp_path):
+    model, tokenizer = minilm
+    broken = copy.deepcopy(model)
+    with torch.no_grad():  # layer 3 onwards: NaN attention
+        broken.encoder.layer[3].attention.self.query.weight.fill_(float("nan"))
+    memory = MemorySink()
+    with AttentionLogger(
+        broken, tokenizer, PROBES, sinks=[memory], logdir=tmp_path, views=()
+    ) as logger:
+        assert logger.log(0) is True
+    assert not [k for k in logger.stats if k.startswith("errors")]
+
+    table = memory.of("log_scores")[0].args["table"]
+    values = {**pattern_scalars(table), **head_metrics(table)}  # what TensorBoard/MLflow get
+    assert values and all(np.isfinite(v) for v in values.values())
+    assert "patterns/cls/layer_2" in values
+    assert "patterns/cls/layer_3" not in values  # undefined: left out, not logged as NaN
+    assert "attn.cls.L3H0" not in values
+    images = memory.of("log_images")[0].args["images"]
+    assert "attention/p0_the_cat_sat/model" in images
+
+
+def test_queue_overflow_drops_the_oldest_waiting_event(minilm, tmp_path):
+    sink = BlockingSink()
+    logger = make_logger(minilm, tmp_path, [sink], queue_size=1)
+    try:
+        logger.log(0)
+        assert sink.entered.wait(timeout=60)  # the worker holds step 0 inside the sink
+        logger.log(1)  # waits in the queue
+        with pytest.warns(RuntimeWarning, match="dropped the event of step 1"):
+            assert logger.log(2) is True  # step 1 makes way; training does not wait
+        logger.log(3)  # dropped again: counted, not reported again
+    finally:
+        sink.release.set()
+        logger.close()
+    assert sink.steps("log_archive") == [0, 3]
+    assert logger.stats["dropped"] == 2
+    assert logger.logged_steps == {0, 1, 2, 3}  # steps handed to the logger, written or not
+
+
+def test_other_processes_write_nothing_and_start_no_worker(minilm, tmp_path):
+    before = {t.ident for t in threading.enumerate()}
+    logdir = tmp_path / "run"
+    logger = make_logger(minilm, logdir, ["tensorboard", "archive"], is_main_process=False)
+    assert logger.log(0) is False
+    logger.flush()
+    logger.close()
+    assert logger.sinks == []
+    assert not logdir.exists()
+    started = [t for t in threading.enumerate() if t.ident not in before]
+    assert not [t for t in started if t.name == "attnlog-worker"]
+
+
+@pytest.mark.parametrize(
+    "option, choice",
+    [
+        ({"patterns": ["cls", "no_such_pattern"]}, "prev_token"),
+        ({"views": ["head", "no_such_view"]}, "neuron"),
+        ({"sinks": ["tensorboard", "no_such_sink"]}, "mlflow"),
+    ],
+)
+def test_unknown_names_fail_fast_listing_the_choices(minilm, tmp_path, option, choice):
+    option = {"sinks": [], **option}
+    with pytest.raises(ValueError, match="no_such_") as info:
+        make_logger(minilm, tmp_path / "run", **option)
+    assert choice in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_without_attention_fails_at_construction(minilm, tmp_path):
+    from transformers import MambaConfig, MambaModel
+
+    from attnlog.capture import AttentionUnavailableError
+
+    _, tokenizer = minilm
+    config = MambaConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1)
+    model = MambaModel(config)  # a state-space model: no attention to log
+    with pytest.raises(AttentionUnavailableError, match="MambaModel returned no attention"):
+        AttentionLogger(model, tokenizer, PROBES, sinks=["tensorboard"], logdir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_queued_events_are_written_when_the_program_exits_without_close(minilm_path, tmp_path):
+    """A training script that crashes never calls close(); what was logged still lands."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import os
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        from transformers import AutoModel, AutoTokenizer
+        from attnlog import AttentionLogger
+        tok = AutoTokenizer.from_pretrained({minilm_path!r})
+        model = AutoModel.from_pretrained({minilm_path!r})
+        log = AttentionLogger(model, tok, ["The cat sat."], sinks=[], logdir={str(tmp_path)!r}, views=())
+        log.log(0)
+        log.log(1)
+        raise SystemExit("training crashed")
+    """)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert "training crashed" in done.stderr
+    assert [e["step"] for e in read_index(tmp_path)] == [0, 1]
