@@ -1,6 +1,7 @@
 """attnlog: watch transformer attention change while the model trains.
 
-`import attnlog` stays light: transformers, mlflow and tensorboard are imported only when the
+One-shot capture is `attnlog.capture.capture(model, tokenizer, probes)` (the submodule owns the
+name `attnlog.capture`). `import attnlog` stays light: transformers, mlflow and tensorboard are imported only when the
 names that need them are first used.
 """
 
@@ -16,7 +17,6 @@ __all__ = [
     "Probe",
     "ProbeSet",
     "Snapshot",
-    "capture",
     "load",
     "register_pattern",
     "register_sink",
@@ -30,7 +30,6 @@ _LAZY = {
     "ProbeSet": "attnlog.probes",
     "Snapshot": "attnlog.snapshot",
     "load": "attnlog.snapshot",
-    "capture": "attnlog.capture",
     "register_pattern": "attnlog.patterns",
     "score": "attnlog.patterns",
     "register_sink": "attnlog.sinks.base",
@@ -38,7 +37,6 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from attnlog.callbacks.trainer import AttentionLoggerCallback
-    from attnlog.capture import capture
     from attnlog.logger import AttentionLogger
     from attnlog.patterns import register_pattern, score
     from attnlog.probes import Probe, ProbeSet

@@ -43,25 +43,39 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--every", type=_positive, default=25, help="log every N steps (default 25)")
     demo.add_argument("--logdir", default="runs", help="TensorBoard folder (default ./runs)")
     demo.add_argument(
-        "--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (default sqlite:///mlflow.db)"
+        "--tracking-uri",
+        default="sqlite:///mlflow.db",
+        help="MLflow tracking URI (default sqlite:///mlflow.db)",
     )
-    demo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="training device")
+    demo.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="training device"
+    )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
     snap = sub.add_parser(
         "snapshot",
         help="one-shot views, heatmaps and scores for a local model folder",
-        description="Load a local Hugging Face model folder, run the probes once, and write the "
-        "head/model/neuron views, heatmaps and a scores table to --out.",
+        description="Load a local Hugging Face model folder (offline), run the probes once, and "
+        "write to --out: <probe>/{head,model,neuron}_view.html, <probe>/*.png heatmaps, "
+        "patterns/*.png, scores.json and an archive that `attnlog report OUT` reads. Prints the "
+        "heads with the strongest patterns.",
     )
     snap.add_argument("model_dir", help="a local model folder (config.json, weights, tokenizer)")
     snap.add_argument("--probe", action="append", required=True, help="probe text (repeatable)")
-    snap.add_argument("--pair", action="append", help="sentence B for the probe at the same position")
     snap.add_argument(
-        "--add-special-tokens", nargs="+", default=[], metavar="TOK", help="extra special tokens, e.g. [unused1]"
+        "--pair", action="append", help="sentence B for the probe at the same position"
+    )
+    snap.add_argument(
+        "--add-special-tokens",
+        nargs="+",
+        default=[],
+        metavar="TOK",
+        help="extra special tokens, e.g. [unused1]",
     )
     snap.add_argument("--out", required=True, help="output folder")
-    snap.add_argument("--max-length", type=_positive, default=None, help="truncate probes to N tokens")
+    snap.add_argument(
+        "--max-length", type=_positive, default=None, help="truncate probes to N tokens"
+    )
 
     report = sub.add_parser(
         "report",
@@ -88,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Send what the MLflow sink spooled under <logdir>/plugins/attnlog/mlflow_spool.",
     )
     sync.add_argument("logdir", help="the logger's logdir")
-    sync.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+    sync.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)"
+    )
     return parser
 
 
@@ -124,7 +140,9 @@ def _demo(args) -> int:
         device=args.device,
         seed=args.seed,
     )
-    print(f"\nDone: training loss {result['train_loss']:.3f}, held-out accuracy {result['accuracy']:.0%}")
+    print(
+        f"\nDone: training loss {result['train_loss']:.3f}, held-out accuracy {result['accuracy']:.0%}"
+    )
     if result["changes"]:
         print("Heads whose attention changed most:")
         for row in result["changes"]:
@@ -132,7 +150,9 @@ def _demo(args) -> int:
                 f"  {row['pattern']:<24} layer {row['layer']} head {row['head']:<3} "
                 f"{row['before']:.2f} -> {row['after']:.2f}  (steps {row['from_step']} -> {row['to_step']})"
             )
-    print(f"\nLogged to {result['logdir']} and {result['tracking_uri']} (run {result['run_name']}).")
+    print(
+        f"\nLogged to {result['logdir']} and {result['tracking_uri']} (run {result['run_name']})."
+    )
     print(BROWSE_HINT.format(logdir=args.logdir, tracking_uri=args.tracking_uri))
     return 0
 
@@ -142,10 +162,16 @@ def _snapshot(args) -> int:
 
     pairs = args.pair or []
     if len(pairs) > len(args.probe):
-        raise ValueError("more --pair than --probe values; each --pair belongs to the --probe before it")
+        raise ValueError(
+            "more --pair than --probe values; each --pair belongs to the --probe before it"
+        )
     probes = [(p, pairs[i]) if i < len(pairs) else p for i, p in enumerate(args.probe)]
     summary = write_snapshot(
-        args.model_dir, probes, Path(args.out), special_tokens=args.add_special_tokens, max_length=args.max_length
+        args.model_dir,
+        probes,
+        Path(args.out),
+        special_tokens=args.add_special_tokens,
+        max_length=args.max_length,
     )
     print(summary)
     return 0

@@ -12,11 +12,46 @@ import random
 from pathlib import Path
 from typing import Any
 
-NOUNS = (
-    "cat dog bird horse teacher doctor farmer river garden kitchen window train car boat "
-    "letter song apple bread table chair castle forest mountain village market lamp"
-).split()
-ADJECTIVES = "old small quiet bright green heavy busy cold happy strange".split()
+NOUNS = [
+    "cat",
+    "dog",
+    "bird",
+    "horse",
+    "teacher",
+    "doctor",
+    "farmer",
+    "river",
+    "garden",
+    "kitchen",
+    "window",
+    "train",
+    "car",
+    "boat",
+    "letter",
+    "song",
+    "apple",
+    "bread",
+    "table",
+    "chair",
+    "castle",
+    "forest",
+    "mountain",
+    "village",
+    "market",
+    "lamp",
+]
+ADJECTIVES = [
+    "old",
+    "small",
+    "quiet",
+    "bright",
+    "green",
+    "heavy",
+    "busy",
+    "cold",
+    "happy",
+    "strange",
+]
 TEMPLATES_A = (
     "The {a} {n1} waited near the {n2}.",
     "A {n1} and a {n2} stood by the {a} {n3}.",
@@ -44,7 +79,9 @@ def make_examples(count: int, seed: int = 0) -> list[tuple[str, str, int]]:
     examples = []
     for i in range(count):
         nouns = rng.sample(NOUNS, 3)
-        a = rng.choice(TEMPLATES_A).format(a=rng.choice(ADJECTIVES), n1=nouns[0], n2=nouns[1], n3=nouns[2])
+        a = rng.choice(TEMPLATES_A).format(
+            a=rng.choice(ADJECTIVES), n1=nouns[0], n2=nouns[1], n3=nouns[2]
+        )
         used = [n for n in nouns if f" {n}" in a or a.startswith(n)]
         label = i % 2
         if label:
@@ -159,7 +196,9 @@ def biggest_changes(logdir: str | Path, top: int = 5) -> list[dict[str, Any]]:
         if pattern in ("entropy_nats", "max_logit"):
             continue  # not in [0, 1]: not comparable with the others
         delta = np.nan_to_num(last[pattern] - first[pattern], nan=0.0)
-        for layer, head in zip(*np.unravel_index(np.argsort(-np.abs(delta), axis=None)[:top], delta.shape)):
+        for layer, head in zip(
+            *np.unravel_index(np.argsort(-np.abs(delta), axis=None)[:top], delta.shape)
+        ):
             rows.append(
                 {
                     "pattern": pattern,

@@ -74,7 +74,9 @@ def report(logdir: str | os.PathLike, step: int | None = None, as_json: bool = F
     steps = [e["step"] for e in index]
     chosen = steps[-1] if step is None else step
     if chosen not in steps:
-        raise ValueError(f"step {chosen} is not in the archive of {logdir}; logged steps: {_list(steps)}")
+        raise ValueError(
+            f"step {chosen} is not in the archive of {logdir}; logged steps: {_list(steps)}"
+        )
     snapshot, scores = _load(logdir, index[steps.index(chosen)])
     labels = _labels(scores)
     rows = strongest_heads(scores, labels)
@@ -162,10 +164,14 @@ def _index(logdir: str | os.PathLike) -> list[dict[str, Any]]:
         if runs
         else "; log with AttentionLogger (archive=True, the default) or `attnlog snapshot`"
     )
-    raise FileNotFoundError(f"no attnlog archive in {root} (no {plugin_dir(root)}/index.jsonl){hint}")
+    raise FileNotFoundError(
+        f"no attnlog archive in {root} (no {plugin_dir(root)}/index.jsonl){hint}"
+    )
 
 
-def _load(logdir: str | os.PathLike, entry: dict[str, Any]) -> tuple[Snapshot, dict[str, np.ndarray]]:
+def _load(
+    logdir: str | os.PathLike, entry: dict[str, Any]
+) -> tuple[Snapshot, dict[str, np.ndarray]]:
     return load(plugin_dir(logdir) / entry["file"])
 
 

