@@ -84,10 +84,8 @@ def make_examples(count: int, seed: int = 0) -> list[tuple[str, str, int]]:
         )
         used = [n for n in nouns if f" {n}" in a or a.startswith(n)]
         label = i % 2
-        if label:
-            noun = rng.choice(used)
-        else:
-            noun = rng.choice([n for n in NOUNS if n not in nouns])
+        others = [n for n in NOUNS if n not in nouns]
+        noun = rng.choice(used) if label else rng.choice(others)
         b = rng.choice(TEMPLATES_B).format(a=rng.choice(ADJECTIVES), n=noun)
         examples.append((a, b, label))
     return examples
