@@ -42,7 +42,11 @@ def unwrap_model(model: Any) -> Any:
 
 
 def is_sharded(model: Any) -> bool:
-    """FSDP (1 or 2) shards parameters across ranks; its inner module cannot run on one rank."""
+    """FSDP (1 or 2) and DeepSpeed ZeRO-3 shard parameters across ranks: one rank cannot run
+    the model alone."""
+    first = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    if first is not None and hasattr(first, "ds_id"):  # DeepSpeed ZeRO-3 partitioned parameter
+        return True
     return any(
         type(m).__name__ in ("FullyShardedDataParallel", "FSDPModule")
         or any(c.__name__ == "FSDPModule" for c in type(m).__mro__)

@@ -11,10 +11,10 @@ from typing import Any
 
 BROWSE_HINT = """\
 Browse it:
-  tensorboard --logdir {logdir} --samples_per_plugin images=0
+  tensorboard --logdir {logdir} --samples_per_plugin images=1000
   mlflow ui --backend-store-uri {tracking_uri}
-(--samples_per_plugin images=0 keeps every logged step; TensorBoard shows only 10 images per
-tag without it.)"""
+(--samples_per_plugin images=1000 keeps up to 1000 logged steps per image; TensorBoard shows
+only 10 without it, and `images=0` shows none in TensorBoard 2.21.)"""
 
 
 class _Parser(argparse.ArgumentParser):

@@ -56,8 +56,9 @@ PAIRS = [
     ("The chef added too much salt.", "Nobody could finish the soup at dinner."),
     ("The old bridge was finally repaired.", "Traffic moves much faster across town."),
 ]
+PAIRS = [(a[:-1] + ", people said on Monday.", b) for a, b in PAIRS]  # ~24 tokens a pair
 EVERY = 50  # every_n_steps of figure 3
-NAIVE_MEMORY_PROBES = 2
+NAIVE_MEMORY_PROBES = 1
 
 GOALS = {"stall": 1.5, "cpu": 1.0, "slowdown": 3.0, "html": 0.25, "memory": 10.0}
 
@@ -121,9 +122,13 @@ class Trainer:
         return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
 
 
+LOGGER_OPTIONS: dict = {}  # --option key=value (what-if runs); the default config when empty
+
+
 def make_logger(model, tokenizer, logdir: Path, probes=None, **options):
     from attnlog import AttentionLogger
 
+    options = {**LOGGER_OPTIONS, **options}
     logdir.mkdir(parents=True, exist_ok=True)
     return AttentionLogger(
         model, tokenizer, probes,
@@ -388,7 +393,7 @@ def memory_child(which: str, n_tokens: int, events: int) -> dict:
         from naive import NaiveLogger
 
         # The naive pipeline handles one probe at a time and frees it: its peak is one probe's
-        # (HTML strings + figure), so two probes give the peak of eight at a quarter the time.
+        # (HTML strings + figure), so one probe gives the peak of eight at an eighth of the time.
         naive = NaiveLogger(model, tokenizer, [(p.text, p.pair) for p in probes][:NAIVE_MEMORY_PROBES],
                             tmp / "naive", max_length=n_tokens)  # fmt: skip
         for e in range(events):
@@ -415,6 +420,8 @@ def memory_child(which: str, n_tokens: int, events: int) -> dict:
 def memory(which: str, n_tokens: int, events: int) -> dict:
     cmd = [sys.executable, __file__, "--memory-child", which, "--tokens", str(n_tokens),
            "--events", str(events)]  # fmt: skip
+    cmd += [f"--option={k}={','.join(v) if isinstance(v, tuple) else v}"
+            for k, v in LOGGER_OPTIONS.items()]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -521,10 +528,17 @@ def main() -> None:
     parser.add_argument("--no-naive-memory", action="store_true",
                         help="skip the naive pipeline's memory run")  # fmt: skip
     parser.add_argument("--json", help="also write the raw numbers here")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="AttentionLogger option for a what-if run, e.g. layer_images=False "
+                        "or views=head,model (repeatable)")  # fmt: skip
     parser.add_argument("--memory-child", choices=("attnlog", "naive"), help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, default=128, help=argparse.SUPPRESS)
-    parser.add_argument("--events", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--events", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for item in args.option:
+        key, _, value = item.partition("=")
+        LOGGER_OPTIONS[key] = (value == "True" if value in ("True", "False")
+                               else tuple(value.split(",")) if key == "views" else value)  # fmt: skip
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child, args.tokens, args.events)))
         return
@@ -536,7 +550,9 @@ def main() -> None:
 
     started = time.perf_counter()
     print(f"attnlog overhead benchmark: {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} intra-op threads", flush=True)  # fmt: skip
+          f"{torch.get_num_threads()} intra-op threads, load average "
+          f"{os.getloadavg()[0]:.1f}, logger options {LOGGER_OPTIONS or 'default'}",
+          flush=True)  # fmt: skip
     mem = memory("attnlog", args.tokens, args.events)
     print(f"  [memory attnlog done, {time.perf_counter() - started:.0f} s]", flush=True)
     mem_naive = None

@@ -129,7 +129,7 @@ def main() -> None:
     print(f"trained {args.steps} steps, last loss {loss.item():.3f}")
     print("tokens (<special>):", " ".join(marked))
     print(f"Attention logged to {args.logdir} (steps {sorted(attn_log.logged_steps)})")
-    print(f"  tensorboard --logdir {args.logdir} --samples_per_plugin images=0")
+    print(f"  tensorboard --logdir {args.logdir} --samples_per_plugin images=1000")
     print(f"  attnlog report {args.logdir}")
 
 

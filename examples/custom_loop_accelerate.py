@@ -79,7 +79,7 @@ def main() -> None:
     if accelerator.is_main_process:
         print(f"trained {step} steps, last loss {loss.item():.3f}")
         print(f"Attention logged to {args.logdir} (steps {sorted(attn_log.logged_steps)})")
-        print(f"  tensorboard --logdir {args.logdir} --samples_per_plugin images=0")
+        print(f"  tensorboard --logdir {args.logdir} --samples_per_plugin images=1000")
         print(f"  attnlog report {args.logdir}")
 
 

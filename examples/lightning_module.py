@@ -80,7 +80,7 @@ def main() -> None:
     if trainer.is_global_zero:
         logdir = Path(tb_logger.log_dir)
         print(f"Attention logged to {logdir} (next to Lightning's own TensorBoard logs)")
-        print(f"  tensorboard --logdir {logdir} --samples_per_plugin images=0")
+        print(f"  tensorboard --logdir {logdir} --samples_per_plugin images=1000")
         print(f"  attnlog report {logdir}")
 
 

@@ -1,7 +1,7 @@
 """Quick start: Hugging Face Trainer + AttentionLoggerCallback on the shipped MiniLM (offline).
 
     python examples/trainer_quickstart.py --steps 60 --every 20
-    tensorboard --logdir runs/quickstart --samples_per_plugin images=0
+    tensorboard --logdir runs/quickstart --samples_per_plugin images=1000
 
 Fine-tunes MiniLM on a toy pair task ("does sentence B repeat a noun of sentence A?") and logs
 attention at step 0, every `--every` steps and at the last step.
@@ -75,7 +75,7 @@ def main() -> None:
     )
     trainer.train()
     print(f"Attention logged to {args.logdir} (archive: {args.logdir}/plugins/attnlog)")
-    print(f"  tensorboard --logdir {args.logdir} --samples_per_plugin images=0")
+    print(f"  tensorboard --logdir {args.logdir} --samples_per_plugin images=1000")
     print(f"  attnlog report {args.logdir}")
 
 

@@ -226,7 +226,7 @@ def test_demo_leaves_tensorboard_logs_mlflow_db_and_html_views(tmp_path):
     html = run / "plugins/attnlog/html/attention/step_00000004"
     assert list(html.rglob("head_view.html")) and list(html.rglob("neuron_view.html"))
     assert (tmp_path / "mlflow.db").is_file()
-    assert "tensorboard --logdir runs --samples_per_plugin images=0" in result.stdout
+    assert "tensorboard --logdir runs --samples_per_plugin images=1000" in result.stdout
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in result.stdout
 
     from mlflow import MlflowClient

@@ -113,7 +113,7 @@ def test_images_hint_is_shown_once(tmp_path, caplog, monkeypatch):
         sink.log_images(make_images(0), 0)
         sink.log_images(make_images(1), 1)
     sink.close()
-    hints = [r for r in caplog.records if "--samples_per_plugin images=0" in r.getMessage()]
+    hints = [r for r in caplog.records if "--samples_per_plugin images=1000" in r.getMessage()]
     assert len(hints) == 1
 
 

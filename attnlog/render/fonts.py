@@ -133,7 +133,7 @@ def font_for(text: str, size: int, spec: FontSpec = AUTO, *, warn: bool = True) 
             warnings.warn(
                 "attnlog: tokens contain CJK characters but no CJK font was found, so heatmap "
                 "labels show empty boxes. Install one with `apt-get install fonts-noto-cjk` "
-                "(or pass cjk_font='/path/to/font.ttc').",
+                "(any Noto/Source Han CJK font that fc-match finds works).",
                 UserWarning,
                 stacklevel=3,
             )

@@ -5,7 +5,7 @@ TensorBoard cannot show HTML, so bertviz views are written as files under
 opens them. The raw-attention archive belongs to `ArchiveSink`; `log_archive` does nothing here.
 
 TensorBoard keeps only 10 images per tag unless it is started with
-`tensorboard --logdir ... --samples_per_plugin images=0`; the sink says so once per process.
+`tensorboard --logdir ... --samples_per_plugin images=1000`; the sink says so once per process.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 IMAGES_HINT = (
     "attnlog: TensorBoard shows only 10 images per tag by default; start it with "
-    "`tensorboard --logdir <logdir> --samples_per_plugin images=0` to see every logged step"
+    "`tensorboard --logdir <logdir> --samples_per_plugin images=1000` to see every logged step"
 )
 _hint_shown = False
 
