@@ -87,6 +87,7 @@ class NaiveLogger:
         self.tokenizer = tokenizer
         self.probes = probes
         self.max_length = max_length
+        self.plot_layers = plot_layers  # None: every layer (the memory run plots fewer, see there)
         self.outdir = Path(outdir)
         self.outdir.mkdir(parents=True, exist_ok=True)
         self.writer = SummaryWriter(log_dir=str(self.outdir / "tb"))
@@ -135,7 +136,7 @@ class NaiveLogger:
                 model_view(attentions, tokens, html_action="return").data, encoding="utf-8"
             )
             attn = torch.stack([a[0] for a in attentions]).numpy()  # [L, H, n, n]
-            for layer in range(attn.shape[0]):
+            for layer in range(attn.shape[0])[: self.plot_layers]:
                 plot_layer(attn[layer], tokens, folder / f"layer_{layer}.png")
             per_probe.append(head_scores(attn, tokens))
         for name in SCORES:

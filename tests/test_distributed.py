@@ -55,7 +55,7 @@ def test_only_rank_zero_writes_under_ddp(tmp_path, minilm_path):
     from attnlog.sinks.archive import read_index
 
     mp.start_processes(
-        _worker, args=(2, _free_port(), minilm_path, str(tmp_path)), nprocs=2, start_method="fork"
+        _worker, args=(2, _free_port(), minilm_path, str(tmp_path)), nprocs=2, start_method="spawn"
     )
     assert [e["step"] for e in read_index(tmp_path / "rank0")] == [0, 1, 2]
     assert list((tmp_path / "rank0").glob("events.out.tfevents.*"))

@@ -1,0 +1,295 @@
+"""The TensorBoard "Attention" tab: its JSON routes on real archives, then the tab itself in a real
+`tensorboard` server and a real browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from browser import browser, wait_for  # noqa: F401
+from test_sinks_contract import HEADS, LAYERS, PROBES, make_snapshot, make_table
+
+from attnlog.sinks.archive import ArchiveSink, read_index
+from attnlog.sinks.base import plugin_dir
+from attnlog.snapshot import load
+
+pytest.importorskip("tensorboard")
+from tensorboard.plugins.base_plugin import TBContext  # noqa: E402
+from werkzeug.test import Client  # noqa: E402
+
+from attnlog.tensorboard_plugin.plugin import AttentionPlugin  # noqa: E402
+
+RUNS = ("a", "group/b")
+STEPS = (0, 10, 20)
+MARKUP = "<i>&lt;</i>"  # a token that must be drawn as text, never parsed as HTML
+
+
+@pytest.fixture(scope="module")
+def logdir(tmp_path_factory):
+    """Two runs (one nested) × three steps of real ArchiveSink output."""
+    root = tmp_path_factory.mktemp("logs")
+    for offset, run in enumerate(RUNS):
+        sink = ArchiveSink(root / run)
+        for step in STEPS:
+            snapshot = make_snapshot(step + offset)
+            if run == "group/b":
+                cat = snapshot.probes[0]
+                cat.tokens = [cat.tokens[0], MARKUP, *cat.tokens[2:]]
+            sink.log_archive(snapshot, make_table(step + offset), step)
+    return root
+
+
+@pytest.fixture(scope="module")
+def get(logdir):
+    """GET one of the plugin's routes through its own WSGI app: (status, JSON body)."""
+    apps = AttentionPlugin(TBContext(logdir=str(logdir))).get_plugin_apps()
+
+    def call(route: str, **query):
+        response = Client(apps[route]).get(route, query_string=query)
+        text = response.get_data(as_text=True)
+        assert "Traceback" not in text
+        return response.status_code, json.loads(text)
+
+    return call
+
+
+def archived(logdir, run: str, step: int):
+    entry = next(e for e in read_index(logdir / run) if e["step"] == step)
+    return load(plugin_dir(logdir / run) / entry["file"])
+
+
+def test_active_only_with_an_archive(logdir, tmp_path):
+    assert AttentionPlugin(TBContext(logdir=str(logdir))).is_active()
+    (tmp_path / "events_only").mkdir()
+    assert not AttentionPlugin(TBContext(logdir=str(tmp_path))).is_active()
+    assert not AttentionPlugin(TBContext(logdir=None)).is_active()
+    # the logdir itself is a run too
+    ArchiveSink(tmp_path).log_archive(make_snapshot(1), make_table(1), 1)
+    plugin = AttentionPlugin(TBContext(logdir=str(tmp_path)))
+    assert plugin.is_active()
+    runs = Client(plugin.get_plugin_apps()["/runs"]).get("/runs").get_json()
+    assert list(runs) == ["."]  # the logdir itself; a folder without an archive is no run
+
+
+def test_frontend_module_is_served(logdir):
+    plugin = AttentionPlugin(TBContext(logdir=str(logdir)))
+    path = plugin.frontend_metadata().es_module_path
+    assert plugin.frontend_metadata().tab_name == "Attention"
+    response = Client(plugin.get_plugin_apps()[path]).get(path)
+    assert response.status_code == 200
+    assert response.mimetype == "text/javascript"
+    assert "export async function render" in response.get_data(as_text=True)
+
+
+def test_runs_lists_steps_probes_and_shapes(get):
+    status, runs = get("/runs")
+    assert status == 200
+    assert list(runs) == list(RUNS)
+    for steps in runs.values():
+        assert [s["step"] for s in steps] == list(STEPS)
+        probes = steps[0]["probes"]
+        assert [p["name"] for p in probes] == list(PROBES)
+        for probe, (tokens, _) in zip(probes, PROBES.values()):
+            n = len(tokens)
+            assert probe["shapes"] == {"attention": [LAYERS, HEADS, n, n]}
+        assert steps[0]["patterns"] == sorted(make_table().scores)
+
+
+def test_scores_match_the_archive_with_null_for_nan(logdir, get):
+    status, body = get("/scores", run="group/b", step="10")
+    assert status == 200 and body["step"] == 10
+    _, scores = archived(logdir, "group/b", 10)
+    assert set(body["scores"]) == set(scores)
+    for name, matrix in scores.items():
+        served = np.array(body["scores"][name], dtype=np.float64)  # None -> nan
+        np.testing.assert_array_equal(served, matrix.astype(np.float64))
+    assert body["scores"]["cross_sentence"][-1] == [None] * HEADS
+
+
+def test_attention_is_one_head_rounded(logdir, get):
+    status, body = get("/attention", run="a", step="20", probe="pair", layer="1", head="2")
+    assert status == 200
+    snapshot, _ = archived(logdir, "a", 20)
+    probe = snapshot.probes[1]
+    assert body["tokens"] == body["query_tokens"] == probe.tokens
+    expected = np.round(probe.attention[1, 2].astype(np.float64), 4)
+    np.testing.assert_array_equal(np.array(body["matrix"]), expected)
+    assert all(len(str(v).split(".")[-1]) <= 4 for row in body["matrix"] for v in row)
+
+
+def test_trend_equals_the_archived_scores(logdir, get):
+    status, body = get("/trend", run="a", pattern="sep", layer="0", head="1")
+    assert status == 200 and body["steps"] == list(STEPS)
+    expected = [float(archived(logdir, "a", s)[1]["sep"][0, 1]) for s in STEPS]
+    assert body["values"] == expected
+    _, nan_trend = get("/trend", run="a", pattern="cross_sentence", layer=str(LAYERS - 1), head="0")
+    assert nan_trend["values"] == [None, None, None]
+
+
+@pytest.mark.parametrize(
+    ("route", "query", "code", "message"),
+    [
+        ("/scores", {"step": "0"}, 400, "missing query parameter 'run'"),
+        ("/scores", {"run": "a", "step": "x"}, 400, "step must be a non-negative integer"),
+        ("/scores", {"run": "a", "step": "-1"}, 400, "non-negative"),
+        ("/scores", {"run": "../a", "step": "0"}, 400, "run name"),
+        ("/scores", {"run": "group/../../etc", "step": "0"}, 400, "run name"),
+        ("/scores", {"run": "/etc", "step": "0"}, 400, "run name"),
+        ("/scores", {"run": "nope", "step": "0"}, 404, "no attnlog archive for run 'nope'"),
+        ("/scores", {"run": "group", "step": "0"}, 404, "no attnlog archive"),
+        ("/scores", {"run": "a", "step": "5"}, 404, "step 5 was not logged"),
+        ("/attention", {"run": "a", "step": "0", "layer": "0", "head": "0"}, 400, "'probe'"),
+        ("/attention", {"run": "a", "step": "0", "probe": "dog", "layer": "0", "head": "0"},
+         404, "no probe 'dog'"),
+        ("/attention", {"run": "a", "step": "0", "probe": "cat", "layer": "9", "head": "0"},
+         400, "layer 9 is out of range"),
+        ("/attention", {"run": "a", "step": "0", "probe": "cat", "layer": "0", "head": "0",
+                        "view": "cross_attention"}, 404, "no cross_attention"),
+        ("/attention", {"run": "a", "step": "0", "probe": "cat", "layer": "0", "head": "0",
+                        "view": "bogus"}, 400, "view must be one of"),
+        ("/trend", {"run": "a", "pattern": "sep", "layer": "0"}, 400, "'head'"),
+        ("/trend", {"run": "a", "pattern": "nope", "layer": "0", "head": "0"}, 404, "'nope'"),
+    ],
+)  # fmt: skip
+def test_bad_requests_get_a_clear_error(get, route, query, code, message):
+    status, body = get(route, **query)
+    assert status == code
+    assert message in body["error"]
+
+
+def test_broken_archive_is_a_500_without_traceback(tmp_path):
+    ArchiveSink(tmp_path / "r").log_archive(make_snapshot(0), make_table(0), 0)
+    (plugin_dir(tmp_path / "r") / "step_00000000.npz").write_bytes(b"not a zip")
+    apps = AttentionPlugin(TBContext(logdir=str(tmp_path))).get_plugin_apps()
+    response = Client(apps["/scores"]).get("/scores", query_string={"run": "r", "step": "0"})
+    assert response.status_code == 500
+    assert "Traceback" not in response.get_data(as_text=True)
+    assert Client(apps["/runs"]).get("/runs").get_json() == {"r": []}  # skipped, not fatal
+
+
+def test_encoder_decoder_views(tmp_path):
+    snapshot = make_snapshot(0)
+    probe = snapshot.probes[0]
+    n, m = len(probe.tokens), 3
+    probe.decoder_tokens = ["<s>", "le", "chat"]
+    probe.decoder_attention = np.full((LAYERS, HEADS, m, m), 1 / m, np.float32)
+    probe.cross_attention = np.full((LAYERS, HEADS, m, n), 1 / n, np.float32)
+    ArchiveSink(tmp_path).log_archive(snapshot, make_table(0), 0)
+    apps = AttentionPlugin(TBContext(logdir=str(tmp_path))).get_plugin_apps()
+    shapes = Client(apps["/runs"]).get("/runs").get_json()["."][0]["probes"][0]["shapes"]
+    assert shapes["cross_attention"] == [LAYERS, HEADS, m, n]
+    assert shapes["decoder_attention"] == [LAYERS, HEADS, m, m]
+    query = {
+        "run": ".",
+        "step": 0,
+        "probe": "cat",
+        "view": "cross_attention",
+        "layer": 1,
+        "head": 0,
+    }
+    body = Client(apps["/attention"]).get("/attention", query_string=query).get_json()
+    assert body["query_tokens"] == ["<s>", "le", "chat"] and body["tokens"] == probe.tokens
+    assert np.array(body["matrix"]).shape == (m, n)
+
+
+def test_a_rewritten_step_is_not_served_from_the_cache(tmp_path):
+    apps = AttentionPlugin(TBContext(logdir=str(tmp_path))).get_plugin_apps()
+    query = {"run": ".", "step": 0}
+    path = plugin_dir(tmp_path) / "step_00000000.npz"
+    for version in (0, 1):  # a resumed run logs step 0 again
+        ArchiveSink(tmp_path).log_archive(make_snapshot(version), make_table(version), 0)
+        os.utime(path, ns=(version * 10**9, version * 10**9))  # mtimes differ even on coarse clocks
+        body = Client(apps["/scores"]).get("/scores", query_string=query).get_json()
+        assert body["scores"]["cls"] == make_table(version).scores["cls"].tolist()
+
+
+# ---- the tab in a real TensorBoard and a real browser ----------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listing(url: str, deadline: float) -> dict:
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.load(response)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+@pytest.mark.slow
+def test_tab_in_real_tensorboard_and_browser(logdir, browser):  # noqa: F811
+    from selenium.webdriver.common.by import By
+
+    port = _free_port()
+    exe = shutil.which("tensorboard")
+    cmd = [exe] if exe else [sys.executable, "-m", "tensorboard.main"]
+    server = subprocess.Popen(
+        [*cmd, "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        listing = _listing(f"{base}/data/plugins_listing", time.monotonic() + 60)
+        assert listing["attnlog"]["enabled"] is True
+        assert listing["attnlog"]["tab_name"] == "Attention"
+        assert listing["attnlog"]["loading_mechanism"]["type"] == "IFRAME"
+
+        browser.get(f"{base}/#attnlog")
+        frame = wait_for(browser, "return document.querySelector('iframe[src*=plugin_entry]');", 30)
+        browser.switch_to.frame(frame)
+
+        def until(expression: str) -> None:
+            wait_for(browser, f"return {expression};")
+
+        def js(expression: str):
+            return browser.execute_script(f"return {expression};")
+
+        def texts(selector: str) -> list[str]:
+            found = browser.find_elements(By.CSS_SELECTOR, selector)
+            return [node.get_attribute("textContent") for node in found]
+
+        tokens = PROBES["cat"][0]  # first run, first probe, latest step
+        until(f"document.querySelectorAll('#heatmap text.col-token').length == {len(tokens)}")
+        assert texts("#heatmap text.row-token") == texts("#heatmap text.col-token") == tokens
+        assert js("document.getElementById('heatmap').dataset.step") == "20"
+        until(f"document.querySelectorAll('#scores rect.score-cell').length == {LAYERS * HEADS}")
+
+        fills = (
+            "[...document.querySelectorAll('#heatmap rect.cell')].map(r => r.getAttribute('fill'))"
+        )
+        before = js(fills)
+        js("(s => { s.value = '0'; s.dispatchEvent(new Event('input')); })(step)")
+        until("document.getElementById('heatmap').dataset.step === '0'")
+        assert js(fills) != before
+        assert browser.find_element(By.ID, "step-label").text == "0"
+
+        # clicking a score cell selects that head; the trend shows one point per logged step
+        browser.find_element(By.CSS_SELECTOR, "[data-layer='1'][data-head='2']").click()
+        until("document.getElementById('heatmap').dataset.key.endsWith('|1|2')")
+        assert browser.find_element(By.ID, "head").get_attribute("value") == "2"
+        until(f"document.getElementById('trend').dataset.points === '{len(STEPS)}'")
+
+        # another run; its token with markup is shown as literal text
+        js("(r => { r.value = 'group/b'; r.dispatchEvent(new Event('change')); })(run)")
+        until("document.getElementById('heatmap').dataset.key.startsWith('group/b|')")
+        assert texts("#heatmap text.row-token")[1] == MARKUP
+        assert js("document.querySelector('#heatmap i')") is None
+    finally:
+        browser.switch_to.default_content()
+        server.terminate()
+        server.wait(timeout=20)
