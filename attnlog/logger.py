@@ -348,4 +348,7 @@ def _is_main_process() -> bool:
 def _close_at_exit(ref: weakref.ref) -> None:
     logger = ref()
     if logger is not None:
-        logger.close()
+        try:
+            logger.close()
+        except Exception as ex:  # strict mode: nobody is left to raise to
+            log.warning("attnlog: closing at exit failed: %s: %s", type(ex).__name__, ex)

@@ -208,9 +208,9 @@ def per_event(model, tokenizer, trainer: Trainer, tmp: Path, reps: int, naive_re
     snapshot = logger.capturer(step=0).to_host()
     logger.close()
 
+    naive_stall, naive_cpu = [], []
     naive = NaiveLogger(model, tokenizer, [(p.text, p.pair) for p in ProbeSet.default()],
                         tmp / "naive")  # fmt: skip
-    naive_stall, naive_cpu = [], []
     naive_warm_up(naive)
     for r in range(naive_reps):
         w, c = trainer.timed(3)
@@ -231,8 +231,8 @@ def per_event(model, tokenizer, trainer: Trainer, tmp: Path, reps: int, naive_re
         "event_cpu_s": med(event_cpu),
         "event_wall_s": med(event_wall),
         "worker_cpu_s": med(worker_cpu),
-        "naive_stall_s": med(naive_stall),
-        "naive_cpu_s": med(naive_cpu),
+        "naive_stall_s": med(naive_stall) if naive_stall else None,
+        "naive_cpu_s": med(naive_cpu) if naive_cpu else None,
         "html": html_bytes(snapshot),
     }
 
@@ -309,6 +309,7 @@ def slowdown(model, tokenizer, trainer: Trainer, tmp: Path, pairs: int, block: i
         "slowdown_pct": statistics.median(rel),
         "slowdown_pct_all": rel,
         "slowdown_cpu_pct": statistics.median(rel_cpu),
+        "slowdown_min_pct": (min(res["with"]) / min(res["without"]) - 1) * 100,
         "block_wall_s": res,
         "steps": 2 * pairs * block,
     }
@@ -376,6 +377,15 @@ def memory_child(which: str, n_tokens: int, events: int) -> dict:
     sampler.reset()
     trainer.timed(3)
     train_peak = sampler.peak()
+    # A script that logs to TensorBoard and MLflow has imported them anyway (Trainer's
+    # report_to does): import them before the baseline and report their footprint apart.
+    before_imports = sampler.now()
+    import mlflow  # noqa: F401
+    import tensorboard  # noqa: F401
+    from mlflow import MlflowClient  # noqa: F401
+    from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+
+    imports = sampler.now() - before_imports
     gc.collect()
     probes = long_probes(tokenizer, n_tokens)
     holder = tempfile.TemporaryDirectory(prefix="attnlog_mem_")
@@ -413,6 +423,7 @@ def memory_child(which: str, n_tokens: int, events: int) -> dict:
         "base_rss": base,
         "logging_peak_rss": peak,
         "added_rss": max(0, peak - base),
+        "imports_rss": imports,
         "added_over_train_peak": max(0, peak - train_peak),
         "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "tracemalloc_peak": py_peak,
@@ -447,21 +458,23 @@ def table(ev: dict, sd: dict, mem: dict, mem_naive: dict | None, trainer_tokens:
         rows.append((name, fmt.format(ours) + unit, naive_s + unit if naive is not None else "n/a",
                      f"<= {goal}{unit}", "PASS" if ok else "FAIL", ratio))  # fmt: skip
 
+    has_naive = ev["naive_stall_s"] is not None
     row(
         "1 stall / bare probe forward",
         ev["stall_s"] / ev["bare_forward_s"],
-        ev["naive_stall_s"] / ev["bare_forward_s"],
+        ev["naive_stall_s"] / ev["bare_forward_s"] if has_naive else None,
         GOALS["stall"],
         "",
     )
     row(
         "2 CPU per event, in training steps",
         ev["event_cpu_s"] / step,
-        ev["naive_cpu_s"] / step,
+        ev["naive_cpu_s"] / step if has_naive else None,
         GOALS["cpu"],
         "",
     )
-    naive_slow = ev["naive_stall_s"] / (EVERY * ev["step_wall_s"]) * 100  # synchronous: derived
+    # The naive pipeline is synchronous: its slowdown is its stall over 50 steps (derived).
+    naive_slow = ev["naive_stall_s"] / (EVERY * ev["step_wall_s"]) * 100 if has_naive else None
     row(
         "3 training slowdown, every 50 steps",
         sd["slowdown_pct"],
@@ -498,10 +511,15 @@ def table(ev: dict, sd: dict, mem: dict, mem_naive: dict | None, trainer_tokens:
         f"attnlog  stall {ev['stall_s'] * 1e3:.0f} ms wall ({ev['stall_thread_cpu_s'] * 1e3:.0f} ms "
         f"thread CPU); event CPU {ev['event_cpu_s']:.2f} s (worker thread {ev['worker_cpu_s']:.2f} s), "
         f"event wall incl. worker {ev['event_wall_s']:.2f} s",
-        f"naive    stall {ev['naive_stall_s']:.2f} s wall; event CPU {ev['naive_cpu_s']:.2f} s",
+        f"naive    stall {ev['naive_stall_s'] or 0:.2f} s wall; event CPU {ev['naive_cpu_s'] or 0:.2f} s",
         "slowdown per pair of 50-step blocks: "
         + ", ".join(f"{x:+.1f} %" for x in sd["slowdown_pct_all"])
-        + f" (CPU time: {sd['slowdown_cpu_pct']:+.1f} %; naive figure derived: stall / 50 steps)",
+        + f"; min(with)/min(without): {sd['slowdown_min_pct']:+.1f} %; process CPU: "
+        f"{sd['slowdown_cpu_pct']:+.1f} %; CPU model (figure 2 / {EVERY}): "
+        f"{ev['event_cpu_s'] / step / EVERY * 100:.1f} %",
+        f"blocks without the logger: {' '.join(f'{x:.1f}' for x in sd['block_wall_s']['without'])} s, "
+        f"with: {' '.join(f'{x:.1f}' for x in sd['block_wall_s']['with'])} s "
+        f"(load average now {os.getloadavg()[0]:.1f})",
         f"HTML per probe: head {ours / 1e3:.0f} kB vs bertviz {theirs / 1e3:.0f} kB; model "
         f"{ev['html']['model'][0] / 1e3:.0f} kB vs {ev['html']['model'][1] / 1e3:.0f} kB "
         f"({ev['html']['model'][0] / ev['html']['model'][1]:.3f})",
@@ -509,7 +527,8 @@ def table(ev: dict, sd: dict, mem: dict, mem_naive: dict | None, trainer_tokens:
         f"training peak RSS {train * mb:.0f} MiB, RSS before logging {mem['base_rss'] * mb:.0f} MiB, "
         f"peak while logging {mem['logging_peak_rss'] * mb:.0f} MiB -> +{mem['added_rss'] * mb:.0f} MiB; "
         f"tracemalloc peak {mem['tracemalloc_peak'] * mb:.0f} MiB, retained "
-        f"{mem['tracemalloc_retained'] * mb:.1f} MiB",
+        f"{mem['tracemalloc_retained'] * mb:.1f} MiB; importing mlflow + tensorboard first: "
+        f"+{mem['imports_rss'] * mb:.0f} MiB (not counted)",
     ]
     if mem_naive is not None:
         details.append(
@@ -529,6 +548,8 @@ def main() -> None:
     parser.add_argument("--naive-reps", type=int, default=1, help="naive events timed")
     parser.add_argument("--pairs", type=int, default=2, help="pairs of 50-step blocks (fig 3)")
     parser.add_argument("--block", type=int, default=EVERY, help="steps per block (fig 3)")
+    parser.add_argument("--no-naive", action="store_true",
+                        help="skip the naive pipeline entirely (what-if runs of attnlog options)")
     parser.add_argument("--no-naive-memory", action="store_true",
                         help="skip the naive pipeline's memory run")  # fmt: skip
     parser.add_argument("--json", help="also write the raw numbers here")
@@ -560,6 +581,8 @@ def main() -> None:
     mem = memory("attnlog", args.tokens, args.events)
     print(f"  [memory attnlog done, {time.perf_counter() - started:.0f} s]", flush=True)
     mem_naive = None
+    if args.no_naive:
+        args.naive_reps, args.no_naive_memory = 0, True
     if not args.no_naive_memory:
         mem_naive = memory("naive", args.tokens, 1)
         print(f"  [memory naive done, {time.perf_counter() - started:.0f} s]", flush=True)

@@ -79,6 +79,7 @@ class NaiveLogger:
         outdir: str | os.PathLike,
         *,
         max_length: int | None = None,
+        plot_layers: int | None = None,
     ) -> None:
         import mlflow
         from torch.utils.tensorboard import SummaryWriter
