@@ -9,6 +9,7 @@ into training: failures are contained, reported once with their cause, and count
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import queue
@@ -21,6 +22,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from attnlog.capture import Capturer, unwrap_model
 from attnlog.sinks.base import BUILTIN_SINKS, Sink, describe, sink_factory
@@ -50,7 +53,10 @@ class AttentionLogger:
         logdir: folder for TensorBoard events and the archive (`<logdir>/plugins/attnlog`).
         patterns: pattern names to score (None: all registered).
         views: bertviz views written per probe and event ("head", "model", "neuron").
-        layer_images: also log one heatmap per layer and probe (the model image is always made).
+        layer_images: also log one token-labelled heatmap per layer and probe. Off by default:
+            they are most of the worker's cost (benchmarks/README.md); the model image (all
+            layers × heads) is always made, and the TensorBoard Attention tab shows any head
+            token-labelled from the archive.
         sink_options: extra keyword arguments per sink name, e.g.
             `{"mlflow": {"tracking_uri": "sqlite:///mlflow.db"}}`.
         queue_size: logging events waiting for the worker; when full, the oldest waiting
@@ -71,7 +77,7 @@ class AttentionLogger:
         logdir: str | os.PathLike = "runs/attnlog",
         patterns: Sequence[str] | None = None,
         views: Sequence[str] = ("head", "model", "neuron"),
-        layer_images: bool = True,
+        layer_images: bool = False,
         archive: bool = True,
         sink_options: dict[str, dict[str, Any]] | None = None,
         alerts: bool = True,
@@ -190,13 +196,18 @@ class AttentionLogger:
         return True
 
     def _prepare(self, step: int) -> _Event:
+        snapshot = self.capturer(step)
+        if _on_cpu(snapshot):  # the worker can score a float32 copy: the training thread
+            return _Event(step, snapshot.to_host(np.float32), None)  # pays only the forward
+        return _Event(step, snapshot.to_host(), self._score(snapshot, step))
+
+    def _score(self, snapshot: Any, step: int) -> Any:
         from attnlog import patterns
 
-        snapshot = self.capturer(step)
         table = patterns.score(snapshot, self.patterns, step=step)  # on device, one sync
         if self._alerts is not None:
             table.alerts = self._alerts.update(table)
-        return _Event(step, snapshot.to_host(), table)
+        return table
 
     @property
     def logged_steps(self) -> set[int]:
@@ -206,6 +217,7 @@ class AttentionLogger:
 
     def _work(self) -> None:
         """One event at a time. Nothing escapes: a dead worker would make `flush` wait forever."""
+        _lower_thread_priority()  # rendering yields the cores to training when both want them
         while True:
             event = self._queue.get()
             try:
@@ -224,6 +236,8 @@ class AttentionLogger:
     def _write(self, event: _Event) -> None:
         from attnlog.render.event import render_images, render_views
 
+        if event.table is None:  # captured on the CPU: scored here, off the training thread
+            event.table = self._score(event.snapshot, event.step)
         if not self._settings_logged:
             self._settings_logged = True
             settings = self._contained("settings", self.settings)
@@ -352,3 +366,14 @@ def _close_at_exit(ref: weakref.ref) -> None:
             logger.close()
         except Exception as ex:  # strict mode: nobody is left to raise to
             log.warning("attnlog: closing at exit failed: %s: %s", type(ex).__name__, ex)
+
+
+def _on_cpu(snapshot: Any) -> bool:
+    probes = snapshot.probes
+    return bool(probes) and probes[0].attention.device.type == "cpu"
+
+
+def _lower_thread_priority() -> None:
+    """Linux nice values are per thread: +10 for the worker only."""
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)

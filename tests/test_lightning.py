@@ -56,6 +56,7 @@ def _fit(tmp_path, minilm_path, **options) -> AttentionLoggerCallback:
         sinks=["tensorboard"],
         logdir=tmp_path / "logs",
         views=("head",),
+        layer_images=True,
         **options,
     )
     trainer = Trainer(

@@ -113,6 +113,8 @@ def test_strict_raises_the_sink_error(minilm, tmp_path):
     logger.log(0)
     with pytest.raises(OSError, match="disk on fire"):
         logger.flush()
+    with pytest.raises(OSError, match="disk on fire"):
+        logger.close()  # closing raises too, and leaves nothing for the exit hook
 
 
 def test_unwritable_logdir_fails_at_construction_naming_the_folder(minilm, tmp_path):

@@ -86,7 +86,8 @@ def train(minilm_path, folder: Path, *, callback=None, stop=None, resume=None, *
 
 
 def callback(**options) -> AttentionLoggerCallback:
-    options = {"every_n_steps": N, "views": ("head",), "patterns": ["cls", "prev_token"], **options}
+    options = {"every_n_steps": N, "views": ("head",), "patterns": ["cls", "prev_token"],
+               "layer_images": True, **options}  # fmt: skip
     return AttentionLoggerCallback(probes=PROBES, **options)
 
 
