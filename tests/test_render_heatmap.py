@@ -129,7 +129,7 @@ def test_render_model_panels_sit_in_a_grid():
     assert len(col_runs) == 3 + 1  # three head columns and the colour bar's top
     panels = yellow[:, : col_runs[-1][0]]
     assert len(runs(np.flatnonzero(panels.any(1)))) == 2
-    assert panels.sum() == 2 * 3 * 4 * 8 * 8  # 4 diagonal cells of 8 x 8 px per panel
+    assert panels.sum() == 2 * 3 * 4 * 4 * 4  # 4 diagonal cells of 4 x 4 px per panel
 
 
 def test_render_matrix_values_and_nan():

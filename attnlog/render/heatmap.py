@@ -141,7 +141,7 @@ def render_model(
         count=layers * heads,
         row_names=[f"L{i}" for i in range(layers)],
         col_names=[f"H{h}" for h in range(heads)],
-        max_cell=8,
+        max_cell=4,  # an overview: small cells keep the image (and its PNG encodes) cheap
     )
     return _draw_grid(attn, layout, title, max_size, cjk_font)
 
