@@ -234,7 +234,7 @@ class AttentionLogger:
                 self._queue.task_done()
 
     def _write(self, event: _Event) -> None:
-        from attnlog.render.event import render_images, render_views
+        from attnlog.render.event import pattern_images, probe_images, probe_views
 
         if event.table is None:  # captured on the CPU: scored here, off the training thread
             event.table = self._score(event.snapshot, event.step)
@@ -243,17 +243,19 @@ class AttentionLogger:
             settings = self._contained("settings", self.settings)
             if settings:
                 self._to_sinks("log_settings", settings)
-        images = self._contained(
-            "render", render_images, event.snapshot, event.table, layers=self.layer_images
-        )
-        files = self._contained("render", render_views, event.snapshot, self.views)
-        step = event.step
-        self._to_sinks("log_scores", event.table, step)
+        step, table = event.step, event.table
+        self._to_sinks("log_scores", table, step)
+        for probe in event.snapshot.probes:  # one probe's images and pages in memory at a time
+            images = self._contained("render", probe_images, probe, step, layers=self.layer_images)
+            if images:
+                self._to_sinks("log_images", images, step)
+            files = self._contained("render", probe_views, probe, step, self.views)
+            if files:
+                self._to_sinks("log_html", files, step)
+        images = self._contained("render", pattern_images, table, step)
         if images:
             self._to_sinks("log_images", images, step)
-        if files:
-            self._to_sinks("log_html", files, step)
-        self._to_sinks("log_archive", event.snapshot, event.table, step)
+        self._to_sinks("log_archive", event.snapshot, table, step)
 
     def _to_sinks(self, method: str, *args: Any) -> None:
         for sink in self.sinks:
