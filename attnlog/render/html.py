@@ -443,16 +443,14 @@ def _asset(name: str) -> str:
     return text
 
 
-_REQUIRE_CONFIG = re.compile(r"require\.config\(\{.*?\}\);\s*", re.DOTALL)
 _PARAMS_LINE = re.compile(r"^[ \t]*const params = (PYTHON_PARAMS;|window\.bertviz_params).*$", re.M)
 _NEURON_DOT = "dotProduct / Math.sqrt(config.vectorSize)"
 
 
 @cache
 def _view_js(name: str) -> str:
-    """A bertviz script without its CDN config, reading its params from attnlogParams()."""
+    """A bertviz script (vendored without its CDN config) reading params from attnlogParams()."""
     js = _asset(name)
-    js, configs = _REQUIRE_CONFIG.subn("", js, count=1)
     js, params = _PARAMS_LINE.subn("    const params = attnlogParams();", js)
     if name == "neuron_view.js":
         # Show the model's own logits scale (probe.scaling), not bertviz's fixed 1/sqrt(d).
@@ -460,6 +458,6 @@ def _view_js(name: str) -> str:
         js = js.replace(_NEURON_DOT, "dotProduct * params.scaling")
     else:
         dots = 1
-    if (configs, params, dots) != (1, 1, 1):
+    if (params, dots) != (1, 1):
         raise RuntimeError(f"static/{name} is not the bertviz 1.4.1 script attnlog patches")
     return js

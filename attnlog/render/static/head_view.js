@@ -15,12 +15,7 @@
  * 03/23/22  Daniel SC   Update requirement URLs for d3 and jQuery (source of bug not allowing end result to be displayed on browsers)
  **/
 
-require.config({
-  paths: {
-      d3: 'https://cdnjs.cloudflare.com/ajax/libs/d3/5.7.0/d3.min',
-    jquery: 'https://cdnjs.cloudflare.com/ajax/libs/jquery/2.0.0/jquery.min',
-  }
-});
+// attnlog: bertviz's CDN path configuration removed; the page inlines d3 and jQuery.
 
 requirejs(['jquery', 'd3'], function ($, d3) {
 

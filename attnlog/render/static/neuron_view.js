@@ -14,12 +14,7 @@
  * 04/02/22  Jesse Vig   Enable multiple neuron views per notebook
  **/
 
-require.config({
-    paths: {
-        d3: 'https://cdnjs.cloudflare.com/ajax/libs/d3/5.7.0/d3.min',
-        jquery: 'https://cdnjs.cloudflare.com/ajax/libs/jquery/2.0.0/jquery.min',
-    }
-});
+// attnlog: bertviz's CDN path configuration removed; the page inlines d3 and jQuery.
 
 requirejs(['jquery', 'd3'],
     function ($, d3) {
