@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from servers import free_port
 
 
 def _worker(rank: int, world: int, port: int, tokenizer_dir: str, logdir: str) -> None:
@@ -55,7 +49,7 @@ def test_only_rank_zero_writes_under_ddp(tmp_path, minilm_path):
     from attnlog.sinks.archive import read_index
 
     mp.start_processes(
-        _worker, args=(2, _free_port(), minilm_path, str(tmp_path)), nprocs=2, start_method="spawn"
+        _worker, args=(2, free_port(), minilm_path, str(tmp_path)), nprocs=2, start_method="spawn"
     )
     assert [e["step"] for e in read_index(tmp_path / "rank0")] == [0, 1, 2]
     assert list((tmp_path / "rank0").glob("events.out.tfevents.*"))
@@ -72,7 +66,7 @@ def test_fsdp_sharded_model_gets_a_clear_error(minilm, monkeypatch):
 
     _, tokenizer = minilm
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         model = BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,

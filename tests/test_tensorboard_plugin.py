@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 
 import numpy as np
 import pytest
 from browser import browser, wait_for  # noqa: F401
+from servers import free_port, get_json, start_tensorboard
 from test_sinks_contract import HEADS, LAYERS, PROBES, make_snapshot, make_table
 
 from attnlog.sinks.archive import ArchiveSink, read_index
@@ -214,37 +210,15 @@ def test_a_rewritten_step_is_not_served_from_the_cache(tmp_path):
 # ---- the tab in a real TensorBoard and a real browser ----------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _listing(url: str, deadline: float) -> dict:
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return json.load(response)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.3)
-
-
 @pytest.mark.slow
 def test_tab_in_real_tensorboard_and_browser(logdir, browser):  # noqa: F811
     from selenium.webdriver.common.by import By
 
-    port = _free_port()
-    exe = shutil.which("tensorboard")
-    cmd = [exe] if exe else [sys.executable, "-m", "tensorboard.main"]
-    server = subprocess.Popen(
-        [*cmd, "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    port = free_port()
+    server = start_tensorboard(logdir, port)
     base = f"http://127.0.0.1:{port}"
     try:
-        listing = _listing(f"{base}/data/plugins_listing", time.monotonic() + 60)
+        listing = get_json(f"{base}/data/plugins_listing", time.monotonic() + 60)
         assert listing["attnlog"]["enabled"] is True
         assert listing["attnlog"]["tab_name"] == "Attention"
         assert listing["attnlog"]["loading_mechanism"]["type"] == "IFRAME"

@@ -2,37 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-import socket
-import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
 
 import numpy as np
 import pytest
+from servers import free_port, get_json, start_tensorboard
 
 from attnlog.cli import BROWSE_HINT
 from attnlog.sinks.base import tb_attention_tag
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, deadline: float):
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return json.load(response)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 @pytest.mark.slow
@@ -48,22 +27,16 @@ def test_printed_tensorboard_command_shows_every_logged_step(tmp_path):
     sink.close()
 
     flag = BROWSE_HINT.split("--samples_per_plugin", 1)[1].split()[0]  # what users are told
-    port = _free_port()
-    exe = shutil.which("tensorboard") or sys.executable
-    cmd = [exe] if exe != sys.executable else [exe, "-m", "tensorboard.main"]
-    server = subprocess.Popen(
-        [*cmd, "--logdir", str(tmp_path), "--samples_per_plugin", flag,
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    port = free_port()
+    server = start_tensorboard(tmp_path, port, "--samples_per_plugin", flag)
     try:
         base = f"http://127.0.0.1:{port}/data/plugin/images"
         deadline = time.monotonic() + 60
-        while tag not in _get(f"{base}/tags", deadline).get("run1", {}):
+        while tag not in get_json(f"{base}/tags", deadline).get("run1", {}):
             assert time.monotonic() < deadline, "TensorBoard never listed the image tag"
             time.sleep(0.5)
         query = urllib.parse.urlencode({"run": "run1", "tag": tag, "sample": 0})
-        served = _get(f"{base}/images?{query}", deadline)
+        served = get_json(f"{base}/images?{query}", deadline)
         assert [item["step"] for item in served] == steps
     finally:
         server.terminate()
