@@ -150,6 +150,11 @@ def _demo(args) -> int:
                 f"  {row['pattern']:<24} layer {row['layer']} head {row['head']:<3} "
                 f"{row['before']:.2f} -> {row['after']:.2f}  (steps {row['from_step']} -> {row['to_step']})"
             )
+    for row in result["cross_sentence"]:
+        print(
+            "The task needs attention across the two sentences: `identical_token_other` of "
+            f"layer {row['layer']} head {row['head']} went {row['before']:.2f} -> {row['after']:.2f}"
+        )
     print(
         f"\nLogged to {result['logdir']} and {result['tracking_uri']} (run {result['run_name']})."
     )
