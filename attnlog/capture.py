@@ -218,7 +218,16 @@ class Capturer:
 
     def check(self) -> Snapshot:
         """One probe pass at start-up: fails fast if the model cannot return attention."""
-        snapshot = self(step=-1)
+        try:
+            snapshot = self(step=-1)
+        except TypeError as ex:
+            if "output_attentions" not in str(ex):
+                raise
+            name = type(unwrap_model(self.model)).__name__
+            raise AttentionUnavailableError(
+                f"{name} has no attention weights to return (its forward takes no "
+                "output_attentions); attnlog needs a transformer with attention layers"
+            ) from ex
         if not snapshot.probes or snapshot.probes[0].attention is None:
             raise AttentionUnavailableError("the model returned no attention weights")
         return snapshot
