@@ -19,4 +19,4 @@ else
 fi
 
 python3 -m pip install -q torch==2.13.0
-python3 -m pip install -q -e '.[test]'
+python3 -m pip install -q -c scripts/constraints-test.txt -e '.[test]'
