@@ -61,13 +61,22 @@ class AttentionLoggerCallback(TrainerCallback):
         self.log_on_evaluate = log_on_evaluate
         self.options = options
         self.logger: AttentionLogger | None = None
+        self._replayed: set[int] = set()
 
     # -- set-up ------------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.logger is None:
             self.logger = self._make_logger(args, state, model, kwargs)
-        if state.global_step == 0:  # a resumed run starts later: its first step was logged
+        self._replayed = set()
+        if state.global_step > 0:
+            # Resuming from a checkpoint replays the steps the interrupted run logged after it:
+            # same data, same weights. Logging them again would give MLflow a second value.
+            from attnlog.sinks.archive import read_index
+
+            archived = {entry["step"] for entry in read_index(self.logger.logdir)}
+            self._replayed = {step for step in archived if step > state.global_step}
+        else:  # a resumed run starts later: its first step was logged
             self.logger.log(0)
 
     def _make_logger(self, args, state, model, kwargs) -> AttentionLogger:
@@ -96,7 +105,7 @@ class AttentionLoggerCallback(TrainerCallback):
         step = state.global_step
         if self.logger is None:
             return
-        if step % self.every_n_steps == 0 or step == state.max_steps:
+        if (step % self.every_n_steps == 0 or step == state.max_steps) and self._fresh(step):
             self.logger.log(step)
         if step == state.max_steps:
             # MLflowCallback ends its run in on_train_end, before ours runs: write everything
@@ -104,18 +113,17 @@ class AttentionLoggerCallback(TrainerCallback):
             self.logger.flush()
 
     def on_evaluate(self, args, state, control, **kwargs):
-        logger = self.logger
-        if (
-            self.log_on_evaluate
-            and logger is not None
-            and state.global_step not in logger.logged_steps
-        ):
-            logger.log(state.global_step)
+        if self.log_on_evaluate and self.logger is not None and self._fresh(state.global_step):
+            self.logger.log(state.global_step)
+
+    def _fresh(self, step: int) -> bool:
+        """Not logged yet, in this run or by the interrupted run this one resumes."""
+        return step not in self.logger.logged_steps and step not in self._replayed
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.logger is None:
             return
-        if state.global_step not in self.logger.logged_steps:
+        if self._fresh(state.global_step):
             self.logger.log(state.global_step)
         self.logger.close()
         self.logger = None

@@ -229,7 +229,10 @@ def test_demo_leaves_tensorboard_logs_mlflow_db_and_html_views(tmp_path):
     assert "tensorboard --logdir runs --samples_per_plugin images=1000" in result.stdout
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in result.stdout
     assert "Heads whose attention changed most:" in result.stdout
-    assert "The task needs attention across the two sentences: `identical_token_other`" in result.stdout
+    assert (
+        "The task needs attention across the two sentences: `identical_token_other`"
+        in result.stdout
+    )
 
     from mlflow import MlflowClient
 

@@ -237,10 +237,10 @@ def resumed(minilm_path, tmp_path_factory):
     folder = tmp_path_factory.mktemp("resumed")
     common = dict(max_steps=6, report_to=["mlflow"])
     first = callback(every_n_steps=2)
-    train(minilm_path, folder, callback=first, save_strategy="steps", save_steps=4,
+    train(minilm_path, folder, callback=first, save_strategy="steps", save_steps=2,
           stop=StopAt(4), **common)  # fmt: skip
     _, run = only_run(folder)
-    checkpoint = str(folder / "out" / "checkpoint-4")
+    checkpoint = str(folder / "out" / "checkpoint-2")  # steps 3-4 are replayed, step 4 was logged
     train(minilm_path, folder, callback=callback(every_n_steps=2),
           resume=(checkpoint, run.info.run_id), **common)  # fmt: skip
     return folder
