@@ -592,7 +592,8 @@ def main() -> None:
     for item in args.option:
         key, _, value = item.partition("=")
         LOGGER_OPTIONS[key] = (value == "True" if value in ("True", "False")
-                               else tuple(value.split(",")) if key == "views" else value)  # fmt: skip
+                               else tuple(value.split(",")) if key == "views"
+                               else int(value) if value.isdigit() else value)  # fmt: skip
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child, args.tokens, args.events)))
         return
