@@ -68,7 +68,8 @@ class AttentionLoggerCallback(Callback):
                 "LightningModule or pass AttentionLoggerCallback(tokenizer=tokenizer)"
             )
         model = _hf_model(pl_module)
-        sink_options = dict(self.options.pop("sink_options", {}) or {})
+        options = dict(self.options)  # copied: a second fit() builds its logger the same way
+        sink_options = {k: dict(v) for k, v in (options.pop("sink_options", None) or {}).items()}
         sinks = self.sinks
         if sinks is None:
             sinks = ["tensorboard"]
@@ -88,7 +89,7 @@ class AttentionLoggerCallback(Callback):
             logdir=self.logdir or _default_logdir(trainer),
             sink_options=sink_options,
             is_main_process=trainer.is_global_zero,
-            **self.options,
+            **options,
         )
 
     # -- events ------------------------------------------------------------------------------
