@@ -209,6 +209,13 @@ class AttentionLogger:
             table.alerts = self._alerts.update(table)
         return table
 
+    def resume_at(self, step: int) -> None:
+        """A run resumed from a checkpoint at `step` replays the steps the interrupted run logged
+        after it (same data, same weights): count them as logged, so no sink gets them twice."""
+        from attnlog.sinks.archive import read_index
+
+        self._logged_steps |= {e["step"] for e in read_index(self.logdir) if e["step"] > step}
+
     @property
     def logged_steps(self) -> set[int]:
         return set(self._logged_steps)
@@ -349,6 +356,13 @@ class AttentionLogger:
 
 def _cause(ex: BaseException) -> str:
     return f"{type(ex).__name__}: {ex}"
+
+
+def check_interval(every_n_steps: Any) -> int:
+    """The adapters' logging interval: a positive integer, or a clear error at construction."""
+    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+        raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
+    return every_n_steps
 
 
 def _is_main_process() -> bool:

@@ -19,7 +19,7 @@ except ModuleNotFoundError as ex:  # pragma: no cover - exercised only without t
         "`pip install 'attnlog[lightning]'`"
     ) from ex
 
-from attnlog.logger import AttentionLogger
+from attnlog.logger import AttentionLogger, check_interval
 
 
 class AttentionLoggerCallback(Callback):
@@ -48,10 +48,8 @@ class AttentionLoggerCallback(Callback):
         tokenizer: Any = None,
         **options: Any,
     ) -> None:
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
         self.probes = probes
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = check_interval(every_n_steps)
         self.sinks = sinks
         self.logdir = logdir
         self.tokenizer = tokenizer
@@ -97,7 +95,9 @@ class AttentionLoggerCallback(Callback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self.logger is None:
             self.logger = self._make_logger(trainer, pl_module)
-        if trainer.global_step == 0:  # a resumed run starts later: its first step was logged
+        if trainer.global_step > 0:  # resumed from a checkpoint: its first step was logged
+            self.logger.resume_at(trainer.global_step)
+        else:
             self.logger.log(0)
 
     def on_train_batch_end(

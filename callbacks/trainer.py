@@ -23,7 +23,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from attnlog.logger import AttentionLogger
+from attnlog.logger import AttentionLogger, check_interval
 
 
 class AttentionLoggerCallback(TrainerCallback):
@@ -51,32 +51,23 @@ class AttentionLoggerCallback(TrainerCallback):
         log_on_evaluate: bool = False,
         **options: Any,
     ) -> None:
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
         self.probes = probes
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = check_interval(every_n_steps)
         self.sinks = sinks
         self.logdir = logdir
         self.tokenizer = tokenizer
         self.log_on_evaluate = log_on_evaluate
         self.options = options
         self.logger: AttentionLogger | None = None
-        self._replayed: set[int] = set()
 
     # -- set-up ------------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.logger is None:
             self.logger = self._make_logger(args, state, model, kwargs)
-        self._replayed = set()
-        if state.global_step > 0:
-            # Resuming from a checkpoint replays the steps the interrupted run logged after it:
-            # same data, same weights. Logging them again would give MLflow a second value.
-            from attnlog.sinks.archive import read_index
-
-            archived = {entry["step"] for entry in read_index(self.logger.logdir)}
-            self._replayed = {step for step in archived if step > state.global_step}
-        else:  # a resumed run starts later: its first step was logged
+        if state.global_step > 0:  # resumed from a checkpoint: its first step was logged
+            self.logger.resume_at(state.global_step)
+        else:
             self.logger.log(0)
 
     def _make_logger(self, args, state, model, kwargs) -> AttentionLogger:
@@ -118,7 +109,7 @@ class AttentionLoggerCallback(TrainerCallback):
 
     def _fresh(self, step: int) -> bool:
         """Not logged yet, in this run or by the interrupted run this one resumes."""
-        return step not in self.logger.logged_steps and step not in self._replayed
+        return step not in self.logger.logged_steps
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.logger is None:
