@@ -198,9 +198,9 @@ def _compare(args) -> int:
 
 
 def _sync(args) -> int:
-    from attnlog.sinks.mlflow import sync
+    from attnlog.sinks.mlflow import default_spool_dir, sync
 
-    spool = Path(args.logdir) / "plugins" / "attnlog" / "mlflow_spool"
+    spool = default_spool_dir(args.logdir)
     sent = sync(spool, tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     print(f"attnlog sync: sent {sent} spooled entr{'y' if sent == 1 else 'ies'} from {spool}")
     return 0

@@ -183,38 +183,29 @@ def biggest_changes(
 ) -> list[dict[str, Any]]:
     """The heads whose scores moved most between the first and the last archived step
     (among `patterns`, default all scores in [0, 1])."""
-    import numpy as np
-
+    from attnlog.report import score_differences
     from attnlog.sinks.archive import read_index
+    from attnlog.sinks.base import plugin_dir
     from attnlog.snapshot import load
 
     index = read_index(logdir)
     if len(index) < 2:
         return []
-    root = Path(logdir) / "plugins" / "attnlog"
+    root = plugin_dir(logdir)
     _, first = load(root / index[0]["file"])
     _, last = load(root / index[-1]["file"])
-    rows = []
-    for pattern in sorted(set(first) & set(last) & set(patterns or first)):
-        if pattern in ("entropy_nats", "max_logit"):
-            continue  # not in [0, 1]: not comparable with the others
-        delta = np.nan_to_num(last[pattern] - first[pattern], nan=0.0)
-        for layer, head in zip(
-            *np.unravel_index(np.argsort(-np.abs(delta), axis=None)[:top], delta.shape)
-        ):
-            rows.append(
-                {
-                    "pattern": pattern,
-                    "layer": int(layer),
-                    "head": int(head),
-                    "before": float(first[pattern][layer, head]),
-                    "after": float(last[pattern][layer, head]),
-                    "from_step": index[0]["step"],
-                    "to_step": index[-1]["step"],
-                }
-            )
-    rows.sort(key=lambda r: -abs(r["after"] - r["before"]))
-    return rows[:top]
+    return [
+        {
+            "pattern": pattern,
+            "layer": layer,
+            "head": head,
+            "before": float(first[pattern][layer, head]),
+            "after": float(last[pattern][layer, head]),
+            "from_step": index[0]["step"],
+            "to_step": index[-1]["step"],
+        }
+        for _, pattern, layer, head in score_differences(first, last, patterns)[:top]
+    ]
 
 
 class _Dataset:

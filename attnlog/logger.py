@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from attnlog.capture import Capturer, unwrap_model
-from attnlog.sinks.base import BUILTIN_SINKS, Sink, describe, sink_factory
+from attnlog.sinks.base import Sink, describe, sink_factory
 
 log = logging.getLogger("attnlog")
 
@@ -148,13 +148,7 @@ class AttentionLogger:
                     )
                 made.append(item)
                 continue
-            kwargs = dict(options.get(item, {}))
-            if item in ("tensorboard", "archive"):
-                kwargs.setdefault("logdir", self.logdir)
-            elif item == "mlflow":
-                kwargs.setdefault("spool_dir", self.logdir / "plugins" / "attnlog" / "mlflow_spool")
-            elif item not in BUILTIN_SINKS:
-                kwargs.setdefault("logdir", self.logdir)
+            kwargs = {"logdir": self.logdir, **options.get(item, {})}  # sinks derive their folders
             made.append(sink_factory(item)(**kwargs))
         return made
 

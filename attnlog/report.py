@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,24 @@ def report(logdir: str | os.PathLike, step: int | None = None, as_json: bool = F
     return "\n".join(lines)
 
 
+def score_differences(
+    a: dict[str, np.ndarray], b: dict[str, np.ndarray], patterns: Iterable[str] | None = None
+) -> list[tuple[float, str, int, int]]:
+    """(|b - a|, pattern, layer, head) for every head scored in both, largest first.
+
+    Only scores in [0, 1] (not `UNBOUNDED`) are comparable across patterns; `patterns` narrows
+    the choice further.
+    """
+    names = (set(a) & set(b) & set(patterns if patterns is not None else a)) - UNBOUNDED
+    rows = []
+    for pattern in sorted(names):
+        delta = np.asarray(b[pattern], np.float64) - np.asarray(a[pattern], np.float64)
+        for layer, head in zip(*np.nonzero(np.isfinite(delta))):
+            rows.append((abs(delta[layer, head]), pattern, int(layer), int(head)))
+    rows.sort(key=lambda r: -r[0])
+    return rows
+
+
 def compare(run_a: str | os.PathLike, run_b: str | os.PathLike, top: int = 10) -> str:
     """The heads whose scores differ most between the last logged steps of two runs.
 
@@ -126,12 +145,7 @@ def compare(run_a: str | os.PathLike, run_b: str | os.PathLike, top: int = 10) -
             f"cannot compare: {run_a} has {shape_a[0]} layers x {shape_a[1]} heads, {run_b} has "
             f"{shape_b[0]} x {shape_b[1]}; compare runs of the same model"
         )
-    rows = []
-    for pattern in sorted((set(a) & set(b)) - UNBOUNDED):
-        delta = np.asarray(b[pattern], np.float64) - np.asarray(a[pattern], np.float64)
-        for layer, head in zip(*np.nonzero(np.isfinite(delta))):
-            rows.append((abs(delta[layer, head]), pattern, int(layer), int(head)))
-    rows.sort(key=lambda r: -r[0])
+    rows = score_differences(a, b)
     step_a, step_b = index_a[-1]["step"], index_b[-1]["step"]
     lines = [
         f"A: {run_a} (step {step_a})",

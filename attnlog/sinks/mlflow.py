@@ -355,7 +355,7 @@ class MLflowSink:
         self.run_id: str | None = run_id
         self.experiment_name = experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
         if spool_dir is None:
-            spool_dir = plugin_dir(logdir) / "mlflow_spool" if logdir else "attnlog_mlflow_spool"
+            spool_dir = default_spool_dir(logdir) if logdir else "attnlog_mlflow_spool"
         self.spool = Spool(check_writable_dir(spool_dir, "MLflow spool folder"))
         if int(timeout_s) < 1:
             raise ValueError(f"timeout_s must be at least 1 second, got {timeout_s}")
@@ -559,6 +559,11 @@ def _start_run(client: Any, experiment_name: str | None) -> str:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def default_spool_dir(logdir: str | os.PathLike) -> Path:
+    """Where a run's unsent MLflow events wait: `<logdir>/plugins/attnlog/mlflow_spool`."""
+    return plugin_dir(logdir) / "mlflow_spool"
 
 
 def sync(spool_dir: str | os.PathLike, tracking_uri: str | None = None, timeout_s: int = 30) -> int:
