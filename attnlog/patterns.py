@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnlog.probes import bare_token, is_punctuation
+
 __all__ = [
     "PATTERNS",
     "PatternContext",
@@ -80,14 +82,6 @@ SEP_TOKENS = frozenset({"[SEP]", "</s>", "<sep>", "<eos>", "<|endoftext|>", "<|e
 
 # Chinese function characters: identical-token attention to them says nothing about the pattern.
 IDENTICAL_TOKEN_STOPLIST = frozenset("的了是在和与及或也就都之其着过地得把被这那一个不有")
-
-_MARKERS = ("##", "Ġ", "▁")
-
-
-def _bare(token: str) -> str:
-    for marker in _MARKERS:
-        token = token.replace(marker, "")
-    return token.strip()
 
 
 def _looks_special(token: str) -> bool:
@@ -169,15 +163,13 @@ class PatternContext:
                 raise ValueError(f"{name} has shape {tuple(t.shape)}; expected ({n},)")
             return t.to(dtype)
 
-        bare = [_bare(t) for t in tokens] if tokens is not None else None
+        bare = [bare_token(t) for t in tokens] if tokens is not None else None
         valid_t = mask(valid, np.ones(n, bool), torch.bool, "valid")
         if not bool(valid_t.any()):
             raise ValueError("the probe has no valid (non-padding) token")
         default_special = [_looks_special(t) for t in tokens] if tokens else np.zeros(n, bool)
         special_t = mask(special, default_special, torch.bool, "special")
         if punct is None and tokens is not None:
-            from attnlog.probes import is_punctuation
-
             punct = [is_punctuation(t) for t in tokens]
         punct_t = mask(punct, np.zeros(n, bool), torch.bool, "punct") & ~special_t
         if token_ids is None and tokens is not None:

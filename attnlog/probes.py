@@ -176,11 +176,16 @@ class EncodedProbe:
         return len(self.input_ids)
 
 
-def is_punctuation(token: str) -> bool:
-    """True when the token, without word-piece markers, is all punctuation (CJK full-width too)."""
+def bare_token(token: str) -> str:
+    """The token's text without word-piece markers (`##`, `Ġ`, `▁`, …) and spaces."""
     for marker in _MARKERS:
         token = token.replace(marker, "")
-    token = token.strip()
+    return token.strip()
+
+
+def is_punctuation(token: str) -> bool:
+    """True when the token, without word-piece markers, is all punctuation (CJK full-width too)."""
+    token = bare_token(token)
     return bool(token) and all(unicodedata.category(c).startswith("P") for c in token)
 
 
