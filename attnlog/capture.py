@@ -11,6 +11,7 @@ state) is restored in `finally`, so training is bit-identical with or without at
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -397,10 +398,16 @@ def _body(model: Any) -> Any:
 
 
 def _accepts(module: Any, name: str) -> bool:
+    return _forward_accepts(type(module), name)
+
+
+@functools.cache
+def _forward_accepts(cls: type, name: str) -> bool:
+    """Whether `cls.forward` takes `name`; looked up once per class, not at every probe pass."""
     import inspect
 
     try:
-        params = inspect.signature(module.forward).parameters
+        params = inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
         return True
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
