@@ -251,6 +251,21 @@ class Capturer:
             meta={"causal": self.causal, "encoder_decoder": self.is_encoder_decoder},
         )
 
+    def measure(
+        self, step: int, patterns: Sequence[str] | None = None, *, scores: bool = True
+    ) -> tuple[Snapshot, Any]:
+        """One probe pass → (host Snapshot, ScoreTable or None): what the logger hands off.
+
+        This is the training process's whole share of a logging event: the forward, the scores
+        on the device, one device→host copy. With `scores=False` the table is None and the
+        writer scores the host snapshot (cheaper for the training process on a CPU).
+        """
+        from attnlog import patterns as pattern_registry
+
+        snapshot = self(step)
+        table = pattern_registry.score(snapshot, patterns, step=step) if scores else None
+        return snapshot.to_host(), table
+
     # -- forward passes ----------------------------------------------------------------------
 
     def _batch_inputs(self, chunk: Sequence[EncodedProbe], device) -> dict[str, torch.Tensor]:
