@@ -34,17 +34,28 @@ class AlertTracker:
             at or above it, or to less than half of its value at the previous event.
         logit: logit growth (Dehghani et al. 2023) when a head's `max_logit` exceeds this, or at
             least doubles (from a positive value) since the previous event.
+        logit_floor: doubling counts only when the new `max_logit` is at least this: tiny logits
+            (0.1 -> 0.2) double by noise and are harmless; healthy pretrained heads sit at 1-40.
         death: head death when its `sink` or `delimiter` rises to this from below: the head now
             attends only to one token. Reported, not an error.
     """
 
-    def __init__(self, collapse: float = 0.1, logit: float = 50.0, death: float = 0.95):
-        for name, value in (("collapse", collapse), ("logit", logit), ("death", death)):
+    def __init__(
+        self,
+        collapse: float = 0.1,
+        logit: float = 50.0,
+        death: float = 0.95,
+        logit_floor: float = 10.0,
+    ):
+        thresholds = (("collapse", collapse), ("logit", logit), ("death", death),
+                      ("logit_floor", logit_floor))  # fmt: skip
+        for name, value in thresholds:
             if not np.isfinite(value):
                 raise ValueError(f"{name} threshold must be a finite number, got {value!r}")
         self.collapse = collapse
         self.logit = logit
         self.death = death
+        self.logit_floor = logit_floor
         self._previous: dict[str, np.ndarray] = {}  # broad / max_logit of the last event
         self._fired: set[tuple[str, int, int]] = set()
 
@@ -58,7 +69,8 @@ class AlertTracker:
                 lines += self._report(table, "entropy collapse", hit, "broad", broad, was)
             logit, was = self._track(table, "max_logit")
             if logit is not None:
-                hit = (logit > self.logit) | ((was > 0) & (logit >= 2 * was))
+                doubled = (was > 0) & (logit >= 2 * was) & (logit >= self.logit_floor)
+                hit = (logit > self.logit) | doubled
                 lines += self._report(table, "logit growth", hit, "max_logit", logit, was)
             for name in ("sink", "delimiter"):
                 value, was = self._track(table, name)

@@ -29,3 +29,16 @@ def minilm(minilm_path):
     model = AutoModel.from_pretrained(minilm_path)
     model.eval()
     return model, tokenizer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _run_in_a_scratch_folder(tmp_path_factory):
+    """Run every test in a scratch folder, never the checkout.
+
+    An MLflow sqlite store keeps its artifacts in `./mlruns` of the current folder, and the CLI
+    writes `./runs` and `./mlflow.db` by default: without this the suite leaves them in the
+    repo root. Session-scoped so that module-scoped fixtures (trained runs) are covered too.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path_factory.mktemp("cwd"))
+        yield

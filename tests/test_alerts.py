@@ -46,6 +46,13 @@ def test_logit_growth_threshold_or_doubling():
     assert quiet(tracker, table(6, max_logit=[[80.0, 200.0, 400.0]])) == []
 
 
+def test_tiny_logits_doubling_is_not_an_alert():
+    tracker = AlertTracker(logit=50.0, logit_floor=10.0)
+    assert quiet(tracker, table(0, max_logit=[[0.098, 4.0, 6.0]])) == []
+    lines = quiet(tracker, table(5, max_logit=[[0.225, 9.0, 12.0]]))  # all three doubled
+    assert lines == ["step 5: logit growth in L0H2: max_logit 12 (was 6)"]  # only one reached 10
+
+
 def test_head_death_is_reported_once():
     tracker = AlertTracker(death=0.95)
     assert quiet(tracker, table(0, sink=[[0.5, 0.2, 0.99]], delimiter=[[0.5, 0.5, 0.5]])) == []
@@ -70,3 +77,5 @@ def test_nan_and_missing_scores_raise_nothing():
 def test_bad_threshold():
     with pytest.raises(ValueError, match="collapse"):
         AlertTracker(collapse=float("nan"))
+    with pytest.raises(ValueError, match="logit_floor"):
+        AlertTracker(logit_floor=float("inf"))
