@@ -186,7 +186,7 @@ def render_matrix(
     cell_w = int(text_w) + 10
     cell_h = _LABEL_PX + 12
     avail_w = max_size - 2 * _PAD - 40 - _bar_width()
-    avail_h = max_size - 2 * _PAD - 40 - _title_height(title)
+    avail_h = max_size - 2 * _PAD - 40 - _title_height(title, cjk_font)
     show_values = cell_w * heads <= avail_w and cell_h * layers <= avail_h
     if not show_values:
         cell_w = cell_h = max(1, min(avail_w // heads, avail_h // layers, cell_h))
@@ -195,7 +195,9 @@ def render_matrix(
 
     axis_w = _LABEL_PX + 6  # rotated "layer"
     tick_w = int(font.getlength(f"{layers - 1}")) + 6
-    top = _PAD + _title_height(title) + _LABEL_PX + 6 + _LABEL_PX + 4  # "head" + column ticks
+    top = (
+        _PAD + _title_height(title, cjk_font) + _LABEL_PX + 6 + _LABEL_PX + 4
+    )  # "head" + column ticks
     left = _PAD + axis_w + tick_w
     grid_w, grid_h = cells.shape[1], cells.shape[0]
     bar_h = min(max(grid_h, 80), 300)
@@ -207,8 +209,8 @@ def render_matrix(
 
     step_r = _thin(cell_h, _LABEL_PX + 2)
     step_c = _thin(cell_w, font.getlength(f"{heads - 1}") + 4)
-    items = [(tick_w - 3, top + (i + 0.5) * cell_h, str(i), "r") for i in range(0, layers, step_r)]
-    _paste_text(canvas, items, _LABEL_PX, x0=left - tick_w, width=tick_w)
+    items = [(left - 3, top + (i + 0.5) * cell_h, str(i), "r") for i in range(0, layers, step_r)]
+    _paste_text(canvas, items, _LABEL_PX, x0=left - tick_w, width=tick_w)  # canvas coordinates
     items = [
         (left + (j + 0.5) * cell_w, top - _LABEL_PX // 2 - 3, str(j), "c")
         for j in range(0, heads, step_c)
@@ -267,7 +269,7 @@ def _draw_grid(
     col_h = _LABEL_PX + 6 if layout.col_names else 0
     axis = _LABEL_PX + 6 if layout.row_names else 0  # rotated "layer" / plain "head" captions
     gap = _GAP if lab or layout.panel_names else 3
-    top = _PAD + _title_height(title) + col_h + axis
+    top = _PAD + _title_height(title, cjk_font) + col_h + axis
     left = _PAD + axis + row_w
 
     # Pixels per token: square cells of `cell` px, or 1 px per `factor` tokens when too many.
@@ -418,20 +420,15 @@ def _paste_rotated(canvas: np.ndarray, text: str, size: int, *, x: int, y_center
 
 
 def _draw_title(canvas: np.ndarray, title: str, cjk_font: FontSpec) -> None:
+    """`title` at the top left, in a strip as tall as its font's ascent + descent (CJK fonts
+    are taller than Latin ones: a fixed strip cut their glyphs)."""
     if title:
-        items = [(_PAD, _PAD + _TITLE_PX / 2 + 2, title, "l")]
-        _blend(
-            canvas,
-            _text_mask(
-                (_TITLE_PX + 12, canvas.shape[1]),
-                items,
-                _TITLE_PX,
-                cjk_font,
-                canvas.shape[1] - 2 * _PAD,
-            ),
-            _PAD - 4,
-            0,
+        height = _title_font_height(title, cjk_font)
+        items = [(_PAD, height / 2 + 1, title, "l")]
+        mask = _text_mask(
+            (height + 2, canvas.shape[1]), items, _TITLE_PX, cjk_font, canvas.shape[1] - 2 * _PAD
         )
+        _blend(canvas, mask, _PAD - 2, 0)
 
 
 def _draw_colorbar(
@@ -456,8 +453,15 @@ def _bar_width() -> int:
     return _BAR_W + 4 + int(font_for("0", _TICK_PX).getlength("0.00")) + 6
 
 
-def _title_height(title: str) -> int:
-    return _TITLE_PX + 10 if title else 0
+def _title_font_height(title: str, cjk_font: FontSpec = AUTO) -> int:
+    font = font_for(title, _TITLE_PX, cjk_font, warn=False)
+    ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (_TITLE_PX, 0)
+    return int(ascent + descent)
+
+
+def _title_height(title: str, cjk_font: FontSpec = AUTO) -> int:
+    """Rows the title takes above the content (0 without a title)."""
+    return _title_font_height(title, cjk_font) + 6 if title else 0
 
 
 # ---- small pure helpers --------------------------------------------------------------------
