@@ -1,53 +1,43 @@
 """The local archive: raw attention of every logged step, read back by the TensorBoard tab,
 `attnlog report` and `attnlog compare`.
 
-Layout under `<logdir>/plugins/attnlog/`:
+Layout under `plugin_dir(logdir)` (see `attnlog.layout`):
     step_<8 digits>.npz   one `Snapshot.save` archive per step, pattern scores included
     index.jsonl           one JSON line per step: step, file, probes, model_type, patterns
+    index.lock            taken (fcntl.flock) around every index update
+
+Two processes may write one logdir (a restarted writer overlapping the one it replaces, two
+jobs pointed at the same folder by mistake): each saves through a temporary name of its own and
+updates the index under a file lock, so neither corrupts the other's steps. We lock rather than
+refuse a second writer because refusing would drop the events of a legitimate restart.
 
 This sink is the only writer of the archive; the other sinks ignore `log_archive`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping
+import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from attnlog.sinks.base import archive_name, check_writable_dir, plugin_dir
+from attnlog.layout import INDEX, archive_name, plugin_dir, read_index
+from attnlog.sinks.base import Sink, check_writable_dir
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from attnlog.patterns import ScoreTable
     from attnlog.snapshot import Snapshot
 
-INDEX = "index.jsonl"
+__all__ = ["INDEX", "ArchiveSink", "read_index"]
+
+LOCK = "index.lock"
+_TMP_GLOB = "step_*.npz*.tmp"  # ours: step_X.npz.<pid>.<hex>.tmp (+ Snapshot.save's own .tmp)
 
 
-def read_index(logdir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The archived steps of a run, sorted by step; one entry per step (the last one wins).
-
-    A line cut short by a crash is skipped. Open a step with
-    `attnlog.snapshot.load(plugin_dir(logdir) / entry["file"])`.
-    """
-    path = plugin_dir(logdir) / INDEX
-    if not path.exists():
-        return []
-    by_step: dict[int, dict[str, Any]] = {}
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a half-written last line from a killed process
-            by_step[int(entry["step"])] = entry
-    return [by_step[s] for s in sorted(by_step)]
-
-
-class ArchiveSink:
+class ArchiveSink(Sink):
     """Writes `step_<8 digits>.npz` and its `index.jsonl` line at every `log_archive`.
 
     Args:
@@ -66,60 +56,96 @@ class ArchiveSink:
 
     def log_archive(self, snapshot: Snapshot, table: ScoreTable, step: int) -> None:
         """Save the step's archive, then index it (readers only see indexed, complete files)."""
+        step = int(step)
+        if self._steps is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.folder)
         name = archive_name(step)
-        snapshot.save(self.folder / name, scores=table.scores)
+        tmp = self.folder / f"{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            snapshot.save(tmp, scores=table.scores)
+            tmp.replace(self.folder / name)
+        except BaseException:
+            for leftover in (tmp, tmp.with_name(tmp.name + ".tmp")):
+                leftover.unlink(missing_ok=True)  # a full disk must not leave a half file behind
+            raise
         entry = {
-            "step": int(step),
+            "step": step,
             "file": name,
             "probes": [p.name for p in snapshot.probes],
             "model_type": snapshot.model_type,
             "patterns": sorted(table.scores),
         }
-        if self._steps is None:
-            self._steps = {e["step"] for e in read_index(self.logdir)}
-        if step in self._steps:
-            self._rewrite_index(entry)  # a resumed run logs this step again: replace its line
-        else:
-            self._append_index(entry)
-        self._steps.add(int(step))
+        with self._locked():
+            if self._steps is None:
+                self._steps = {e["step"] for e in read_index(self.logdir)}
+            if step in self._steps:
+                self._rewrite_index(entry)  # a resumed run logs this step again: replace its line
+            else:
+                self._append_index(entry)
+        self._steps.add(step)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """An exclusive lock on `index.lock` (advisory: readers never need it)."""
+        import fcntl
+
+        fd = os.open(self.folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     def _append_index(self, entry: dict[str, Any]) -> None:
         line = (json.dumps(entry) + "\n").encode()
-        # One write() on an O_APPEND file: a concurrent reader sees the whole line or none of it.
-        fd = os.open(self.folder / INDEX, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # One O_APPEND write: a concurrent reader sees the whole line or none of it.
+        fd = os.open(self.folder / INDEX, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line  # a crash left the last line torn: start a new one
+            write_all(fd, line)
         finally:
             os.close(fd)
 
     def _rewrite_index(self, entry: dict[str, Any]) -> None:
         entries = [e for e in read_index(self.logdir) if e["step"] != entry["step"]]
         entries = sorted([*entries, entry], key=lambda e: e["step"])
-        tmp = self.folder / (INDEX + ".tmp")
+        tmp = self.folder / f"{INDEX}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         tmp.write_text("".join(json.dumps(e) + "\n" for e in entries), encoding="utf-8")
         tmp.replace(self.folder / INDEX)
 
-    # The archive holds raw attention only; everything else belongs to the other sinks.
-    def log_settings(self, settings: Mapping[str, str]) -> None:
-        pass
 
-    def log_scores(self, table: ScoreTable, step: int) -> None:
-        pass
+def write_all(fd: int, data: bytes) -> None:
+    """`os.write` until every byte is written (it may write fewer than asked)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
-    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
-        pass
 
-    def log_images(self, images: Mapping[str, np.ndarray], step: int) -> None:
-        pass
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete `step_*.npz*.tmp` files left by saves that died (their process is gone).
 
-    def log_html(self, files: Mapping[str, str], step: int) -> None:
-        pass
+    A temporary of a live process (another writer on the same logdir) is kept.
+    """
+    removed = []
+    for path in folder.glob(_TMP_GLOB):
+        parts = path.name.split(".")  # step_X, npz, <pid>, <hex>, tmp[, tmp]
+        pid = int(parts[2]) if len(parts) >= 5 and parts[2].isdigit() else None
+        if pid is not None and pid != os.getpid() and _alive(pid):
+            continue
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed.append(path)
+    return removed
 
-    def log_text(self, texts: Mapping[str, str], step: int) -> None:
-        pass
 
-    def flush(self) -> None:
-        pass  # every write is complete when log_archive returns
-
-    def close(self) -> None:
-        pass
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True

@@ -1,19 +1,35 @@
-"""The one protocol every sink implements, the name -> class registry, and public names.
+"""The `Sink` base class every sink derives from, and the name -> class registry.
 
-Every sink implements every method (a backend that cannot show something stores it as an
-artifact or drops it with one warning), so the logger never asks what a sink can do.
-Tag and metric names are built here, in one place, because users see them.
+A sink implements only what it stores: every method does nothing by default (as accelerate's
+`GeneralTracker` and Lightning's `Logger`), so the logger calls all seven on every sink and never
+asks what a sink can do. Names and folders shared with the readers live in `attnlog.layout`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
+
+# Re-exported for code written before `attnlog.layout` existed; import them from there.
+from attnlog.layout import (  # noqa: F401
+    INDEX,
+    TB_ALERTS_TAG,
+    TB_SETTINGS_TAG,
+    archive_name,
+    html_path,
+    mlflow_metric,
+    plugin_dir,
+    read_index,
+    safe_name,
+    scores_path,
+    tb_attention_tag,
+    tb_pattern_tag,
+    text_path,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -21,34 +37,79 @@ if TYPE_CHECKING:
     from attnlog.patterns import ScoreTable
     from attnlog.snapshot import Snapshot
 
+__all__ = [
+    "BUILTIN_SINKS",
+    "SINK_METHODS",
+    "SINKS",
+    "Sink",
+    "check_writable_dir",
+    "head_metrics",
+    "missing_methods",
+    "pattern_scalars",
+    "register_sink",
+    "sink_factory",
+]
 
-@runtime_checkable
-class Sink(Protocol):
-    """Where one logging event goes. Called from the logger's worker thread only.
+# The calls the logger makes on every sink, in the order of one event.
+SINK_METHODS = (
+    "log_settings",
+    "log_scores",
+    "log_images",
+    "log_html",
+    "log_archive",
+    "flush",
+    "close",
+)
 
-    Images are uint8 arrays `[height, width, 3]`; HTML files are keyed by a relative path such as
-    `attention/step_00000100/probe_0/head_view.html`; scalars and texts by their tag.
+
+class _SinkType(type):
+    """Lets `isinstance(obj, Sink)` accept duck-typed sinks (see `Sink`)."""
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        if super().__instancecheck__(obj):
+            return True
+        return cls is Sink and not missing_methods(obj)
+
+
+class Sink(metaclass=_SinkType):
+    """Where one logging event goes. Subclass it and override what your backend stores.
+
+    Called from one thread (or the writer process) at a time. Images are uint8 arrays
+    `[height, width, 3]` keyed by tag (`layout.tb_attention_tag`); HTML files are keyed by a
+    relative path (`layout.html_path`, e.g. `attention/step_00000100/probe_0/head_view.html`).
+
+    `isinstance(obj, Sink)` is also true for an object that does not subclass `Sink` but has all
+    seven methods (`SINK_METHODS`, duck typing, as the earlier Protocol allowed); an object that
+    lacks one is refused by the logger with a message naming what is missing.
     """
 
-    name: str
+    name: str = "sink"
 
-    def log_settings(self, settings: Mapping[str, str]) -> None: ...
+    def log_settings(self, settings: Mapping[str, str]) -> None:
+        """The logger's settings, once, before the first event."""
 
-    def log_scores(self, table: ScoreTable, step: int) -> None: ...
+    def log_scores(self, table: ScoreTable, step: int) -> None:
+        """Per-head pattern scores `[L, H]` and alerts of one event."""
 
-    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None: ...
+    def log_images(self, images: Mapping[str, np.ndarray], step: int) -> None:
+        """Heatmaps, uint8 `[height, width, 3]`, keyed by tag."""
 
-    def log_images(self, images: Mapping[str, np.ndarray], step: int) -> None: ...
+    def log_html(self, files: Mapping[str, str], step: int) -> None:
+        """Self-contained bertviz views keyed by relative path."""
 
-    def log_html(self, files: Mapping[str, str], step: int) -> None: ...
+    def log_archive(self, snapshot: Snapshot, table: ScoreTable, step: int) -> None:
+        """The raw attention of one event (only the archive keeps it)."""
 
-    def log_text(self, texts: Mapping[str, str], step: int) -> None: ...
+    def flush(self) -> None:
+        """Make everything logged so far durable or sent."""
 
-    def log_archive(self, snapshot: Snapshot, table: ScoreTable, step: int) -> None: ...
+    def close(self) -> None:
+        """Flush and release resources; safe to call twice."""
 
-    def flush(self) -> None: ...
 
-    def close(self) -> None: ...
+def missing_methods(obj: Any) -> list[str]:
+    """The `SINK_METHODS` that `obj` lacks (for the logger's error message)."""
+    return [m for m in SINK_METHODS if not callable(getattr(obj, m, None))]
 
 
 SINKS: dict[str, Callable[..., Sink]] = {}
@@ -96,65 +157,6 @@ def sink_factory(name: str) -> Callable[..., Sink]:
     except KeyError:
         choices = ", ".join(sorted({*BUILTIN_SINKS, *SINKS}))
         raise ValueError(f"unknown sink {name!r}; choose from {choices} or pass a Sink") from None
-
-
-# ---- public names ---------------------------------------------------------------------------
-
-_SAFE = re.compile(r"[^0-9A-Za-z_\-./ ]")
-
-
-def safe_name(text: str) -> str:
-    """A probe or pattern name usable in TensorBoard tags, MLflow keys and file names."""
-    cleaned = _SAFE.sub("_", text.strip()).replace(" ", "_").replace("/", "_")
-    return cleaned or "probe"
-
-
-def tb_attention_tag(probe: str, layer: int | None = None) -> str:
-    """`attention/<probe>/layer_<l>` (one layer's heads) or `attention/<probe>/model`."""
-    suffix = "model" if layer is None else f"layer_{layer}"
-    return f"attention/{safe_name(probe)}/{suffix}"
-
-
-def tb_pattern_tag(pattern: str, layer: int | str | None = None) -> str:
-    """`patterns/<p>` (image), `patterns/<p>/layer_<l>` or `patterns/<p>/max` (scalars)."""
-    if layer is None:
-        return f"patterns/{pattern}"
-    if isinstance(layer, str):
-        return f"patterns/{pattern}/{layer}"
-    return f"patterns/{pattern}/layer_{layer}"
-
-
-def mlflow_metric(pattern: str, layer: int, head: int | None = None) -> str:
-    """`attn.<p>.L<l>H<h>` per head, `attn.<p>.L<l>` for the layer mean."""
-    return f"attn.{pattern}.L{layer}" + ("" if head is None else f"H{head}")
-
-
-def html_path(step: int, probe: str, view: str) -> str:
-    """`attention/step_<8 digits>/<probe>/<view>.html`."""
-    return f"attention/step_{step:08d}/{safe_name(probe)}/{view}.html"
-
-
-def scores_path(step: int) -> str:
-    return f"attention/step_{step:08d}/scores.json"
-
-
-def text_path(step: int, tag: str) -> str:
-    """`attention/step_<8 digits>/text/<tag>.md`: texts stored as files (MLflow artifacts)."""
-    return f"attention/step_{step:08d}/text/{safe_name(tag)}.md"
-
-
-TB_SETTINGS_TAG = "attnlog/settings"  # text: the logger's settings, once, at the first step
-TB_ALERTS_TAG = "attnlog/alerts"  # text: the alerts raised at this step
-
-
-def plugin_dir(logdir: str | os.PathLike) -> Path:
-    """`<logdir>/plugins/attnlog`: the folder the archive, HTML and the MLflow spool live in."""
-    return Path(logdir) / "plugins" / "attnlog"
-
-
-def archive_name(step: int) -> str:
-    """`step_<8 digits>.npz`, the archive file of one step inside `plugin_dir(logdir)`."""
-    return f"step_{step:08d}.npz"
 
 
 def check_writable_dir(path: str | os.PathLike, what: str = "log folder") -> Path:

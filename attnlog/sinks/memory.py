@@ -6,6 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from attnlog.sinks.base import Sink
+
+__all__ = ["Call", "MemorySink"]
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -21,13 +25,13 @@ class Call:
     args: dict[str, Any] = field(default_factory=dict)
 
 
-class MemorySink:
+class MemorySink(Sink):
     """Records every call in `calls`, in order. Never raises, never writes anywhere.
 
     Example:
         >>> sink = MemorySink()
-        >>> sink.log_scalars({"patterns/cls/max": 0.9}, step=3)
-        >>> sink.of("log_scalars")[0].args["step"]
+        >>> sink.log_html({"attention/step_00000003/p/head_view.html": "<html>"}, step=3)
+        >>> sink.of("log_html")[0].args["step"]
         3
     """
 
@@ -56,17 +60,11 @@ class MemorySink:
     def log_scores(self, table: ScoreTable, step: int) -> None:
         self._record("log_scores", table=table, step=step)
 
-    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
-        self._record("log_scalars", scalars=dict(scalars), step=step)
-
     def log_images(self, images: Mapping[str, np.ndarray], step: int) -> None:
         self._record("log_images", images=dict(images), step=step)
 
     def log_html(self, files: Mapping[str, str], step: int) -> None:
         self._record("log_html", files=dict(files), step=step)
-
-    def log_text(self, texts: Mapping[str, str], step: int) -> None:
-        self._record("log_text", texts=dict(texts), step=step)
 
     def log_archive(self, snapshot: Snapshot, table: ScoreTable, step: int) -> None:
         self._record("log_archive", snapshot=snapshot, table=table, step=step)

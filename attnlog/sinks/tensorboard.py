@@ -2,7 +2,11 @@
 
 TensorBoard cannot show HTML, so bertviz views are written as files under
 `<logdir>/plugins/attnlog/html/<relpath>`, where the attnlog "Attention" tab (and a browser)
-opens them. The raw-attention archive belongs to `ArchiveSink`; `log_archive` does nothing here.
+opens them. The raw-attention archive belongs to `ArchiveSink`.
+
+A write that fails (a full disk kills TensorBoard's background writer thread, and every later
+event would fail with it) drops the writer the sink created: the next event opens a new event
+file, so logging resumes once the disk has room again. A shared writer is not ours to rebuild.
 
 TensorBoard keeps only 10 images per tag unless it is started with
 `tensorboard --logdir ... --samples_per_plugin images=1000`; the sink says so once per process.
@@ -10,25 +14,22 @@ TensorBoard keeps only 10 images per tag unless it is started with
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from attnlog.sinks.base import (
-    TB_ALERTS_TAG,
-    TB_SETTINGS_TAG,
-    check_writable_dir,
-    pattern_scalars,
-    plugin_dir,
-)
+from attnlog.layout import TB_ALERTS_TAG, TB_SETTINGS_TAG, html_dir
+from attnlog.sinks.base import Sink, check_writable_dir, pattern_scalars
 
 if TYPE_CHECKING:
     import numpy as np
 
     from attnlog.patterns import ScoreTable
-    from attnlog.snapshot import Snapshot
+
+__all__ = ["IMAGES_HINT", "TensorBoardSink"]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def _require_tensorboard() -> None:
         )
 
 
-class TensorBoardSink:
+class TensorBoardSink(Sink):
     """Writes to TensorBoard event files, creating the writer on first use.
 
     Args:
@@ -101,18 +102,16 @@ class TensorBoardSink:
     def log_settings(self, settings: Mapping[str, str]) -> None:
         """Settings as one markdown table at step 0 (TensorBoard's Text tab)."""
         rows = "\n".join(f"| {_md(k)} | {_md(v)} |" for k, v in settings.items())
-        self.writer.add_text(TB_SETTINGS_TAG, "| setting | value |\n|---|---|\n" + rows, 0)
+        with self._writing() as writer:
+            writer.add_text(TB_SETTINGS_TAG, "| setting | value |\n|---|---|\n" + rows, 0)
 
     def log_scores(self, table: ScoreTable, step: int) -> None:
         """Per-layer means and the max of every pattern as scalars; alerts as text."""
-        self.log_scalars(pattern_scalars(table), step)
-        if table.alerts:
-            self.writer.add_text(TB_ALERTS_TAG, "\n\n".join(table.alerts), step)
-
-    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
-        writer = self.writer
-        for tag, value in scalars.items():
-            writer.add_scalar(tag, float(value), step)
+        with self._writing() as writer:
+            for tag, value in pattern_scalars(table).items():
+                writer.add_scalar(tag, float(value), step)
+            if table.alerts:
+                writer.add_text(TB_ALERTS_TAG, "\n\n".join(table.alerts), step)
 
     def log_images(self, images: Mapping[str, np.ndarray], step: int) -> None:
         """`[height, width, 3]` uint8 images under their tags."""
@@ -120,47 +119,59 @@ class TensorBoardSink:
         if not _hint_shown and images:
             _hint_shown = True
             log.warning(IMAGES_HINT)
-        writer = self.writer
-        file_writer = getattr(writer, "_get_file_writer", None)
-        for tag, image in images.items():
-            image = self._fit(tag, image)
-            if file_writer is None:  # not torch's SummaryWriter: its public API
-                writer.add_image(tag, image, step, dataformats="HWC")
-            else:  # one fast PNG encode; add_image converts to float and back first
-                file_writer().add_summary(_image_summary(tag, image), step)
+        fitted = {tag: self._fit(tag, image) for tag, image in images.items()}
+        with self._writing() as writer:
+            # `file_writer` is a public attribute of torch's (and tensorboardX's) SummaryWriter:
+            # one fast PNG encode there; add_image converts to float and back first.
+            file_writer = getattr(writer, "file_writer", None)
+            for tag, image in fitted.items():
+                if hasattr(file_writer, "add_summary"):
+                    file_writer.add_summary(_image_summary(tag, image), step)
+                else:
+                    writer.add_image(tag, image, step, dataformats="HWC")
 
     def log_html(self, files: Mapping[str, str], step: int) -> None:
         """Writes each view to `<logdir>/plugins/attnlog/html/<relpath>` (TensorBoard has no HTML)."""
-        root = plugin_dir(self.logdir) / "html"
+        root = html_dir(self.logdir)
         for relpath, html in files.items():
             target = root / _relative(relpath)
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".tmp")
-            tmp.write_text(html, encoding="utf-8")
-            tmp.replace(target)
-
-    def log_text(self, texts: Mapping[str, str], step: int) -> None:
-        writer = self.writer
-        for tag, text in texts.items():
-            writer.add_text(tag, text, step)
-
-    def log_archive(self, snapshot: Snapshot, table: ScoreTable, step: int) -> None:
-        pass  # ArchiveSink owns the archive; one writer per file.
+            tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+            try:
+                tmp.write_text(html, encoding="utf-8")
+                tmp.replace(target)
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def flush(self) -> None:
         if self._writer is not None and not self._closed:
-            self._writer.flush()
+            with self._writing() as writer:
+                writer.flush()
 
     def close(self) -> None:
         """Closes the writer it created; a shared writer is only flushed. Safe to call twice."""
         if self._closed:
             return
-        if self._writer is not None:
-            if self._owns_writer:
-                self._writer.close()
-            else:
-                self._writer.flush()
         self._closed = True
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            if self._owns_writer:
+                writer.close()
+            else:
+                writer.flush()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Any]:
+        """The writer; after a failed write an owned writer is dropped, to be rebuilt next time."""
+        writer = self.writer
+        try:
+            yield writer
+        except Exception:
+            if self._owns_writer and self._writer is writer:
+                self._writer = None
+                with contextlib.suppress(Exception):
+                    writer.close()  # its background thread may be dead already
+            raise
 
     def _fit(self, tag: str, image: np.ndarray) -> np.ndarray:
         import numpy as np
