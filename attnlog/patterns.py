@@ -1,13 +1,22 @@
 """Pattern scores per (layer, head): the spec is PATTERNS.md (docs/patterns.md for users).
 
-Every pattern is a pure function `fn(attn, ctx) -> [L, H]`: `attn` is one probe's attention
-`[L, H, n, n]` (queries x keys) and `ctx` a `PatternContext` of masks. Kernels are vectorised over
-heads and tokens, run on the tensors' device in float32 and never modify their inputs. A score with
-no eligible query row is NaN ("undefined, not logged"), never 0.
+Every built-in score is a row-wise reduction over keys followed by a mean over eligible query
+rows (`max_logit`: a max over logits), so scores are computed by a `ScoreAccumulator`:
 
-`score(snapshot)` runs every registered pattern over every probe and returns a `ScoreTable`
-(numpy, on the CPU: one device sync per call). `label_heads` turns scores into Kovaleva-style head
-labels; `rollout` and `head_redundancy` are cheap extras over raw attention.
+    acc = ScoreAccumulator(contexts, patterns, num_layers, num_heads, device, names=None)
+    acc.add(layer, probs, row_start=0, logits=None)  # probs [P, H, r, N]: rows of all probes
+    acc.add_full(layer, probs, logits=None)          # probs [P, H, N, N]: a whole layer
+    table = acc.table(step)                          # the one device->host copy
+
+It scores all probes in one padded batch (keys padded to the longest probe N), takes layers in
+any order and query rows in any chunking with an exact result, and never synchronises before
+`table`. `score(snapshot)` is built on it. The public pattern functions in `PATTERNS` keep the
+single-probe form `fn(attn [L, H, n, n], ctx) -> [L, H]`; patterns added with `register_pattern`
+have only that form, so they are computed from whole layers only (see `register_pattern`).
+
+A score with no eligible query row is NaN ("undefined, not logged"), never 0. `label_heads`
+turns scores into Kovaleva-style head labels; `rollout` and `head_redundancy` are cheap extras
+over raw attention.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from attnlog.probes import bare_token, is_punctuation
 __all__ = [
     "PATTERNS",
     "PatternContext",
+    "ScoreAccumulator",
     "ScoreTable",
     "head_redundancy",
     "label_heads",
@@ -319,193 +329,333 @@ class PatternContext:
 _MASKS = ("valid", "special", "cls", "sep", "punct", "stop", "segment", "token_ids")
 
 
-# -- kernels ----------------------------------------------------------------------------------
-
 PatternFn = Callable[[Any, PatternContext], torch.Tensor]
-# Each takes `a` ([L, H, n, n], prepared) and the context; returns [L, H] float32.
+# fn(attn [L, H, n, n], ctx) -> [L, H] float32, NaN where undefined.
 
 
 def _row_mean(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Mean of values [L, H, m] over the rows [m] (bool) that are eligible; NaN with none."""
+    """Mean of values [..., m] over the rows [m] (bool) that are eligible; NaN with none."""
     total = torch.where(rows, values, 0.0).sum(-1)
     count = rows.sum(-1).to(values.dtype)
     return torch.where(count > 0, total / count.clamp_min(1), math.nan)
 
 
-def _undefined(a: torch.Tensor) -> torch.Tensor:
-    return torch.full(a.shape[:2], math.nan, device=a.device)
+# -- row-wise engine --------------------------------------------------------------------------
+# Every built-in score is a reduction over the keys of one query row followed by a mean over the
+# eligible rows, so it can be fed a block of query rows at a time (streaming, long probes) and
+# still be exact. All probes are scored together: their masks are padded to N keys once.
 
 
-def _mass(a: torch.Tensor, ctx: PatternContext, keys: torch.Tensor) -> torch.Tensor:
-    """Mean attention mass on `keys` [n] over Q* rows that see at least one such key."""
-    rows = ctx.query_rows & (ctx.visible & keys).any(-1)
-    return _row_mean(a @ keys.to(a.dtype), rows)
+class _Probes:
+    """Masks of P probes padded to N positions, `[P, N]` each, on one device."""
+
+    def __init__(self, contexts: Sequence[PatternContext], device: Any) -> None:
+        if not contexts:
+            raise ValueError("ScoreAccumulator needs at least one PatternContext")
+        self.n = [c.n for c in contexts]
+        self.N = max(self.n)
+        self.device = torch.device(device) if device is not None else contexts[0].valid.device
+
+        def stack(get: Callable[[PatternContext], Any], fill: Any, dtype: torch.dtype):
+            src = contexts[0].valid.device
+            out = torch.full((len(contexts), self.N), fill, dtype=dtype, device=src)
+            for p, c in enumerate(contexts):
+                value = get(c)
+                if value is not None:
+                    out[p, : c.n] = value.to(src, dtype)
+            return out.to(self.device)
+
+        self.valid = stack(lambda c: c.valid, False, torch.bool)
+        self.special = stack(lambda c: c.special, False, torch.bool)
+        self.cls = stack(lambda c: c.cls, False, torch.bool)
+        self.sep = stack(lambda c: c.sep, False, torch.bool)
+        self.punct = stack(lambda c: c.punct, False, torch.bool)
+        self.skip = stack(lambda c: c.special | c.punct | c.stop, True, torch.bool)
+        self.segment = stack(lambda c: c.segment, -1, torch.long)
+        self.token_ids = stack(lambda c: c.token_ids, -1, torch.long)
+        self.word_ids = stack(lambda c: c.word_ids, -1, torch.long)
+        flags = [(c.causal, c.has_pair, c.first_valid) for c in contexts]  # Python values
+        self.causal = torch.tensor([f[0] for f in flags], device=self.device)
+        self.has_pair = torch.tensor([f[1] for f in flags], device=self.device)
+        self.first_valid = torch.tensor([f[2] for f in flags], device=self.device)
+        self.any_causal = any(f[0] for f in flags)
+
+
+class _Rows:
+    """Query rows `start .. start + r - 1` of every probe: masks `[P, r]` and `[P, r, N]`.
+
+    Masks are built on first use and kept, so feeding the same rows layer after layer builds them
+    once. Eligibility (which rows a score averages over) depends on the rows only.
+    """
+
+    def __init__(self, probes: _Probes, start: int, r: int) -> None:
+        self.p, self.start, self.r = probes, start, r
+        self.i = torch.arange(start, start + r, device=probes.device)  # [r] query positions
+        self.j = torch.arange(probes.N, device=probes.device)  # [N] key positions
+        self._memo: dict[str, torch.Tensor] = {}
+
+    def rows(self, mask: torch.Tensor) -> torch.Tensor:
+        """[P, N] per-position mask -> [P, r] for these query rows."""
+        return mask[:, self.start : self.start + self.r]
+
+    @cached_property
+    def visible(self) -> torch.Tensor:
+        """[P, r, N] bool: key j visible to query i; all False on padded query rows."""
+        v = self.rows(self.p.valid)[:, :, None] & self.p.valid[:, None, :]
+        later = self.j[None, :] > self.i[:, None]  # [r, N]
+        return v & ~(later[None] & self.p.causal[:, None, None])
+
+    @cached_property
+    def query_rows(self) -> torch.Tensor:
+        """[P, r] bool: Q*, the valid non-special queries."""
+        return self.rows(self.p.valid) & ~self.rows(self.p.special)
+
+    @cached_property
+    def n_visible(self) -> torch.Tensor:
+        return self.visible.sum(-1)  # [P, r]
+
+    @cached_property
+    def off_diagonal(self) -> torch.Tensor:
+        return self.j[None, :] != self.i[:, None]  # [r, N]
+
+    @cached_property
+    def same_segment(self) -> torch.Tensor:
+        return self.rows(self.p.segment)[:, :, None] == self.p.segment[:, None, :]  # [P, r, N]
+
+    @cached_property
+    def same_token(self) -> torch.Tensor:
+        """[P, r, N]: key j holds the query's token id, visible, j != i."""
+        ids = self.p.token_ids
+        return (self.rows(ids)[:, :, None] == ids[:, None, :]) & self.visible & self.off_diagonal
+
+    @cached_property
+    def earlier_copy(self) -> torch.Tensor:
+        """[P, r, N]: key j < i holds the query's token id (causal probes only)."""
+        earlier = self.j[None, :] < self.i[:, None]
+        return self.same_token & earlier & self.p.causal[:, None, None]
+
+    @cached_property
+    def after_earlier_copy(self) -> torch.Tensor:
+        """[P, r, N]: key j + 1 where j < i is an earlier copy of the query's token (j + 1 <= i)."""
+        copy = self.earlier_copy
+        shifted = torch.zeros_like(copy)
+        shifted[..., 1:] = copy[..., :-1]
+        return shifted & self.visible
+
+    def take(self, a: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """a[p, x, t, index[p, t]]: [P, X, r, N], index [P or 1, r] -> [P, X, r]."""
+        P, X, r, _ = a.shape
+        index = index.clamp(0, self.p.N - 1).expand(P, r)
+        return a.gather(-1, index[:, None, :, None].expand(P, X, r, 1)).squeeze(-1)
+
+    def key_visible(self, index: torch.Tensor) -> torch.Tensor:
+        """visible[p, t, index[p, t]] -> [P, r]; False where index is outside 0..N-1."""
+        inside = (index >= 0) & (index < self.p.N)
+        clamped = index.clamp(0, self.p.N - 1).expand(self.visible.shape[:2])
+        return self.visible.gather(-1, clamped[..., None]).squeeze(-1) & inside
+
+    def eligible(self, name: str, fn: Callable[[_Rows], torch.Tensor]) -> torch.Tensor:
+        if name not in self._memo:
+            self._memo[name] = fn(self)
+        return self._memo[name]
+
+    def prepare(self, probs: torch.Tensor) -> torch.Tensor:
+        """[P, X, r, N] -> float32, rows renormalised over visible keys, padded rows zero."""
+        a = torch.where(self.visible[:, None], probs.to(torch.float32), 0.0)
+        return a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+RowValues = Callable[[torch.Tensor, _Rows], torch.Tensor]  # a [P, X, r, N] -> [P, X, r]
+RowsFn = Callable[[_Rows], torch.Tensor]  # -> [P, r] bool, the eligible rows
+
+
+def _mass_rows(keys: str) -> RowsFn:
+    """Q* rows that see at least one of the probe's `keys` (a [P, N] mask of `_Probes`)."""
+    return lambda rc: rc.query_rows & (rc.visible & getattr(rc.p, keys)[:, None, :]).any(-1)
+
+
+def _mass(keys: str) -> RowValues:
+    return lambda a, rc: (a * getattr(rc.p, keys)[:, None, None, :]).sum(-1)
+
+
+def _rowwise(rows: RowsFn, values: RowValues | None = None) -> Callable[[RowValues], PatternFn]:
+    """Built-in pattern from a row kernel: `values(a, rows) -> [P, X, r]`, `rows(rc) -> [P, r]`.
+
+    The public function keeps the single-probe signature `fn(attn [L, H, n, n], ctx) -> [L, H]`
+    (it runs a one-probe accumulator); `ScoreAccumulator` uses the row kernel directly.
+    """
+
+    def decorate(kernel: RowValues) -> PatternFn:
+        def pattern(attn: Any, ctx: PatternContext) -> torch.Tensor:
+            return _score_one(pattern, attn, ctx)
+
+        functools.update_wrapper(pattern, kernel)
+        pattern.row_kernel = (values or kernel, rows)  # type: ignore[attr-defined]
+        return pattern
+
+    return decorate
 
 
 def _entropy(a: torch.Tensor) -> torch.Tensor:
-    return torch.special.entr(a).sum(-1)  # [L, H, n], 0 log 0 = 0
+    return torch.special.entr(a).sum(-1)  # [..., r], 0 log 0 = 0
 
 
-def _identical(a: torch.Tensor, ctx: PatternContext, segment: torch.Tensor | None) -> torch.Tensor:
-    skip = ctx.special | ctx.punct | ctx.stop
-    match = (ctx.token_ids[:, None] == ctx.token_ids[None, :]) & ctx.visible & ctx.off_diagonal
-    match = match & ~skip[None, :]
-    if segment is not None:
-        match = match & segment
-    rows = ctx.query_rows & match.any(-1)
-    return _row_mean((a * match).sum(-1), rows)
+@_rowwise(lambda rc: rc.query_rows & rc.key_visible(rc.i[None] - 1))
+def prev_token(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
+    """A[i, i-1] over Q* rows whose previous token is visible."""
+    return rc.take(a, rc.i[None] - 1)
 
 
-def _pattern(kernel: Callable[[torch.Tensor, PatternContext], torch.Tensor]) -> PatternFn:
-    """Public pattern from a kernel: accepts raw or prepared attention and a context."""
-
-    @functools.wraps(kernel)
-    def pattern(attn: Any, ctx: PatternContext) -> torch.Tensor:
-        return kernel(ctx.prepare(attn), ctx)
-
-    return pattern
-
-
-@_pattern
-def prev_token(a: torch.Tensor, ctx: PatternContext) -> torch.Tensor:
-    """A[i, i-1] over Q* rows whose previous token is visible. [L, H, n, n] -> [L, H]."""
-    rows = ctx.query_rows[1:] & ctx.visible.diagonal(-1)
-    return _row_mean(a.diagonal(-1, -2, -1), rows)
-
-
-@_pattern
-def next_token(a: torch.Tensor, ctx: PatternContext) -> torch.Tensor:
+@_rowwise(lambda rc: rc.query_rows & rc.key_visible(rc.i[None] + 1))
+def next_token(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
     """A[i, i+1] over Q* rows whose next token is visible (NaN for decoders)."""
-    rows = ctx.query_rows[:-1] & ctx.visible.diagonal(1)
-    return _row_mean(a.diagonal(1, -2, -1), rows)
+    return rc.take(a, rc.i[None] + 1)
 
 
-@_pattern
-def positional(a: torch.Tensor, ctx: PatternContext) -> torch.Tensor:
+def _near(rc: _Rows) -> torch.Tensor:
+    return (rc.i[:, None] - rc.j[None, :]).abs() == 1  # [r, N]
+
+
+@_rowwise(lambda rc: rc.query_rows & (_near(rc) & rc.visible).any(-1))
+def positional(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
     """Share of Q* rows whose strongest key is i-1 or i+1 (strictly: ties do not count)."""
-    pos = torch.arange(ctx.n, device=a.device)
-    near = (pos[:, None] - pos[None, :]).abs() == 1  # [n, n]
+    near = _near(rc)
     near_max = torch.where(near, a, -1.0).amax(-1)
     other_max = torch.where(near, -1.0, a).amax(-1)
-    rows = ctx.query_rows & (near & ctx.visible).any(-1)
     hit = (near_max > other_max).to(a.dtype)
-    hit = torch.where(a.isnan().any(-1), math.nan, hit)  # NaN attention: undefined, not "no"
-    return _row_mean(hit, rows)
+    return torch.where(a.isnan().any(-1), math.nan, hit)  # NaN attention: undefined, not "no"
 
 
-@_pattern
-def delimiter(a: torch.Tensor, ctx: PatternContext) -> torch.Tensor:
+@_rowwise(_mass_rows("special"), _mass("special"))
+def delimiter(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
     """Attention mass on special tokens ([CLS], [SEP], BOS, EOS ...)."""
-    return _mass(a, ctx, ctx.special)
 
 
-@_pattern
-def cls(a: torch.Tensor, ctx: PatternContext) -> torch.Tensor:
+@_rowwise(_mass_rows("cls"), _mass("cls"))
+def cls(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
     """Attention mass on the [CLS]-like token (NaN for decoders)."""
-    return _mass(a, ctx, ctx.cls)
 
 
-@_pattern
-def sep(a: torch.Tensor, ctx: PatternContext) -> torch.Tensor:
+@_rowwise(_mass_rows("sep"), _mass("sep"))
+def sep(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
     """Attention mass on segment-closing separators ([SEP], </s>)."""
-    return _mass(a, ctx, ctx.sep)
 
 
-@_pattern
-def sink(a: torch.Tensor, ctx: PatternContext) -> torch.Tensor:
+@_rowwise(lambda rc: rc.query_rows & (rc.i[None, :] > rc.p.first_valid[:, None]))
+def sink(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
     """A[i, j0], j0 = first valid key, over Q* rows after it."""
-    rows = ctx.query_rows & (torch.arange(ctx.n, device=a.device) > ctx.first_valid)
-    return _row_mean(a[..., ctx.first_valid], rows)
+    return rc.take(a, rc.p.first_valid[:, None])
 
 
-@_pattern
-def punctuation(a: torch.Tensor, ctx: PatternContext) -> torch.Tensor:
+@_rowwise(_mass_rows("punct"), _mass("punct"))
+def punctuation(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
     """Attention mass on punctuation (full-width CJK included)."""
-    return _mass(a, ctx, ctx.punct)
 
 
-@_pattern
-def broad(a: torch.Tensor, ctx: PatternContext) -> torch.Tensor:
+@_rowwise(lambda rc: rc.n_visible >= 2)
+def broad(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
     """Normalised entropy H_i / log n_i over valid rows with n_i >= 2."""
-    n_i = ctx.visible.sum(-1)
-    ratio = _entropy(a) / torch.log(n_i.clamp_min(2).to(a.dtype))
-    ratio = ratio.clamp(0, 1)  # float noise on uniform rows
-    return _row_mean(ratio, n_i >= 2)
+    log_n = torch.log(rc.n_visible.clamp_min(2).to(a.dtype))[:, None, :]
+    return (_entropy(a) / log_n).clamp(0, 1)  # clamp: float noise on uniform rows
 
 
-@_pattern
-def confidence(a: torch.Tensor, ctx: PatternContext) -> torch.Tensor:
+@_rowwise(lambda rc: rc.query_rows & (rc.visible & ~rc.p.special[:, None, :]).any(-1))
+def confidence(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
     """max_j A[i, j] over non-special keys, over Q* rows."""
-    keys = ~ctx.special
-    rows = ctx.query_rows & (ctx.visible & keys).any(-1)
-    return _row_mean((a * keys.to(a.dtype)).amax(-1), rows)
+    return (a * (~rc.p.special)[:, None, None, :].to(a.dtype)).amax(-1)
 
 
-@_pattern
-def sentence_bow(a: torch.Tensor, ctx: PatternContext) -> torch.Tensor:
+def _own_sentence(rc: _Rows) -> torch.Tensor:
+    return rc.visible & rc.same_segment & ~rc.p.special[:, None, :]  # [P, r, N]
+
+
+@_rowwise(lambda rc: rc.query_rows & _own_sentence(rc).any(-1))
+def sentence_bow(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
     """1 - total variation distance to uniform over the row's own-sentence visible words."""
-    own = ctx.visible & ctx.same_segment & ~ctx.special[None, :]  # [n, n]
-    count = own.sum(-1)
-    uniform = own.to(a.dtype) / count.clamp_min(1)[:, None].to(a.dtype)
-    return _row_mean(1 - 0.5 * (a - uniform).abs().sum(-1), ctx.query_rows & (count > 0))
+    own = _own_sentence(rc).to(a.dtype)
+    uniform = own / own.sum(-1, keepdim=True).clamp_min(1)
+    return 1 - 0.5 * (a - uniform[:, None]).abs().sum(-1)
 
 
-@_pattern
-def same_sentence(a: torch.Tensor, ctx: PatternContext) -> torch.Tensor:
+@_rowwise(lambda rc: rc.query_rows & (rc.p.has_pair & ~rc.p.causal)[:, None])
+def same_sentence(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
     """Attention mass inside the query's own sentence; two-sentence encoder probes only."""
-    if ctx.causal or not ctx.has_pair:
-        return _undefined(a)
-    return _row_mean((a * ctx.same_segment).sum(-1), ctx.query_rows)
+    return (a * rc.same_segment[:, None]).sum(-1)
 
 
-@_pattern
-def identical_token(a: torch.Tensor, ctx: PatternContext) -> torch.Tensor:
+def _identical_keys(rc: _Rows, segment: str) -> torch.Tensor:
+    match = rc.same_token & ~rc.p.skip[:, None, :]  # [P, r, N]
+    if segment == "same":
+        return match & rc.same_segment
+    return match & ~rc.same_segment if segment == "other" else match
+
+
+def _identical(segment: str) -> tuple[RowsFn, RowValues]:
+    return (
+        lambda rc: rc.query_rows & _identical_keys(rc, segment).any(-1),
+        lambda a, rc: (a * _identical_keys(rc, segment)[:, None]).sum(-1),
+    )
+
+
+@_rowwise(*_identical("any"))
+def identical_token(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
     """Mass on other occurrences of the query's token (special, punct, stop-list keys skipped)."""
-    return _identical(a, ctx, None)
 
 
-@_pattern
-def identical_token_same(a: torch.Tensor, ctx: PatternContext) -> torch.Tensor:
+@_rowwise(*_identical("same"))
+def identical_token_same(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
     """`identical_token` restricted to keys in the query's own sentence."""
-    return _identical(a, ctx, ctx.same_segment)
 
 
-@_pattern
-def identical_token_other(a: torch.Tensor, ctx: PatternContext) -> torch.Tensor:
+@_rowwise(*_identical("other"))
+def identical_token_other(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
     """`identical_token` restricted to keys in the other sentence."""
-    return _identical(a, ctx, ~ctx.same_segment)
 
 
-@_pattern
-def same_word(a: torch.Tensor, ctx: PatternContext) -> torch.Tensor:
+def _word_keys(rc: _Rows) -> torch.Tensor:
+    w = rc.p.word_ids  # [P, N], -1 = none (all -1 without word ids: undefined)
+    own = rc.rows(w)
+    return (own[:, :, None] == w[:, None, :]) & (own >= 0)[..., None] & rc.off_diagonal & rc.visible
+
+
+@_rowwise(lambda rc: rc.query_rows & _word_keys(rc).any(-1))
+def same_word(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
     """Mass on the other pieces of the query's word (NaN without word ids)."""
-    if ctx.word_ids is None:
-        return _undefined(a)
-    w = ctx.word_ids
-    match = (w[:, None] == w[None, :]) & (w >= 0)[:, None] & ctx.off_diagonal & ctx.visible
-    return _row_mean((a * match).sum(-1), ctx.query_rows & match.any(-1))
+    return (a * _word_keys(rc)[:, None]).sum(-1)
 
 
-@_pattern
-def entropy_nats(a: torch.Tensor, ctx: PatternContext) -> torch.Tensor:
+@_rowwise(lambda rc: rc.query_rows)
+def entropy_nats(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
     """Mean row entropy in nats over Q* rows."""
-    return _row_mean(_entropy(a), ctx.query_rows)
+    return _entropy(a)
 
 
-@_pattern
-def max_logit(a: torch.Tensor, ctx: PatternContext) -> torch.Tensor:
+@_rowwise(lambda rc: rc.query_rows & rc.after_earlier_copy.any(-1))
+def induction(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
+    """Prefix matching: mass on the tokens right after earlier copies of the query's token.
+
+    Causal probes only; a perfect induction head scores 1 on the second half of a repeated
+    random sequence, a uniform causal head about 1 / i.
+    """
+    return (a * rc.after_earlier_copy[:, None]).sum(-1)
+
+
+@_rowwise(lambda rc: rc.query_rows & rc.earlier_copy.any(-1))
+def duplicate_token(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
+    """Mass on earlier copies of the query's token (causal probes only).
+
+    Unlike `identical_token` it ignores later copies and skips no key (punctuation, stop-list
+    characters count): TransformerLens's "duplicate_token_head".
+    """
+    return (a * rc.earlier_copy[:, None]).sum(-1)
+
+
+def max_logit(attn: Any, ctx: PatternContext) -> torch.Tensor:
     """max over visible (i, j) of (q_i . k_j) * scaling; NaN without captured q/k."""
-    if ctx.queries is None or ctx.keys is None:
-        return _undefined(a)
-    q = ctx.queries.to(a.device, torch.float32)
-    k = ctx.keys.to(a.device, torch.float32)
-    if q.shape[:2] != a.shape[:2] or k.shape != q.shape:
-        raise ValueError(
-            f"queries {tuple(q.shape)} / keys {tuple(k.shape)} do not match attention {tuple(a.shape)}"
-        )
-    scaling = ctx.scaling if ctx.scaling is not None else q.shape[-1] ** -0.5
-    logits = (q @ k.transpose(-1, -2)) * scaling  # [L, H, n, n]
-    return torch.where(ctx.visible, logits, -math.inf).amax((-2, -1))
+    return _score_one(max_logit, attn, ctx)
+
+
+max_logit.from_logits = True  # type: ignore[attr-defined]
 
 
 # -- registry ---------------------------------------------------------------------------------
@@ -530,6 +680,8 @@ PATTERNS: dict[str, PatternFn] = {
         identical_token_same,
         identical_token_other,
         same_word,
+        induction,
+        duplicate_token,
         entropy_nats,
         max_logit,
     )
@@ -543,6 +695,10 @@ def register_pattern(
     name: str, fn: PatternFn, *, overwrite: bool = False, reduce: str = "mean"
 ) -> None:
     """Add a pattern to `PATTERNS` so `score` computes and the sinks log it.
+
+    A registered pattern sees one probe's whole attention, so it is computed only where that
+    exists: by `score()` on a snapshot, and by a `ScoreAccumulator` fed whole layers
+    (`add_full`); a probe fed in row chunks (long probes) leaves it NaN, with a warning.
 
     Args:
         name: metric name, `[a-z0-9_]`, starting with a letter (it ends up in tag/metric names).
@@ -572,9 +728,6 @@ def register_pattern(
     _REDUCE[name] = reduce
 
 
-# -- scoring ----------------------------------------------------------------------------------
-
-
 def _select(patterns: Iterable[str] | str | None) -> list[str]:
     if patterns is None:
         return list(PATTERNS)
@@ -583,6 +736,291 @@ def _select(patterns: Iterable[str] | str | None) -> list[str]:
     if unknown:
         raise ValueError(f"unknown pattern(s) {unknown}; choose from {sorted(PATTERNS)}")
     return names
+
+
+# -- the accumulator --------------------------------------------------------------------------
+
+
+class ScoreAccumulator:
+    """Scores of all probes, fed layer by layer and query-row chunk by chunk; one host sync at the end.
+
+    Args:
+        contexts: one `PatternContext` per probe (any device; masks are stacked once).
+        patterns: names from `PATTERNS` (default: all).
+        num_layers, num_heads: L and H of the model.
+        device: where the attention comes from and the sums are kept.
+        names: probe names for `ScoreTable.per_probe` (default p0, p1, ...).
+
+    Feed it with `add` (a block of query rows of one layer) or `add_full` (all rows), in any order
+    and any chunking: each built-in score is a sum over eligible rows divided by their count, so
+    the result does not depend on how the rows were split. Patterns added with
+    `register_pattern` need a probe's whole attention: they are computed from layers given to
+    `add_full` (which are then kept until `table`) and are NaN when rows came in chunks.
+    """
+
+    def __init__(
+        self,
+        contexts: list[PatternContext],
+        patterns: Sequence[str] | None,
+        num_layers: int,
+        num_heads: int,
+        device: Any,
+        *,
+        names: Sequence[str] | None = None,
+    ) -> None:
+        self._setup(
+            list(contexts),
+            {n: PATTERNS[n] for n in _select(patterns)},
+            num_layers,
+            num_heads,
+            device,
+            names,
+        )
+
+    def _setup(self, contexts, fns: dict[str, PatternFn], num_layers, num_heads, device, names):
+        self.contexts = contexts
+        self.probes = _Probes(contexts, device)
+        self.device = self.probes.device
+        self.num_layers, self.num_heads = int(num_layers), int(num_heads)
+        P, L, H = len(contexts), self.num_layers, self.num_heads
+        if names is not None and len(names) != P:
+            raise ValueError(f"got {len(names)} probe names for {P} contexts")
+        self.names = _unique(names if names is not None else [f"p{i}" for i in range(P)])
+        self.patterns = list(fns)
+        self._rows_fns = {n: f.row_kernel for n, f in fns.items() if hasattr(f, "row_kernel")}
+        self._logit_names = [n for n, f in fns.items() if getattr(f, "from_logits", False)]
+        self._user = {
+            n: f for n, f in fns.items() if n not in self._rows_fns and n not in self._logit_names
+        }
+        K = len(self._rows_fns)
+        self._total = torch.zeros(K, P, L, H, device=self.device)
+        self._count = torch.zeros(K, P, L, 1, device=self.device)
+        self._logit_max = torch.full((P, L, H), -math.inf, device=self.device)
+        self._logit_layers: set[int] = set()
+        self._full: dict[int, torch.Tensor] = {}  # layer -> prepared [P, H, N, N], user patterns
+        self._user_scores: dict[str, torch.Tensor] = {}  # name -> [P, L, H], set by score()
+        self._chunked = False
+        self._rows: _Rows | None = None
+
+    @property
+    def N(self) -> int:
+        """Key positions of the padded batch: the longest probe."""
+        return self.probes.N
+
+    def add(self, layer: int, probs: Any, row_start: int = 0, logits: Any = None) -> None:
+        """Feed query rows `row_start .. row_start + r - 1` of one layer.
+
+        Args:
+            layer: 0-based layer index.
+            probs: [P, H, r, N'] attention rows of all probes, keys padded to N' >= N (keys and
+                rows past a probe's length are ignored). Any float dtype; not modified.
+            row_start: position of the first row.
+            logits: the same rows' pre-softmax logits (q.k * scaling), [P, H, r, N'], or None.
+                `max_logit` is the max over visible (query, key) pairs of what was given; NaN
+                for a layer that never got logits.
+        """
+        probs = torch.as_tensor(probs)
+        if probs.ndim != 4:
+            raise ValueError(f"probs has shape {tuple(probs.shape)}; expected [P, H, r, N]")
+        full = row_start == 0 and probs.shape[2] >= self.N
+        if self._user and not full:
+            self._chunked = True
+        self._add(layer, probs[:, None], row_start, None if logits is None else logits[:, None])
+        if self._user and full:
+            self._full[layer] = self._last_prepared[:, 0]
+
+    def add_full(self, layer: int, probs: Any, logits: Any = None) -> None:
+        """Feed all rows of one layer: probs [P, H, N', N'] (see `add`)."""
+        probs = torch.as_tensor(probs)
+        if probs.ndim != 4 or probs.shape[-1] != probs.shape[-2]:
+            raise ValueError(f"probs has shape {tuple(probs.shape)}; expected [P, H, N, N]")
+        self.add(layer, probs, 0, logits)
+
+    def _add(self, layer: int, probs: torch.Tensor, row_start: int, logits: Any) -> None:
+        """probs [P, G, H, r, N'] for layers layer .. layer + G - 1 (the same rows)."""
+        P, G, H, r, width = probs.shape
+        if len(self.contexts) != P or self.num_heads != H or width < self.N:
+            raise ValueError(
+                f"probs has shape {tuple(probs.shape)}; expected {len(self.contexts)} probes, "
+                f"{self.num_heads} heads and at least {self.N} keys"
+            )
+        if layer < 0 or layer + G > self.num_layers:
+            raise ValueError(f"layer {layer} is outside 0..{self.num_layers - 1}")
+        if not 0 <= row_start < self.N:
+            raise ValueError(f"row_start {row_start} is outside 0..{self.N - 1}")
+        r = min(r, self.N - row_start)  # rows past the longest probe are padding
+        rows = self._rows_of(row_start, r)
+        probs = probs[:, :, :, :r, : self.N].to(self.device)
+        a = rows.prepare(probs.reshape(P, G * H, r, self.N))
+        self._last_prepared = a.view(P, G, H, r, self.N)
+        span = slice(layer, layer + G)
+        for k, (name, (values, eligible_fn)) in enumerate(self._rows_fns.items()):
+            eligible = rows.eligible(name, eligible_fn)  # [P, r]
+            total = torch.where(eligible[:, None], values(a, rows), 0.0).sum(-1)
+            self._total[k, :, span] += total.view(P, G, H)
+            self._count[k, :, span] += eligible.sum(-1).to(torch.float32)[:, None, None]
+        if logits is not None and self._logit_names:
+            lg = torch.as_tensor(logits)[:, :, :, :r, : self.N].to(self.device, torch.float32)
+            lg = torch.where(rows.visible[:, None, None], lg, -math.inf).amax((-2, -1))
+            self._logit_max[:, span] = torch.maximum(self._logit_max[:, span], lg)
+            self._logit_layers.update(range(layer, layer + G))
+
+    def _rows_of(self, start: int, r: int) -> _Rows:
+        if self._rows is None or (self._rows.start, self._rows.r) != (start, r):
+            self._rows = _Rows(self.probes, start, r)  # one kept: whole layers reuse it
+        return self._rows
+
+    def results(self) -> torch.Tensor:
+        """[P, K, L, H] float32 per-probe scores on the device, in `patterns` order."""
+        P, L, H = len(self.contexts), self.num_layers, self.num_heads
+        mean = torch.where(
+            self._count > 0, self._total / self._count.clamp_min(1), math.nan
+        )  # [K, P, L, H]
+        seen = torch.zeros(L, dtype=torch.bool)
+        seen[list(self._logit_layers)] = True
+        logit = torch.where(
+            seen.to(self.device)[None, :, None] & (self._logit_max > -math.inf),
+            self._logit_max,
+            math.nan,
+        )
+        rows = list(self._rows_fns)
+        out = []
+        for name in self.patterns:
+            if name in self._rows_fns:
+                out.append(mean[rows.index(name)])
+            elif name in self._logit_names:
+                out.append(logit)
+            else:
+                out.append(self._user_result(name, P, L, H))
+        return torch.stack(out, 1)
+
+    def _user_result(self, name: str, P: int, L: int, H: int) -> torch.Tensor:
+        if name in self._user_scores:
+            return self._user_scores[name]
+        if self._chunked or len(self._full) != L:
+            if not getattr(self, "_warned_user", False):
+                warnings.warn(
+                    f"pattern {name!r} needs whole-layer attention (add_full for every layer); "
+                    "it is NaN for this event",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                self._warned_user = True
+            return torch.full((P, L, H), math.nan, device=self.device)
+        full = torch.stack([self._full[layer] for layer in range(L)], 1)  # [P, L, H, N, N]
+        per_probe = []
+        for p, ctx in enumerate(self.contexts):
+            n = ctx.n
+            per_probe.append(_call_user(name, self._user[name], full[p, :, :, :n, :n], ctx))
+        return torch.stack(per_probe)
+
+    def table(self, step: int) -> ScoreTable:
+        """The ScoreTable of everything fed so far: the one device->host copy."""
+        host = self.results().cpu().numpy()  # [P, K, L, H]
+        per_probe = {
+            key: {n: host[p, k] for k, n in enumerate(self.patterns)}
+            for p, key in enumerate(self.names)
+        }
+        scores = {
+            n: _reduce(host[:, k], _REDUCE.get(n, "mean")) for k, n in enumerate(self.patterns)
+        }
+        labels = None
+        if all(n in scores for n in _LABEL_INPUTS):
+            chances = [
+                c.same_sentence_chance
+                for c in self.contexts
+                if not math.isnan(c.same_sentence_chance)
+            ]
+            labels = label_heads(scores, chance=float(np.mean(chances)) if chances else None)
+        return ScoreTable(step=step, scores=scores, per_probe=per_probe, labels=labels)
+
+
+def _unique(names: Sequence[str]) -> list[str]:
+    keys: list[str] = []
+    for name in names:
+        keys.append(name if name not in keys else f"{name}_{len(keys)}")
+    return keys
+
+
+def _call_user(name: str, fn: PatternFn, attn: torch.Tensor, ctx: PatternContext) -> torch.Tensor:
+    """A registered pattern on one probe's prepared attention [L, H, n, n] -> [L, H]."""
+    ctx = ctx.to(attn.device)
+    ctx._prepared = attn
+    out = torch.as_tensor(fn(attn, ctx))
+    if out.shape != attn.shape[:2]:
+        raise ValueError(
+            f"pattern {name!r} returned shape {tuple(out.shape)}; expected {tuple(attn.shape[:2])}"
+        )
+    return out.to(attn.device, torch.float32)
+
+
+# -- scoring whole probes ---------------------------------------------------------------------
+
+# Elements of one padded attention block scored at once: bounds score()'s extra memory
+# (a few float32 temporaries of this size) whatever the probe length.
+_BLOCK_ELEMENTS = 1 << 24
+
+
+def _check_attention(attn: Any, n: int) -> torch.Tensor:
+    a = torch.as_tensor(attn)
+    if a.ndim != 4 or a.shape[-1] != n or a.shape[-2] != n:
+        raise ValueError(f"attention has shape {tuple(a.shape)}; expected [L, H, {n}, {n}]")
+    return a
+
+
+def _padded_qk(contexts: Sequence[PatternContext], N: int, device: Any):
+    """Queries, keys [P, L, H, N, d] (NaN for probes without them) and scaling [P], or None."""
+    have = [c for c in contexts if c.queries is not None and c.keys is not None]
+    if not have:
+        return None
+    L, H, _, d = have[0].queries.shape
+    q = torch.full((len(contexts), L, H, N, d), math.nan, device=device)
+    k = torch.full_like(q, math.nan)
+    scale = torch.ones(len(contexts), device=device)
+    for p, c in enumerate(contexts):
+        if c.queries is None or c.keys is None:
+            continue
+        cq, ck = c.queries.to(device, torch.float32), c.keys.to(device, torch.float32)
+        if cq.shape[:2] != (L, H) or ck.shape != cq.shape or cq.shape[-1] != d:
+            raise ValueError(
+                f"queries {tuple(cq.shape)} / keys {tuple(ck.shape)} do not match attention "
+                f"[{L}, {H}, {c.n}, {c.n}]"
+            )
+        q[p, :, :, : c.n], k[p, :, :, : c.n] = cq, ck
+        scale[p] = c.scaling if c.scaling is not None else d**-0.5
+    return q, k, scale
+
+
+def _feed(acc: ScoreAccumulator, attentions: Sequence[torch.Tensor]) -> None:
+    """Feed whole probes' attention ([L, H, n_p, n_p] each) in blocks of `_BLOCK_ELEMENTS`."""
+    P, L, H, N = len(attentions), acc.num_layers, acc.num_heads, acc.N
+    qk = _padded_qk(acc.contexts, N, acc.device) if acc._logit_names else None
+    per_layer = P * H * N * N
+    group = max(1, _BLOCK_ELEMENTS // per_layer)
+    rows = N if per_layer <= _BLOCK_ELEMENTS else max(1, _BLOCK_ELEMENTS // (P * H * N))
+    for l0 in range(0, L, group):
+        g = min(group, L - l0)
+        for r0 in range(0, N, rows):
+            r = min(rows, N - r0)
+            block = torch.zeros(P, g, H, r, N, dtype=attentions[0].dtype, device=acc.device)
+            for p, attn in enumerate(attentions):
+                n = attn.shape[-1]
+                block[p, :, :, : max(0, min(r, n - r0)), :n] = attn[l0 : l0 + g, :, r0 : r0 + r]
+            logits = None
+            if qk is not None:
+                q, k, scale = qk
+                logits = q[:, l0 : l0 + g, :, r0 : r0 + r] @ k[:, l0 : l0 + g].transpose(-1, -2)
+                logits = logits * scale[:, None, None, None, None]
+            acc._add(l0, block, r0, logits)
+
+
+def _score_one(fn: PatternFn, attn: Any, ctx: PatternContext) -> torch.Tensor:
+    """A built-in pattern on one probe: [L, H, n, n] -> [L, H] on the attention's device."""
+    a = _check_attention(attn, ctx.n)
+    acc = ScoreAccumulator.__new__(ScoreAccumulator)
+    acc._setup([ctx], {fn.__name__: fn}, a.shape[0], a.shape[1], a.device, None)
+    _feed(acc, [a])
+    return acc.results()[0, 0]
 
 
 def _probes_of(source: Any) -> tuple[list[Any], int | None]:
@@ -612,6 +1050,9 @@ def score(
 ) -> ScoreTable:
     """Every selected pattern for every probe, combined over probes.
 
+    All probes are scored in one padded batch by a `ScoreAccumulator`, layers (or, for long
+    probes, blocks of query rows) at a time; `max_logit` comes from the probes' q/k.
+
     Args:
         snapshot_or_probes: a `Snapshot`, a `ProbeAttention` or a list of them (torch or numpy).
         patterns: names from `PATTERNS` (default: all).
@@ -629,32 +1070,19 @@ def score(
     probes, snap_step = _probes_of(snapshot_or_probes)
     step = step if step is not None else (snap_step or 0)
     contexts = [PatternContext.from_probe(p) for p in probes]  # tiny CPU work before any kernel
-    keys, results = [], []
-    for probe, ctx in zip(probes, contexts):
-        a = ctx.prepare(probe.attention)
-        rows = []
-        for name in names:
-            out = torch.as_tensor(PATTERNS[name](a, ctx))
-            if out.shape != a.shape[:2]:
-                raise ValueError(
-                    f"pattern {name!r} returned shape {tuple(out.shape)}; expected {tuple(a.shape[:2])}"
-                )
-            rows.append(out.to(a.device, torch.float32))
-        results.append(torch.stack(rows))  # [K, L, H]
-        key = probe.name if probe.name not in keys else f"{probe.name}_{len(keys)}"
-        keys.append(key)
-    if len({r.shape for r in results}) > 1:
+    attentions = [_check_attention(p.attention, c.n) for p, c in zip(probes, contexts)]
+    if len({a.shape[:2] for a in attentions}) > 1:
         raise ValueError("probes have different numbers of layers/heads; score them separately")
-    host = torch.stack(results).cpu().numpy()  # [P, K, L, H]: the one device sync
-    per_probe = {k: {n: host[p, i] for i, n in enumerate(names)} for p, k in enumerate(keys)}
-    scores = {n: _reduce(host[:, i], _REDUCE.get(n, "mean")) for i, n in enumerate(names)}
-    labels = None
-    if all(n in scores for n in _LABEL_INPUTS):
-        chances = [
-            c.same_sentence_chance for c in contexts if not math.isnan(c.same_sentence_chance)
-        ]
-        labels = label_heads(scores, chance=float(np.mean(chances)) if chances else None)
-    return ScoreTable(step=step, scores=scores, per_probe=per_probe, labels=labels)
+    L, H = attentions[0].shape[:2]
+    device = attentions[0].device
+    acc = ScoreAccumulator(contexts, names, L, H, device, names=[p.name for p in probes])
+    for name, fn in acc._user.items():  # registered patterns see each probe's whole attention
+        acc._user_scores[name] = torch.stack(
+            [_call_user(name, fn, c.prepare(a.to(device)), c) for a, c in zip(attentions, contexts)]
+        )
+    acc._user = {}  # computed above: the accumulator need not keep whole layers
+    _feed(acc, attentions)
+    return acc.table(step)
 
 
 # -- head labels ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from attnlog import patterns
 from attnlog.patterns import (
     PATTERNS,
     PatternContext,
+    ScoreAccumulator,
     ScoreTable,
     head_redundancy,
     label_heads,
@@ -424,3 +425,108 @@ def test_nan_attention_gives_nan_positional_not_zero():
     attn = torch.full((1, 1, n, n), float("nan"))
     ctx = PatternContext.create(n, tokens=[f"t{i}" for i in range(n)])
     assert torch.isnan(PATTERNS["positional"](attn, ctx)).all()
+
+
+# -- the row-wise accumulator -----------------------------------------------------------------
+
+
+def _padded_rows(attentions, rows, n_max):
+    """[P, H, r, N] rows `rows` (a slice) of each probe's [H, n, n] attention, zero-padded."""
+    r = rows.stop - rows.start
+    out = torch.zeros(len(attentions), attentions[0].shape[0], r, n_max)
+    for p, a in enumerate(attentions):
+        block = a[:, rows, :]
+        out[p, :, : block.shape[1], : a.shape[-1]] = block
+    return out
+
+
+@pytest.mark.parametrize("chunk", [7, 1, 100])
+def test_accumulator_in_row_chunks_matches_whole_probes(chunk):
+    """Feeding rows in chunks (as the streaming capture does) gives the full computation."""
+    g = torch.Generator().manual_seed(3)
+    layers, heads = 2, 3
+    specs = [  # tokens, causal, segment, word ids
+        (SENTENCE, False, None, [-1, 0, 1, 2, 3, 4, 5, 6, -1]),
+        (PAIR, False, PAIR_SEGMENT, None),
+        (["<s>", "a", "b", "c", "a", "b", "c", ".", "a"], True, None, None),
+        (["x", "y", "x"], True, None, None),
+    ]
+    probes = []
+    for i, (tokens, causal, segment, words) in enumerate(specs):
+        n = len(tokens)
+        p = probe(
+            tokens,
+            *torch.softmax(3 * torch.randn(heads, n, n, generator=g), -1),
+            causal=causal,
+            segment=segment,
+            is_pair=segment is not None,
+            word_ids=words,
+            name=f"p{i}",
+            queries=torch.randn(1, heads, n, 4, generator=g),
+            keys=torch.randn(1, heads, n, 4, generator=g),
+            scaling=0.5,
+        )
+        p.attention = torch.softmax(3 * torch.randn(layers, heads, n, n, generator=g), -1)
+        p.queries = torch.randn(layers, heads, n, 4, generator=g)
+        p.keys = torch.randn(layers, heads, n, 4, generator=g)
+        probes.append(p)
+    want = score(probes)
+    contexts = [PatternContext.from_probe(p) for p in probes]
+    acc = ScoreAccumulator(contexts, None, layers, heads, "cpu", names=[p.name for p in probes])
+    n_max = max(len(p.tokens) for p in probes)
+    for layer in range(layers):
+        attn = [p.attention[layer] for p in probes]
+        logits = [0.5 * p.queries[layer] @ p.keys[layer].transpose(-1, -2) for p in probes]
+        for start in range(0, n_max, chunk):
+            rows = slice(start, min(start + chunk, n_max))
+            acc.add(
+                layer,
+                _padded_rows(attn, rows, n_max),
+                row_start=start,
+                logits=_padded_rows(logits, rows, n_max),
+            )
+    got = acc.table(step=3)
+    assert got.step == 3 and list(got.per_probe) == ["p0", "p1", "p2", "p3"]
+    assert set(got.scores) == set(PATTERNS)
+    for name in want.scores:
+        np.testing.assert_allclose(got.scores[name], want.scores[name], atol=1e-5, equal_nan=True)
+        for p in want.per_probe:
+            np.testing.assert_allclose(
+                got.per_probe[p][name], want.per_probe[p][name], atol=1e-5, equal_nan=True
+            )
+    assert np.isfinite(got.scores["max_logit"]).all()
+    assert np.isfinite(got.per_probe["p2"]["induction"]).all()  # the causal repeat defines it
+    assert (got.labels == want.labels).all()
+
+
+def test_accumulator_without_logits_and_with_wide_padding():
+    """No logits: max_logit undefined. Keys padded past the longest probe are ignored."""
+    n = len(SENTENCE)
+    head = to(n, [max(i - 1, 0) for i in range(n)])
+    ctx = PatternContext.from_probe(probe(SENTENCE, head))
+    acc = ScoreAccumulator([ctx], ["prev_token", "max_logit"], 1, 1, "cpu")
+    wide = torch.nn.functional.pad(head, (0, 5), value=0.7)[None, None]  # junk on 5 more keys
+    acc.add_full(0, torch.nn.functional.pad(wide, (0, 0, 0, 5), value=0.7))
+    t = acc.table(step=0)
+    assert one(t, "prev_token") == pytest.approx(1.0)
+    assert math.isnan(one(t, "max_logit"))
+    with pytest.raises(ValueError, match="1 probes, 1 heads and at least 9 keys"):
+        acc.add(0, torch.zeros(1, 2, n, n))
+    with pytest.raises(ValueError, match="layer 1"):
+        acc.add(1, torch.zeros(1, 1, n, n))
+
+
+def test_registered_pattern_needs_whole_layers(clean_registry):
+    register_pattern("self_attention", lambda attn, ctx: attn.diagonal(0, -2, -1).mean(-1))
+    n = len(SENTENCE)
+    ctx = PatternContext.from_probe(probe(SENTENCE, torch.eye(n)))
+    whole = ScoreAccumulator([ctx], ["self_attention", "broad"], 1, 1, "cpu")
+    whole.add_full(0, torch.eye(n)[None, None])
+    assert one(whole.table(0), "self_attention") == pytest.approx(1.0)
+    chunked = ScoreAccumulator([ctx], ["self_attention", "broad"], 1, 1, "cpu")
+    chunked.add(0, torch.eye(n)[None, None, :4], row_start=0)
+    chunked.add(0, torch.eye(n)[None, None, 4:], row_start=4)
+    with pytest.warns(UserWarning, match="whole-layer attention"):
+        t = chunked.table(0)
+    assert math.isnan(one(t, "self_attention"))
+    assert one(t, "broad") == pytest.approx(0.0)
