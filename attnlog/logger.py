@@ -1,43 +1,43 @@
-"""AttentionLogger: capture → scores → queue → worker → sinks, for any training loop.
+"""AttentionLogger: the training process's side of logging — measure, then hand off.
 
-The training thread pays only for the probe pass, the score kernels and a small copy to the CPU.
-Rendering and every write happen on one background worker. After construction nothing raises
-into training: failures are contained, reported once with their cause, and counted in `stats`
-(`strict=True` raises instead, for tests). Configuration errors fail fast in `__init__`.
+`log(step)` runs the probe pass (scores on the device when there is one) and hands a host copy
+to the writer (attnlog/writer.py), which renders and writes to every sink in another process
+(default) or on a thread. After construction `log()` never raises for a logging failure:
+failures are contained, reported once with their cause, and counted in `stats` (`strict=True`
+raises them at `flush`/`close` instead, for tests). Configuration errors fail fast in
+`__init__`, and a wrong argument to `log()` itself raises TypeError, like any mistyped call.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
+import importlib.util
+import inspect
 import logging
+import operator
 import os
-import queue
-import threading
+import pickle
+import sys
 import time
 import warnings
 import weakref
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from attnlog.capture import Capturer, unwrap_model
-from attnlog.sinks.base import Sink, describe, sink_factory
+from attnlog.sinks.base import Sink, check_writable_dir, describe, sink_factory
+from attnlog.writer import Event, EventWriter, ProcessWriter, ThreadWriter, WriterConfig, cause
+
+__all__ = ["AttentionLogger", "check_interval"]
 
 log = logging.getLogger("attnlog")
 
-_STOP = object()
-
-
-@dataclass
-class _Event:
-    step: int
-    snapshot: Any  # host Snapshot
-    table: Any  # ScoreTable
+WRITERS = ("process", "thread")
+DEFAULT_SINKS = ("tensorboard", "mlflow")  # those installed; see `_default_sinks`
+_BACKENDS = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # sink name -> package it needs
+_noted: set[str] = set()  # one-time notes, per process
 
 
 class AttentionLogger:
@@ -48,23 +48,49 @@ class AttentionLogger:
         tokenizer: its tokenizer.
         probes: sentences, (sentence_a, sentence_b) pairs, a `.txt`/`.jsonl` file, a ProbeSet,
             or None for the built-in set.
-        sinks: names ("tensorboard", "mlflow", "archive") or Sink instances. The archive is
-            always added unless `archive=False`: the Attention tab and `attnlog report` read it.
+        sinks: names ("tensorboard", "mlflow", "archive", or one given to `register_sink`) or
+            Sink objects. None (the default): TensorBoard and MLflow, those whose packages are
+            installed (said once). `[]`: no sink but the archive. The archive is always added
+            unless `archive=False`: the Attention tab and `attnlog report` read it.
         logdir: folder for TensorBoard events and the archive (`<logdir>/plugins/attnlog`).
-        patterns: pattern names to score (None: all registered).
-        views: bertviz views written per probe and event ("head", "model", "neuron").
+        patterns: pattern names to score (None: all registered; `[]` is an error).
+        views: bertviz views written per probe and event: "head", "model", "neuron" (one name
+            or several; `()` for none).
         layer_images: also log one token-labelled heatmap per layer and probe. Off by default:
-            they are most of the worker's cost (benchmarks/README.md); the model image (all
+            they are most of the writer's cost (benchmarks/README.md); the model image (all
             layers × heads) is always made, and the TensorBoard Attention tab shows any head
             token-labelled from the archive.
         sink_options: extra keyword arguments per sink name, e.g.
             `{"mlflow": {"tracking_uri": "sqlite:///mlflow.db"}}`.
-        queue_size: logging events waiting for the worker; when full, the oldest waiting
-            event is dropped (counted and reported), so training never waits on I/O.
+        queue_size: events waiting for the writer; when full, the oldest waiting event is
+            dropped (counted in `stats["dropped"]` and reported once), so training never waits.
+        writer: where events are rendered and written.
+            "process" (default): a writer process (`python -m attnlog.writer`, started at the
+            first event). Rendering and the tracking clients hold Python's GIL for about a
+            second per event; in a process of their own they cannot slow the training loop,
+            which on a GPU is mostly Python launching kernels. Choose it for GPU training and
+            whenever the sinks are names. A writer that dies is restarted and its events resent.
+            "thread": a thread of the training process. Nothing extra to start (about 0.3 s
+            and 150–300 MB of memory for the process), but each event's second of rendering
+            competes with training for the GIL and the cores: on an H200 that slowed training
+            by about 60 % at one event every 50 steps. Choose it for short CPU runs, notebooks
+            that cannot start processes, or sinks that must live in the training process.
+            Sink objects (not names), and sink options that cannot be pickled (a
+            `SummaryWriter`), always run on the thread, with a one-time note; to move a custom
+            sink into the writer process, `register_sink("name", MySink)` in an importable
+            module and pass "name".
+        close_timeout: seconds that `close()`, the exit handler and `flush()` wait at most for
+            the writer before they give up and say which steps were left unwritten.
         is_main_process: only the main process writes. Default: rank 0 of torch.distributed.
+            Under sharded training (FSDP, ZeRO-3) every rank must call `log()`: all join the
+            probe pass, rank 0 hands it off.
         strict: raise errors instead of containing them (for tests).
         check: run one probe pass now, so a model that cannot return attention fails here.
         **capture_options: `max_length`, `on_long`, `batch_size`, `record_qk` (see Capturer).
+
+    Attributes:
+        stats: counters: `events`, `dropped`, `lost`, `writer_restarts`, `errors.<where>`,
+            `training_thread_ms` (the training process's share) and `writer_cpu_ms`.
     """
 
     def __init__(
@@ -73,135 +99,131 @@ class AttentionLogger:
         tokenizer: Any,
         probes: Any = None,
         *,
-        sinks: Iterable[str | Sink] = ("tensorboard", "mlflow"),
+        sinks: Iterable[str | Sink] | str | Sink | None = None,
         logdir: str | os.PathLike = "runs/attnlog",
         patterns: Sequence[str] | None = None,
-        views: Sequence[str] = ("head", "model", "neuron"),
+        views: Sequence[str] | str = ("head", "model", "neuron"),
         layer_images: bool = False,
         archive: bool = True,
         sink_options: dict[str, dict[str, Any]] | None = None,
         alerts: bool = True,
         queue_size: int = 4,
+        writer: str = "process",
+        close_timeout: float = 60.0,
         is_main_process: bool | None = None,
         strict: bool = False,
         check: bool = True,
         **capture_options: Any,
     ) -> None:
-        from attnlog import patterns as pattern_registry
-        from attnlog.render.event import VIEWS
-
-        unknown = set(views) - set(VIEWS)
-        if unknown:
-            raise ValueError(f"unknown views {sorted(unknown)}; choose from {list(VIEWS)}")
-        if queue_size < 1:
-            raise ValueError("queue_size must be at least 1")
-        if patterns is not None:
-            unknown = sorted(set(patterns) - set(pattern_registry.PATTERNS))
-            if unknown:
-                choices = ", ".join(sorted(pattern_registry.PATTERNS))
-                raise ValueError(f"unknown patterns {unknown}; choose from {choices}")
-        self.patterns = list(patterns) if patterns is not None else None
-        self.views = tuple(views)
+        self.views = _check_views(views)
+        self.patterns = _check_patterns(patterns)
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+            raise ValueError(f"queue_size must be a positive integer, got {queue_size!r}")
+        if writer not in WRITERS:
+            raise ValueError(f"writer must be one of {WRITERS}, got {writer!r}")
+        if not close_timeout > 0:
+            raise ValueError(
+                f"close_timeout must be a positive number of seconds, got {close_timeout!r}"
+            )
         self.layer_images = layer_images
         self.strict = strict
+        self.close_timeout = float(close_timeout)
         self.logdir = Path(logdir)
+        options = {k: dict(v) for k, v in (sink_options or {}).items()}
+        planned = _plan_sinks(sinks, archive, options, self.logdir)  # fail fast, build nothing
         self.is_main_process = _is_main_process() if is_main_process is None else is_main_process
         self.capturer = Capturer(model, tokenizer, probes, **capture_options)
         self.stats: Counter[str] = Counter()
         self._reported: set[str] = set()
         self._logged_steps: set[int] = set()
-        self._alerts = None
-        if alerts:
-            from attnlog.alerts import AlertTracker
-
-            self._alerts = AlertTracker()
+        self._closed = False
         if check:  # before the sinks: a model without attention leaves nothing behind
             self.capturer.check()
-        self.sinks: list[Sink] = []
+        self.sinks: list[Sink] = []  # the sinks in this process (thread writer only)
+        self._writer: ProcessWriter | ThreadWriter | None = None
         if self.is_main_process:
-            self.sinks = self._make_sinks(sinks, archive, sink_options or {})
-        self._settings_logged = False
-        self._failure: BaseException | None = None  # strict mode: the worker's first error
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
-        self._closed = False
-        self._worker = threading.Thread(target=self._work, name="attnlog-worker", daemon=True)
-        if self.is_main_process:
-            self._worker.start()
+            self._writer = self._make_writer(planned, options, writer, queue_size, alerts)
             # A run that crashes never reaches close(): still write what is queued at exit.
             atexit.register(_close_at_exit, weakref.ref(self))
 
     # -- configuration -----------------------------------------------------------------------
 
-    def _make_sinks(self, sinks, archive: bool, options: dict[str, dict[str, Any]]) -> list[Sink]:
-        if isinstance(sinks, (str, Sink)):
-            sinks = [sinks]
-        names_or_sinks = list(sinks)
-        named = {i if isinstance(i, str) else getattr(i, "name", None) for i in names_or_sinks}
-        if archive and "archive" not in named:
-            names_or_sinks.append("archive")
-        made: list[Sink] = []
-        for item in names_or_sinks:
-            if not isinstance(item, str):
-                if not isinstance(item, Sink):
-                    raise TypeError(
-                        f"{item!r} is not a sink name or a Sink (see attnlog.sinks.Sink)"
-                    )
-                made.append(item)
-                continue
-            kwargs = {"logdir": self.logdir, **options.get(item, {})}  # sinks derive their folders
-            made.append(sink_factory(item)(**kwargs))
-        return made
+    def _make_writer(self, planned, options, writer, queue_size, alerts):
+        names = [item for item in planned if isinstance(item, str)]
+        if "mlflow" in names:
+            options["mlflow"] = {
+                **_active_mlflow_run(options.get("mlflow", {})),
+                **options.get("mlflow", {}),
+            }
+        config = WriterConfig(
+            sinks=[(name, options.get(name, {})) for name in names],
+            logdir=str(self.logdir.absolute()),
+            patterns=self.patterns,
+            views=self.views,
+            layer_images=self.layer_images,
+            alerts=alerts,
+            settings=self._contained("settings", self.settings),
+            strict=self.strict,
+            sys_path=list(sys.path),
+        )
+        if writer == "process":
+            why = _why_not_a_process(planned, config)
+            if why is None:
+                return ProcessWriter(config, queue_size, self.stats, self._report_once)
+            _note_once(
+                f"attnlog: {why}, so rendering and writing run on a thread of the training "
+                "process, where they compete with training for the GIL (slow on a GPU). To "
+                "run a custom sink in the writer process, register it with "
+                "`attnlog.register_sink(name, factory)` in an importable module and pass its name",
+                warn=True,
+            )
+        for item in planned:
+            if isinstance(item, str):
+                self.sinks.append(
+                    sink_factory(item)(**{"logdir": self.logdir, **options.get(item, {})})
+                )
+            else:
+                self.sinks.append(item)
+        event_writer = EventWriter(self.sinks, config, report=self._report_once, stats=self.stats)
+        return ThreadWriter(event_writer, queue_size, self.stats, self._report_once)
 
-    # -- the training thread -----------------------------------------------------------------
+    # -- the training process ------------------------------------------------------------------
 
     def log(self, step: int) -> bool:
-        """Capture and score now; hand the rest to the worker. True if the event was queued.
+        """Capture now and hand the event to the writer. True if it was handed over.
 
-        Never raises after construction (unless `strict`): a failure is reported once,
-        counted in `stats`, and training goes on.
+        Never raises for a logging failure (unless `strict`): it is reported once, counted in
+        `stats`, and training goes on. A step that is not an integer ≥ 0 is a programming
+        error in the caller and raises TypeError (ValueError if negative), on every call.
         """
+        step = _check_step(step)
         if self._closed:
             return False
-        if not self.is_main_process:  # only rank 0 captures and writes
+        sharded = getattr(self.capturer, "sharded", False)
+        if not self.is_main_process and not sharded:  # only rank 0 captures and writes
             return False
         started = time.perf_counter()
-        event = self._contained("capture", self._prepare, step)
-        self.stats["training_thread_ms"] += round((time.perf_counter() - started) * 1000)
-        if event is None:
+        measured = self._contained("capture", self._measure, step)
+        self.stats["training_thread_ms"] += (time.perf_counter() - started) * 1000
+        if measured is None or self._writer is None:  # other ranks only join the probe pass
             return False
-        while True:
-            try:
-                self._queue.put_nowait(event)
-                break
-            except queue.Full:
-                try:
-                    dropped = self._queue.get_nowait()
-                except queue.Empty:
-                    continue
-                self._queue.task_done()
-                self.stats["dropped"] += 1
-                self._report_once(
-                    "dropped",
-                    f"the logging worker fell behind; dropped the event of step {dropped.step} "
-                    "(log less often, or with fewer views, to keep every event)",
-                )
+        snapshot, table = measured
+        dropped = self._writer.submit(Event(step, snapshot, table))
+        if dropped is not None:
+            self.stats["dropped"] += 1
+            self._report_once(
+                "dropped",
+                f"the writer fell behind; dropped the event of step {dropped.step} "
+                "(log less often, or with fewer views, to keep every event)",
+            )
         self._logged_steps.add(step)
         self.stats["events"] += 1
         return True
 
-    def _prepare(self, step: int) -> _Event:
-        snapshot = self.capturer(step)
-        if _on_cpu(snapshot):  # the worker can score a float32 copy: the training thread
-            return _Event(step, snapshot.to_host(np.float32), None)  # pays only the forward
-        return _Event(step, snapshot.to_host(), self._score(snapshot, step))
-
-    def _score(self, snapshot: Any, step: int) -> Any:
-        from attnlog import patterns
-
-        table = patterns.score(snapshot, self.patterns, step=step)  # on device, one sync
-        if self._alerts is not None:
-            table.alerts = self._alerts.update(table)
-        return table
+    def _measure(self, step: int) -> tuple[Any, Any]:
+        # On the CPU the writer scores a host copy: the training process pays only the forward.
+        on_device = _device_type(self.capturer.model) != "cpu"
+        return self.capturer.measure(step, self.patterns, scores=on_device)
 
     def resume_at(self, step: int) -> None:
         """A run resumed from a checkpoint at `step` replays the steps the interrupted run logged
@@ -214,70 +236,22 @@ class AttentionLogger:
     def logged_steps(self) -> set[int]:
         return set(self._logged_steps)
 
-    # -- the worker ------------------------------------------------------------------------
-
-    def _work(self) -> None:
-        """One event at a time. Nothing escapes: a dead worker would make `flush` wait forever."""
-        _lower_thread_priority()  # rendering yields the cores to training when both want them
-        while True:
-            event = self._queue.get()
-            try:
-                if event is _STOP:
-                    return
-                self._write(event)
-            except Exception as ex:  # strict mode (re-raised by flush/close), or a bug
-                self.stats["errors.worker"] += 1
-                if self.strict:
-                    self._failure = self._failure or ex
-                else:
-                    self._report_once("worker", f"writing step {event.step} failed: {_cause(ex)}")
-            finally:
-                self._queue.task_done()
-
-    def _write(self, event: _Event) -> None:
-        from attnlog.render.event import pattern_images, probe_images, probe_views
-
-        if event.table is None:  # captured on the CPU: scored here, off the training thread
-            event.table = self._score(event.snapshot, event.step)
-        if not self._settings_logged:
-            self._settings_logged = True
-            settings = self._contained("settings", self.settings)
-            if settings:
-                self._to_sinks("log_settings", settings)
-        step, table = event.step, event.table
-        self._to_sinks("log_scores", table, step)
-        for probe in event.snapshot.probes:  # one probe's images and pages in memory at a time
-            images = self._contained("render", probe_images, probe, step, layers=self.layer_images)
-            if images:
-                self._to_sinks("log_images", images, step)
-            files = self._contained("render", probe_views, probe, step, self.views)
-            if files:
-                self._to_sinks("log_html", files, step)
-        images = self._contained("render", pattern_images, table, step)
-        if images:
-            self._to_sinks("log_images", images, step)
-        self._to_sinks("log_archive", event.snapshot, table, step)
-
-    def _to_sinks(self, method: str, *args: Any) -> None:
-        for sink in self.sinks:
-            self._contained(sink.name, getattr(sink, method), *args, method=method)
+    @property
+    def writer_pid(self) -> int | None:
+        """The writer process's id, once it started (None with the thread writer)."""
+        return getattr(self._writer, "pid", None)
 
     # -- errors ---------------------------------------------------------------------------------
 
-    def _contained(self, what: str, fn, *args, method: str | None = None, **kwargs):
-        """Run fn; on error count it in `stats["errors.<what>"]`, report the first per `what`.
-
-        `what` is a stage ("capture", "render") or a sink name: a broken sink is reported once,
-        not once per method, and is tried again at the next event (a full disk may clear).
-        """
+    def _contained(self, what: str, fn, *args, **kwargs):
+        """Run fn; on error count it in `stats["errors.<what>"]` and report the first per `what`."""
         try:
             return fn(*args, **kwargs)
         except Exception as ex:
             if self.strict:
                 raise
             self.stats[f"errors.{what}"] += 1
-            doing = f"{what}.{method}" if method else what
-            self._report_once(what, f"{doing} failed: {_cause(ex)}")
+            self._report_once(what, f"{what} failed: {cause(ex)}")
             return None
 
     def _report_once(self, key: str, message: str) -> None:
@@ -307,39 +281,51 @@ class AttentionLogger:
         return out
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every queued event is written and sinks are flushed. False on time-out."""
-        if not self.is_main_process or not self._worker.is_alive():
+        """Wait until every event handed over so far is written and the sinks are flushed.
+
+        Args:
+            timeout: seconds to wait at most (default: `close_timeout`).
+
+        Returns:
+            False when the time ran out first (said once, with the steps still waiting).
+        """
+        if self._writer is None or self._closed:
             return True
-        done = threading.Event()
-
-        def wait() -> None:
-            self._queue.join()
-            done.set()
-
-        threading.Thread(target=wait, daemon=True).start()
-        if not done.wait(timeout):
-            return False
-        self._to_sinks("flush")
+        timeout = self.close_timeout if timeout is None else timeout
+        done = self._writer.flush(timeout)
+        if not done:
+            self._report_once(
+                "flush",
+                f"flush did not finish within {timeout:g} s (a sink hangs?); not written yet: "
+                f"steps {self._writer.unwritten()}",
+            )
         self._raise_failure()
-        return True
+        return done
 
     def _raise_failure(self) -> None:
-        """strict: the worker's first error, raised in the caller's thread."""
-        failure, self._failure = self._failure, None
+        """strict: the writer's first error, raised in the caller's thread."""
+        failure = self._writer.take_failure() if self._writer is not None else None
         if failure is not None:
             raise failure
 
-    def close(self) -> None:
-        """Write everything queued, then close every sink. Safe to call twice."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Write everything handed over, then close every sink. Safe to call twice.
+
+        Args:
+            timeout: seconds to wait at most (default: `close_timeout`); when it runs out the
+                writer is stopped and the steps left unwritten are reported.
+
+        Returns:
+            False when the time ran out first.
+        """
         if self._closed:
-            return
+            return True
         self._closed = True
-        if self.is_main_process and self._worker.is_alive():
-            self._queue.put(_STOP)
-            self._worker.join()
-        self._to_sinks("flush")
-        self._to_sinks("close")
+        if self._writer is None:
+            return True
+        done = self._writer.close(self.close_timeout if timeout is None else timeout)
         self._raise_failure()
+        return done
 
     def __enter__(self) -> AttentionLogger:
         return self
@@ -348,15 +334,158 @@ class AttentionLogger:
         self.close()
 
 
-def _cause(ex: BaseException) -> str:
-    return f"{type(ex).__name__}: {ex}"
-
-
 def check_interval(every_n_steps: Any) -> int:
     """The adapters' logging interval: a positive integer, or a clear error at construction."""
     if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
         raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
     return every_n_steps
+
+
+# ---- argument checks ------------------------------------------------------------------------
+
+
+def _check_step(step: Any) -> int:
+    if not isinstance(step, bool):
+        try:
+            value = operator.index(step)  # int, numpy and 0-d torch integers
+        except TypeError:
+            pass
+        else:
+            if value < 0:
+                raise ValueError(f"log(step) needs a training step >= 0, got {value}")
+            return value
+    raise TypeError(
+        f"log(step) needs an integer training step, got {step!r} ({type(step).__name__})"
+    )
+
+
+def _check_views(views: Sequence[str] | str) -> tuple[str, ...]:
+    from attnlog.render.event import VIEWS
+
+    views = (views,) if isinstance(views, str) else tuple(views)
+    unknown = [v for v in views if v not in VIEWS]
+    if unknown:
+        raise ValueError(f"unknown views {unknown}; choose from {list(VIEWS)}, or () for none")
+    return views
+
+
+def _check_patterns(patterns: Sequence[str] | str | None) -> list[str] | None:
+    from attnlog import patterns as registry
+
+    if patterns is None:
+        return None
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    choices = ", ".join(sorted(registry.PATTERNS))
+    if not patterns:
+        raise ValueError(f"patterns=[] scores nothing; pass None for all, or some of: {choices}")
+    unknown = sorted(set(patterns) - set(registry.PATTERNS))
+    if unknown:
+        raise ValueError(f"unknown patterns {unknown}; choose from {choices}")
+    return patterns
+
+
+def _plan_sinks(sinks: Any, archive: bool, options: dict, logdir: Path) -> list[str | Sink]:
+    """The sinks to use, checked without building any: names (known, installed, options that
+    their factory takes) and Sink objects. The folder is checked when a named sink writes it."""
+    if sinks is None:
+        sinks = _default_sinks()
+    elif isinstance(sinks, (str, Sink)):
+        sinks = [sinks]
+    planned = list(sinks)
+    named = {i if isinstance(i, str) else getattr(i, "name", None) for i in planned}
+    if archive and "archive" not in named:
+        planned.append("archive")
+    for item in planned:
+        if not isinstance(item, str):
+            if not isinstance(item, Sink):
+                raise TypeError(f"{item!r} is not a sink name or a Sink (see attnlog.sinks.Sink)")
+            continue
+        factory = sink_factory(item)  # unknown name: ValueError listing the choices
+        package = _BACKENDS.get(item)
+        if package and importlib.util.find_spec(package) is None:
+            raise ModuleNotFoundError(
+                f"attnlog's {item} sink needs the `{package}` package; install it with "
+                f"`pip install 'attnlog[{item}]'`"
+            )
+        _check_options(item, factory, options.get(item, {}))
+    if any(isinstance(item, str) and item != "memory" for item in planned):
+        check_writable_dir(logdir)
+    return planned
+
+
+def _check_options(name: str, factory: Any, options: dict) -> None:
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # not introspectable: the factory will say
+        return
+    try:
+        signature.bind(**{"logdir": None, **options})
+    except TypeError as ex:
+        raise TypeError(f"sink_options[{name!r}] does not fit {factory!r}: {ex}") from None
+
+
+def _default_sinks() -> list[str]:
+    """TensorBoard and MLflow, those whose packages are installed (found, not imported)."""
+    found = [name for name in DEFAULT_SINKS if importlib.util.find_spec(_BACKENDS[name])]
+    missing = [name for name in DEFAULT_SINKS if name not in found]
+    text = f"attnlog: logging to {', '.join([*found, 'the archive'])}"
+    if missing:
+        hints = ", ".join(f"`pip install 'attnlog[{m}]'`" for m in missing)
+        text += f" ({', '.join(missing)} not installed: {hints} to add it, or pass sinks=[...])"
+    _note_once(text, warn=bool(missing))
+    return found
+
+
+def _why_not_a_process(planned: list, config: WriterConfig) -> str | None:
+    """Why the writer cannot run in another process, or None: everything pickles by name."""
+    from attnlog.sinks.base import SINKS
+
+    objects = [item for item in planned if not isinstance(item, str)]
+    if objects:
+        return f"the sink {type(objects[0]).__name__} is an object, not a name"
+    factories = {name: SINKS[name] for name, _ in config.sinks if name in SINKS}
+    for name, factory in factories.items():
+        if getattr(factory, "__module__", "__main__") == "__main__":
+            return f"the sink {name!r} is registered from the script's __main__"
+    try:
+        config.factories = pickle.dumps(factories, protocol=5) if factories else b""
+        pickle.dumps(config, protocol=5)
+    except Exception as ex:
+        return f"the sink options cannot be sent to another process ({cause(ex)})"
+    return None
+
+
+def _active_mlflow_run(options: dict) -> dict[str, str]:
+    """The training process's MLflow run and tracking URI, for the writer process to join.
+
+    Only when mlflow is already imported (never imported here) and has an active run in this
+    thread; a `tracking_uri` option that points elsewhere is left alone.
+    """
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is None or "run_id" in options:
+        return {}
+    uri = str(mlflow.get_tracking_uri())
+    if options.get("tracking_uri") not in (None, uri):
+        return {}
+    out = {"tracking_uri": uri}
+    active = mlflow.active_run()
+    if active is not None:
+        out["run_id"] = active.info.run_id
+    return out
+
+
+def _note_once(text: str, warn: bool = False) -> None:
+    if text in _noted:
+        return
+    _noted.add(text)
+    log.info(text)
+    if warn:
+        warnings.warn(text, UserWarning, stacklevel=4)
+
+
+def _device_type(model: Any) -> str:
+    parameter = next(unwrap_model(model).parameters(), None)
+    return "cpu" if parameter is None else parameter.device.type
 
 
 def _is_main_process() -> bool:
@@ -375,15 +504,4 @@ def _close_at_exit(ref: weakref.ref) -> None:
         try:
             logger.close()
         except Exception as ex:  # strict mode: nobody is left to raise to
-            log.warning("attnlog: closing at exit failed: %s: %s", type(ex).__name__, ex)
-
-
-def _on_cpu(snapshot: Any) -> bool:
-    probes = snapshot.probes
-    return bool(probes) and probes[0].attention.device.type == "cpu"
-
-
-def _lower_thread_priority() -> None:
-    """Linux nice values are per thread: +10 for the worker only."""
-    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+            log.warning("attnlog: closing at exit failed: %s", cause(ex))
