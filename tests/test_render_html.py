@@ -350,3 +350,66 @@ def test_layer_subset(pair_probe):
     full, one = head_view(pair_probe), head_view(pair_probe, layers=[1])
     assert len(one) < len(full)
     assert '"include_layers":[1]' in one
+
+
+# ---- size guard (issue 12 item 9) ----------------------------------------------------------
+
+
+def long_probe(n, layers, heads, qk=False, name="long"):
+    rng = np.random.default_rng(3)
+    q = rng.normal(size=(layers, heads, n, 16)).astype(np.float16) if qk else None
+    return ProbeAttention(
+        name=name,
+        tokens=[f"w{i}" for i in range(n)],
+        attention=softmax_attention(rng, layers, heads, n, n),
+        special=np.zeros(n, bool),
+        punct=np.zeros(n, bool),
+        segment=np.zeros(n, int),
+        token_ids=np.arange(n),
+        queries=q,
+        keys=q,
+    )
+
+
+def test_512_token_probe_views_stay_under_the_cap_and_draw(browser, tmp_path, caplog):  # noqa: F811
+    from attnlog.render.event import MAX_HTML_BYTES, probe_views
+
+    probe = long_probe(512, 12, 12, name="long512")  # uncapped: ~100 MB per view (issue 12)
+    with caplog.at_level("WARNING"):
+        files = probe_views(probe, 7, ("head", "model", "neuron"))
+        probe_views(probe, 8, ("head",))
+    assert sorted(p.rsplit("/", 1)[1] for p in files) == ["head_view.html", "model_view.html"]
+    sizes = [len(page.encode()) for page in files.values()]
+    assert max(sizes) <= MAX_HTML_BYTES
+    warnings = [r.getMessage() for r in caplog.records if "ATTNLOG_MAX_HTML_MB" in r.getMessage()]
+    assert len(warnings) == 1 and "512 tokens" in warnings[0]  # once, naming the fix
+    head = next(page for path, page in files.items() if path.endswith("head_view.html"))
+    labels = wait_tokens_in(browser, tmp_path, head)
+    assert labels[0] == "w0\u2026w3" and labels[-1] == "w508\u2026w511"  # pooled, every token
+
+
+def wait_tokens_in(driver, tmp_path, page):
+    open_page(driver, tmp_path, "capped", page)
+    return wait_for(
+        driver,
+        "const t = Array.from(document.querySelectorAll('svg text')).map(e => e.textContent);"
+        "return t.length > 0 ? t.slice(0, t.length / 2) : null;",  # left column: the queries
+        timeout=60,
+    )
+
+
+def test_cap_is_configurable(monkeypatch):
+    from attnlog.render.event import probe_views
+
+    probe = long_probe(400, 2, 2, qk=True)  # ~1.2 MB of weights per view
+    small = probe_views(probe, 0, ("head", "neuron"), max_bytes=600_000)
+    assert list(small) == ["attention/step_00000000/long/head_view.html"]
+    assert len(small[next(iter(small))].encode()) <= 600_000
+    monkeypatch.setenv("ATTNLOG_MAX_HTML_MB", "0.5")
+    assert probe_views(probe, 0, ("head",)).keys() == small.keys()
+    monkeypatch.setenv("ATTNLOG_MAX_HTML_MB", "20")
+    full = probe_views(probe, 0, ("head", "neuron"))
+    assert len(full) == 2 and "w399" in full["attention/step_00000000/long/head_view.html"]
+    monkeypatch.setenv("ATTNLOG_MAX_HTML_MB", "lots")
+    with pytest.raises(ValueError, match="ATTNLOG_MAX_HTML_MB"):
+        probe_views(probe, 0, ("head",))
