@@ -1,18 +1,35 @@
-"""Run the probes through the live model and take exact attention weights, queries and keys.
+"""Run the probes through the live model and reduce its attention layer by layer.
 
 Models usually train with `sdpa` or flash attention, which return no weights. For the probe pass
-the model is switched to attnlog's own attention function, which calls the model's *eager*
-attention (so the weights are exactly what eager gives) and records the query and key vectors it
-receives: these are after rotary embeddings, and grouped-query keys are expanded per head here.
-Everything the pass changes (attention implementation, train/eval mode of every module, RNG
-state) is restored in `finally`, so training is bit-identical with or without attnlog.
+the model is switched to attnlog's own attention function (registered with transformers'
+`AttentionInterface`). It computes each layer as the model's *eager* attention does, and reduces
+that layer at once, so memory grows with one layer, never with the whole model:
+
+- the per-head pattern scores go into a `patterns.ScoreAccumulator` (on the device);
+- the attention is kept only as it will be stored: whole up to `full_attention_limit` tokens,
+  pooled by blocks of tokens to at most `pooled_size` x `pooled_size` beyond;
+- query/key vectors (after rotary embeddings; grouped-query keys expanded per head) only for the
+  probes that keep whole attention: the neuron view needs them, nothing else does.
+
+Above `chunked_above` tokens the layer's output comes from `sdpa`, and the statistics from the
+queries and keys in chunks of query rows (each row's softmax over all keys, mask applied): no
+`[H, n, n]` is ever made. Encoder-decoder models (BART, T5), models whose attention does not go
+through `AttentionInterface`, and transformers before 4.48 take the older path: the model returns
+every layer's attention (`output_attentions`) and it is reduced afterwards.
+
+Everything a pass changes (attention implementation, train/eval mode of every module, RNG state)
+is restored in `finally`, so training is bit-identical with or without attnlog. One pass runs at
+a time in the process. Under sharded training (FSDP, ZeRO-3) every rank runs the pass together;
+rank 0 keeps the result, and all ranks agree on success so that a failing rank stalls nobody.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -21,7 +38,35 @@ import torch
 from attnlog.probes import EncodedProbe, ProbeSet, model_max_length
 from attnlog.snapshot import ProbeAttention, Snapshot
 
+__all__ = [
+    "AttentionUnavailableError",
+    "Capturer",
+    "capture",
+    "is_sharded",
+    "probe_pass",
+    "unwrap_model",
+]
+
 _IMPL_NAME = "attnlog_eager"
+#: Probes up to this many tokens keep their whole attention (and q/k); longer ones are pooled.
+FULL_ATTENTION_LIMIT = 256
+#: Pooled attention of a longer probe has at most this many blocks per axis.
+POOLED_SIZE = 256
+#: Batches wider than this many tokens are reduced from q/k in chunks of query rows.
+CHUNKED_ABOVE = 1024
+#: float32 bytes of attention rows reduced at once (bounds the chunked path's memory).
+CHUNK_BYTES = 32 * 2**20
+
+# One probe pass at a time in the whole process. A pass switches the model's attention
+# implementation and its train/eval modes, and saves and restores the process-wide RNG state:
+# none of that nests across threads. The lock is global rather than per model because the RNG
+# state is global; passes are short and rare, so two loggers seldom wait on each other.
+_PASS_LOCK = threading.RLock()
+# The pass the attention function reports to. A context variable, not a module attribute: a
+# forward that runs outside the pass (another thread) sees None and records nothing.
+_CURRENT: contextvars.ContextVar[_Pass | None] = contextvars.ContextVar(
+    "attnlog_pass", default=None
+)
 
 
 class AttentionUnavailableError(RuntimeError):
@@ -43,8 +88,8 @@ def unwrap_model(model: Any) -> Any:
 
 
 def is_sharded(model: Any) -> bool:
-    """FSDP (1 or 2) and DeepSpeed ZeRO-3 shard parameters across ranks: one rank cannot run
-    the model alone."""
+    """FSDP (1 or 2) and DeepSpeed ZeRO-3 shard parameters across ranks: every rank must join
+    the probe forward."""
     first = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
     if first is not None and hasattr(first, "ds_id"):  # DeepSpeed ZeRO-3 partitioned parameter
         return True
@@ -62,104 +107,327 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-class _Recorder:
-    """Collects (module, query, key, scaling) from each attention call of one forward pass."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Any, torch.Tensor, torch.Tensor, float | None]] = []
-        self.enabled = False
+# -- the attention function -------------------------------------------------------------------
 
 
-_RECORDER = _Recorder()
+class _Pass:
+    """What one probe pass records. Found by the attention function through `_CURRENT`.
+
+    `calls` gets (module, query, key, scaling) per attention call on the `output_attentions`
+    path; `stream` reduces layers as they are computed on the streaming path.
+    """
+
+    def __init__(self, ours: bool, record_qk: bool) -> None:
+        self.ours = ours  # attnlog's attention function is the model's for this pass
+        self.records_qk = ours and record_qk
+        self.calls: list[tuple[Any, torch.Tensor, torch.Tensor, float]] = []
+        self.stream: _Stream | None = None
 
 
-def _attention_function(module, query, key, value, attention_mask, *args, **kwargs):
-    """Registered with transformers' AttentionInterface: the model's eager attention + a record."""
+def _scaling(module: Any, query: torch.Tensor, kwargs: dict[str, Any]) -> float:
+    scaling = kwargs.get("scaling", getattr(module, "scaling", None))
+    return float(query.shape[-1] ** -0.5 if scaling is None else scaling)
+
+
+def _eager_of(module: Any) -> Any:
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if eager is None:
         raise AttentionUnavailableError(
             f"{type(module).__name__} has no eager attention function to take weights from"
         )
-    if _RECORDER.enabled:
-        scaling = kwargs.get("scaling", getattr(module, "scaling", None))
-        if scaling is None:
-            scaling = query.shape[-1] ** -0.5
-        _RECORDER.calls.append((module, query.detach(), key.detach(), float(scaling)))
-    return eager(module, query, key, value, attention_mask, *args, **kwargs)
+    return eager
 
 
+def _attention_function(module, query, key, value, attention_mask, *args, **kwargs):
+    """Registered with transformers' AttentionInterface: the model's eager attention, reduced."""
+    current = _CURRENT.get()
+    if current is not None and current.stream is not None:
+        return current.stream.layer(module, query, key, value, attention_mask, *args, **kwargs)
+    if current is not None and current.records_qk:
+        scaling = _scaling(module, query, kwargs)
+        current.calls.append((module, query.detach(), key.detach(), scaling))
+    return _eager_of(module)(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def _mask_function(*args, **kwargs):
+    """Masks for attnlog's attention: eager's, or sdpa's (None or bool, no float n x n) when the
+    batch is reduced in chunks."""
+    from transformers.masking_utils import eager_mask, sdpa_mask
+
+    current = _CURRENT.get()
+    chunked = current is not None and current.stream is not None and current.stream.chunked
+    return (sdpa_mask if chunked else eager_mask)(*args, **kwargs)
+
+
+@functools.cache
 def _register_attention_function() -> bool:
-    """Register attnlog's attention function; False on transformers without AttentionInterface."""
+    """Register attnlog's attention function; False on transformers without AttentionInterface.
+
+    `register` is public and only updates a mapping, so registering again is harmless; cached
+    so it runs once per process.
+    """
     try:
         from transformers import AttentionInterface
     except ImportError:
         return False
-    if _IMPL_NAME not in AttentionInterface._global_mapping:
-        AttentionInterface.register(_IMPL_NAME, _attention_function)
-    try:  # transformers >= 4.53 builds masks per implementation: ours takes eager's mask
-        from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    AttentionInterface.register(_IMPL_NAME, _attention_function)
+    try:  # transformers >= 4.53 builds masks per implementation
+        from transformers.masking_utils import AttentionMaskInterface
     except ImportError:
         return True
-    if _IMPL_NAME not in AttentionMaskInterface._global_mapping:
-        AttentionMaskInterface.register(_IMPL_NAME, eager_mask)
+    AttentionMaskInterface.register(_IMPL_NAME, _mask_function)
     return True
 
 
 @contextlib.contextmanager
-def probe_pass(model: torch.nn.Module) -> Iterator[bool]:
-    """Eval mode, no grad, eager-exact attention; everything restored afterwards.
+def probe_pass(model: torch.nn.Module, *, record_qk: bool = True) -> Iterator[_Pass]:
+    """Eval mode, no grad, attnlog's attention; everything restored afterwards. One at a time.
 
-    Yields whether query/key vectors are recorded (needs transformers' AttentionInterface).
+    Yields the pass; its `ours` says whether attnlog's attention function is in use (it needs
+    transformers' AttentionInterface and `set_attn_implementation`).
     """
-    modes = [(m, m.training) for m in model.modules()]
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    config = getattr(model, "config", None)
-    previous = getattr(config, "_attn_implementation", None)
-    records_qk = _register_attention_function() and hasattr(model, "set_attn_implementation")
-    switched = False
-    try:
-        if records_qk:
-            model.set_attn_implementation(_IMPL_NAME)
-            switched = True
-        elif previous not in (None, "eager"):
-            if hasattr(model, "set_attn_implementation"):
-                model.set_attn_implementation("eager")
+    with _PASS_LOCK:
+        modes = [(m, m.training) for m in model.modules()]
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        config = getattr(model, "config", None)
+        previous = getattr(config, "_attn_implementation", None)
+        ours = _register_attention_function() and hasattr(model, "set_attn_implementation")
+        current = _Pass(ours, record_qk)
+        token = _CURRENT.set(current)
+        switched = False
+        try:
+            if ours:
+                model.set_attn_implementation(_IMPL_NAME)
+                switched = True
+            elif previous not in (None, "eager"):
+                if hasattr(model, "set_attn_implementation"):
+                    model.set_attn_implementation("eager")
+                else:
+                    config._attn_implementation = "eager"
+                switched = True
+            model.eval()
+            with torch.no_grad():
+                yield current
+        finally:
+            _CURRENT.reset(token)
+            if switched:
+                if hasattr(model, "set_attn_implementation") and previous is not None:
+                    model.set_attn_implementation(previous)
+                else:
+                    config._attn_implementation = previous
+            for module, training in modes:
+                module.training = training
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+
+
+# -- streaming reduction ----------------------------------------------------------------------
+
+
+class _Pooler:
+    """Attention of one long probe pooled by blocks of tokens, fed rows at a time.
+
+    Block b covers tokens `spans[b, 0] <= i < spans[b, 1]`; pooled[b, c] is the mean over the
+    block's query rows of the summed attention on block c's keys, so pooled rows sum to 1.
+    """
+
+    def __init__(self, n: int, size: int, heads: int, device: Any) -> None:
+        m = min(n, size)
+        self.n = n
+        self.block = torch.arange(n, device=device) * m // n  # [n] block of each token
+        counts = torch.bincount(self.block, minlength=m)
+        self.counts = counts.to(torch.float32)
+        ends = torch.cumsum(counts, 0)
+        self.spans = torch.stack([ends - counts, ends], 1)  # [m, 2]
+        self.sum = torch.zeros(heads, m, m, device=device)
+
+    def add(self, rows: torch.Tensor, row_start: int) -> None:
+        """rows: [H, r, n] attention of query rows row_start .. row_start + r - 1."""
+        m = self.sum.shape[-1]
+        by_key = torch.zeros(rows.shape[0], rows.shape[1], m, device=rows.device)
+        by_key.index_add_(2, self.block, rows.to(torch.float32))
+        self.sum.index_add_(1, self.block[row_start : row_start + rows.shape[1]], by_key)
+
+    def result(self) -> torch.Tensor:
+        """[H, m, m] float32."""
+        return self.sum / self.counts[None, :, None]
+
+
+def pool_attention(attention: torch.Tensor, size: int = POOLED_SIZE) -> tuple[Any, Any]:
+    """Whole attention `[L, H, n, n]` pooled to `[L, H, m, m]`; returns (pooled, spans [m, 2])."""
+    layers = []
+    pooler = None
+    for layer in attention:
+        pooler = _Pooler(attention.shape[-1], size, layer.shape[0], layer.device)
+        pooler.add(layer, 0)
+        layers.append(pooler.result())
+    return torch.stack(layers), pooler.spans
+
+
+def span_labels(tokens: Sequence[str], spans: Any) -> list[str]:
+    """Text of each pooled block: its token, or its first and last token."""
+    labels = []
+    for start, end in spans.tolist():
+        labels.append(tokens[start] if end - start == 1 else f"{tokens[start]}…{tokens[end - 1]}")
+    return labels
+
+
+class _Stream:
+    """Reduces each layer of one batch forward as the model computes it.
+
+    Per probe `b` of the batch (right-padded to `width` tokens): whole attention `[H, n, n]` per
+    layer up to `full_limit` tokens (plus q/k when recorded), a `_Pooler` beyond; every row chunk
+    goes to the score accumulator. A failure is kept in `error` and raised after the forward, so
+    the forward itself (a collective under sharded training) runs to its end on every rank.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        accumulator: Any,
+        *,
+        full_limit: int,
+        pooled_size: int,
+        chunked_above: int,
+        records_qk: bool,
+        wants_logits: bool,
+    ) -> None:
+        self.lengths = list(lengths)
+        self.width = max(self.lengths)
+        self.chunked = self.width > chunked_above
+        self.accumulator = accumulator
+        self.full_limit = full_limit
+        self.pooled_size = pooled_size
+        self.records_qk = records_qk
+        self.wants_logits = wants_logits and accumulator is not None
+        self.layers = 0
+        self.full: list[list[torch.Tensor]] = [[] for _ in self.lengths]  # per probe, per layer
+        self.pooled: list[list[torch.Tensor]] = [[] for _ in self.lengths]
+        self.queries: list[list[torch.Tensor]] = [[] for _ in self.lengths]
+        self.keys: list[list[torch.Tensor]] = [[] for _ in self.lengths]
+        self.spans: list[Any] = [None for _ in self.lengths]
+        self.scaling: float | None = None
+        self.error: BaseException | None = None
+
+    def layer(self, module, query, key, value, mask, *args, **kwargs):
+        """One attention call: the output the model needs, and this layer reduced."""
+        layer = self.layers
+        self.layers += 1
+        if self.chunked:
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+            output, weights = sdpa_attention_forward(
+                module, query, key, value, mask, *args, **kwargs
+            )
+        else:
+            output, weights = _eager_of(module)(module, query, key, value, mask, *args, **kwargs)
+        if self.error is None:
+            try:
+                causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
+                self._reduce(
+                    layer, query, key, mask, weights, _scaling(module, query, kwargs), causal
+                )
+            except Exception as ex:  # raised after the forward, on every rank
+                self.error = ex
+        return output, weights
+
+    def _reduce(self, layer, query, key, mask, weights, scaling: float, causal: bool) -> None:
+        if key.shape[1] != query.shape[1]:  # grouped-query attention: one key head per group
+            key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        self.scaling = scaling
+        batch, heads, width, _ = query.shape
+        for b, n in enumerate(self.lengths):
+            if n <= self.full_limit:
+                self.full[b].append(torch.zeros(heads, n, n, device=query.device, dtype=(
+                    weights.dtype if weights is not None else torch.float32)))  # fmt: skip
+                if self.records_qk:
+                    self.queries[b].append(query[b, :, :n].detach().clone())
+                    self.keys[b].append(key[b, :, :n].detach().clone())
             else:
-                config._attn_implementation = "eager"
-            switched = True
-        model.eval()
-        _RECORDER.calls.clear()
-        _RECORDER.enabled = records_qk
-        with torch.no_grad():
-            yield records_qk
-    finally:
-        _RECORDER.enabled = False
-        _RECORDER.calls.clear()
-        if switched:
-            if hasattr(model, "set_attn_implementation") and previous is not None:
-                model.set_attn_implementation(previous)
+                pooler = _Pooler(n, self.pooled_size, heads, query.device)
+                self.pooled[b].append(pooler)
+                self.spans[b] = pooler.spans
+        rows = max(1, CHUNK_BYTES // (4 * batch * heads * width))
+        for start in range(0, width, rows):
+            end = min(width, start + rows)
+            logits = None
+            if weights is None or self.wants_logits:
+                logits = _logits(query, key, mask, start, end, scaling, causal)
+            probs = weights[:, :, start:end] if weights is not None else logits.softmax(-1)
+            if self.accumulator is not None:
+                self.accumulator.add(layer, probs, row_start=start, logits=logits)
+            self._keep(probs, start)
+
+    def _keep(self, probs: torch.Tensor, start: int) -> None:
+        """Rows start.. of every probe's attention into its whole matrix or its pooler."""
+        for b, n in enumerate(self.lengths):
+            r = min(probs.shape[2], n - start)
+            if r <= 0:
+                continue
+            rows = probs[b, :, :r, :n]
+            if n <= self.full_limit:
+                self.full[b][-1][:, start : start + r] = rows
             else:
-                config._attn_implementation = previous
-        for module, training in modes:
-            module.training = training
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+                self.pooled[b][-1].add(rows, start)
+
+    def probe_arrays(self, b: int) -> dict[str, Any]:
+        """Probe b's stored arrays: attention `[L, H, n, n]` or pooled `[L, H, m, m]` + spans."""
+        if self.lengths[b] <= self.full_limit:
+            qk = self.records_qk and self.queries[b]
+            return {
+                "attention": torch.stack(self.full[b]),
+                "queries": torch.stack(self.queries[b]) if qk else None,
+                "keys": torch.stack(self.keys[b]) if qk else None,
+                "scaling": self.scaling if qk else None,
+            }
+        pooled = torch.stack([p.result() for p in self.pooled[b]])
+        return {"attention": pooled, "spans": self.spans[b]}
+
+
+def _logits(query, key, mask, start: int, end: int, scaling: float, causal: bool) -> torch.Tensor:
+    """[B, H, r, N] float32 logits of query rows start..end-1: (q . k) * scaling, mask applied.
+
+    Masked positions get the dtype's minimum (as eager does), so a fully masked padding row
+    stays finite.
+    """
+    q = query[:, :, start:end].to(torch.float32)
+    logits = torch.matmul(q, key.to(torch.float32).transpose(-1, -2)) * scaling
+    width = key.shape[-2]
+    lowest = torch.finfo(torch.float32).min
+    if mask is None:
+        if causal:
+            rows = torch.arange(start, end, device=q.device)[:, None]
+            logits = logits.masked_fill(torch.arange(width, device=q.device) > rows, lowest)
+        return logits
+    chunk = mask[:, :, start:end, :width]
+    if chunk.dtype == torch.bool:
+        return logits.masked_fill(~chunk, lowest)
+    return (logits + chunk.to(torch.float32)).clamp_min(lowest)
+
+
+# -- the capturer -----------------------------------------------------------------------------
 
 
 class Capturer:
-    """Prepared once per logger: probes tokenised, model checked; `__call__(step)` captures.
+    """Prepared once per logger: probes tokenised, model checked; `measure(step)` captures.
 
     Args:
         model: a Hugging Face model (wrappers are unwrapped at every call, so the live
-            trained weights are used).
+            trained weights are used). FSDP/ZeRO-3 sharded models work when every rank calls.
         tokenizer: the model's tokenizer.
         probes: probe values, a ProbeSet, a file path or None for the defaults.
         max_length: longest probe in tokens (default: what the model accepts).
         on_long: "truncate" (warn) or "error" for over-long probes.
         batch_size: probes per forward pass (None: all in one padded batch).
-        record_qk: keep query/key vectors (for the neuron view and `max_logit`).
+        record_qk: keep query/key vectors (for the neuron view) of probes with whole attention.
+        full_attention_limit: probes up to this many tokens keep their whole attention; longer
+            ones keep it pooled by blocks (the scores stay exact).
+        pooled_size: blocks per axis of a pooled attention map.
+        chunked_above: batches wider than this many tokens are reduced in chunks of query rows
+            from q/k, with `sdpa` computing the model's output (no n x n in memory).
+        induction_probe: add the built-in induction probe for causal models.
     """
 
     def __init__(
@@ -172,17 +440,26 @@ class Capturer:
         on_long: str = "truncate",
         batch_size: int | None = None,
         record_qk: bool = True,
+        full_attention_limit: int = FULL_ATTENTION_LIMIT,
+        pooled_size: int = POOLED_SIZE,
+        chunked_above: int = CHUNKED_ABOVE,
+        induction_probe: bool = True,
     ) -> None:
         if tokenizer is None:
             raise ValueError("attnlog needs the model's tokenizer to encode the probes")
-        if is_sharded(model):
-            raise ValueError(
-                "attnlog does not capture from FSDP/ZeRO-3 sharded models yet: every rank would "
-                "have to join the probe forward. Log from an unsharded copy, or use DDP"
-            )
+        for name, value in (
+            ("max_length", max_length),
+            ("batch_size", batch_size),
+            ("full_attention_limit", full_attention_limit),
+            ("pooled_size", pooled_size),
+            ("chunked_above", chunked_above),
+        ):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"{name} must be a whole number, got {value!r}")
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be at least 1, got {value} (or leave it out)")
         self.model = model
         self.tokenizer = tokenizer
-        self.probe_set = ProbeSet.coerce(probes)
         inner = unwrap_model(model)
         config = getattr(inner, "config", None)
         if config is None:
@@ -190,17 +467,30 @@ class Capturer:
                 f"{type(inner).__name__} is not a Hugging Face model (no .config); attnlog "
                 "captures attention from transformers models"
             )
+        self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+        self.causal = _is_causal(config)
+        self.probe_set = ProbeSet.coerce(probes)
+        if induction_probe and self.causal:
+            self.probe_set = _with_induction_probe(self.probe_set, tokenizer)
         limit = model_max_length(tokenizer, config)
         if max_length is not None and limit is not None and max_length > limit:
             raise ValueError(f"max_length={max_length} is more than the model accepts ({limit})")
         self.encoded = self.probe_set.encode(
             tokenizer, max_length=max_length or limit, on_long=on_long
         )
-        self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
-        self.causal = _is_causal(config)
         self.batch_size = batch_size or len(self.encoded)
         self.record_qk = record_qk
+        self.full_attention_limit = full_attention_limit
+        self.pooled_size = pooled_size
+        self.chunked_above = chunked_above
+        self._streams = True  # False once a model's attention is seen not to use our function
+        self._contexts: dict[str, list[Any]] = {}
         self._check_vocabulary(inner)
+
+    @property
+    def sharded(self) -> bool:
+        """True under FSDP/ZeRO-3: every rank must call `measure` at the same steps."""
+        return is_sharded(self.model)
 
     def _check_vocabulary(self, model: Any) -> None:
         embeddings = (
@@ -234,37 +524,83 @@ class Capturer:
         return snapshot
 
     def __call__(self, step: int = 0) -> Snapshot:
-        model = unwrap_model(self.model)
-        probes: list[ProbeAttention] = []
-        with probe_pass(model) as records_qk:
-            for start in range(0, len(self.encoded), self.batch_size):
-                chunk = self.encoded[start : start + self.batch_size]
-                if self.is_encoder_decoder:
-                    probes.extend(self._run_seq2seq(model, p, records_qk) for p in chunk)
-                else:
-                    probes.extend(self._run_batch(model, chunk, records_qk))
-        config = model.config
-        return Snapshot(
-            step=step,
-            probes=probes,
-            model_type=str(getattr(config, "model_type", "")),
-            meta={"causal": self.causal, "encoder_decoder": self.is_encoder_decoder},
-        )
+        """One probe pass → Snapshot on the training device (for one-shot callers)."""
+        return self._capture(step, None, scores=False)[0]
 
     def measure(
         self, step: int, patterns: Sequence[str] | None = None, *, scores: bool = True
-    ) -> tuple[Snapshot, Any]:
+    ) -> tuple[Snapshot | None, Any]:
         """One probe pass → (host Snapshot, ScoreTable or None): what the logger hands off.
 
-        This is the training process's whole share of a logging event: the forward, the scores
-        on the device, one device→host copy. With `scores=False` the table is None and the
-        writer scores the host snapshot (cheaper for the training process on a CPU).
+        This is the training process's whole share of a logging event: the forward with its
+        layer-by-layer reduction, one device→host copy. With `scores=False` the table is None
+        when every probe kept its whole attention (the writer can score it); pooled probes are
+        scored in the pass regardless. Under sharded training every rank must call this at the
+        same step; ranks other than 0 get (None, None).
         """
+        snapshot, table = self._capture(step, patterns, scores=scores)
+        if _rank() != 0:
+            return None, None
+        return snapshot.to_host(), table
+
+    # -- one pass ----------------------------------------------------------------------------
+
+    def _capture(self, step: int, patterns: Sequence[str] | None, *, scores: bool):
+        model = unwrap_model(self.model)
+        sharded = is_sharded(model)
+        error: BaseException | None = None
+        probes: list[ProbeAttention] = []
+        tables: list[Any] = []
+        try:
+            with probe_pass(model, record_qk=self.record_qk) as current:
+                for start in range(0, len(self.encoded), self.batch_size):
+                    chunk = self.encoded[start : start + self.batch_size]
+                    if self.is_encoder_decoder:
+                        probes.extend(self._run_seq2seq(model, p, current) for p in chunk)
+                    elif current.ours and self._streams:
+                        done = self._run_stream(model, chunk, current, patterns, scores, sharded)
+                        if done is None:  # the model's attention never called ours
+                            self._streams = False
+                            probes.extend(self._run_batch(model, chunk, current, sharded))
+                        else:
+                            probes.extend(done[0])
+                            tables.append(done[1])
+                    else:
+                        probes.extend(self._run_batch(model, chunk, current, sharded))
+        except Exception as ex:
+            if not sharded:
+                raise
+            error = ex
+        if sharded:
+            _agree(error, _model_device(model))
+        snapshot = Snapshot(
+            step=step,
+            probes=probes,
+            model_type=str(getattr(model.config, "model_type", "")),
+            meta={"causal": self.causal, "encoder_decoder": self.is_encoder_decoder},
+        )
+        return self._finish(snapshot, tables, patterns, scores)
+
+    def _finish(self, snapshot: Snapshot, tables: list[Any], patterns, scores: bool):
+        """Score what the pass did not score; pool whole attention too long to store whole."""
         from attnlog import patterns as pattern_registry
 
-        snapshot = self(step)
-        table = pattern_registry.score(snapshot, patterns, step=step) if scores else None
-        return snapshot.to_host(), table
+        table = _merge_tables(tables, snapshot.step)
+        too_long = any(len(p) > self.full_attention_limit for p in snapshot.probes)
+        whole = [p for p in snapshot.probes if not p.pooled]
+        if table is None and (scores or too_long) and whole:  # the output_attentions path
+            table = pattern_registry.score(whole, patterns, step=snapshot.step)
+        probes = []
+        for p in snapshot.probes:
+            if not p.pooled and len(p) > self.full_attention_limit:
+                pooled, spans = pool_attention(p.attention, self.pooled_size)
+                p = ProbeAttention(**{**vars(p), "attention": pooled, "spans": spans,
+                                      "queries": None, "keys": None})  # fmt: skip
+            if p.pooled and p.labels is None:
+                p.labels = span_labels(p.tokens, p.spans)
+            probes.append(p)
+        snapshot.probes = probes
+        return snapshot, table
 
     # -- forward passes ----------------------------------------------------------------------
 
@@ -285,15 +621,77 @@ class Capturer:
             inputs["token_type_ids"] = types
         return {k: v.to(device) for k, v in inputs.items()}
 
-    def _run_batch(self, model, chunk: Sequence[EncodedProbe], records_qk: bool):
-        body = _body(model)
+    def _forward(self, model, chunk: Sequence[EncodedProbe], sharded: bool, **options):
+        # Sharded models run from their root, whose forward gathers the root's own parameters;
+        # unsharded ones from the body, so no logits over a large vocabulary are computed.
+        body = model if sharded else _body(model)
         inputs = self._batch_inputs(chunk, _model_device(model))
         if "token_type_ids" in inputs and not _accepts(body, "token_type_ids"):
             del inputs["token_type_ids"]
-        kwargs = {"use_cache": False} if _accepts(body, "use_cache") else {}
-        outputs = body(**inputs, output_attentions=True, return_dict=True, **kwargs)
+        if _accepts(body, "use_cache"):
+            options["use_cache"] = False
+        return body(**inputs, return_dict=True, **options)
+
+    def _run_stream(self, model, chunk, current: _Pass, patterns, scores: bool, sharded: bool):
+        """One batch forward through attnlog's attention → (probes, ScoreTable or None).
+
+        None when the model's attention never called attnlog's function (then the caller takes
+        the output_attentions path).
+        """
+        lengths = [len(p) for p in chunk]
+        device = _model_device(model)
+        long = any(n > self.full_attention_limit for n in lengths)
+        accumulator = None
+        if scores or long:
+            accumulator = self._accumulator(model, chunk, patterns, device)
+        stream = _Stream(
+            lengths,
+            accumulator,
+            full_limit=self.full_attention_limit,
+            pooled_size=self.pooled_size,
+            chunked_above=self.chunked_above,
+            records_qk=self.record_qk and current.records_qk,
+            wants_logits=patterns is None or "max_logit" in patterns,
+        )
+        current.stream = stream
+        try:
+            self._forward(model, chunk, sharded)
+        finally:
+            current.stream = None
+        if stream.error is not None:
+            raise stream.error
+        if stream.layers == 0:
+            return None
+        probes = [self._probe(p, **stream.probe_arrays(b)) for b, p in enumerate(chunk)]
+        table = accumulator.table(0) if accumulator is not None else None
+        return probes, table
+
+    def _accumulator(self, model, chunk, patterns, device) -> Any:
+        from attnlog import patterns as pattern_registry
+
+        config = model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        key = str(device)
+        if key not in self._contexts:
+            self._contexts = {key: [_context(p, self.causal, device) for p in self.encoded]}
+        index = {id(p): i for i, p in enumerate(self.encoded)}
+        contexts = [self._contexts[key][index[id(p)]] for p in chunk]
+        make = getattr(pattern_registry, "ScoreAccumulator", None)
+        if make is None:  # an attnlog.patterns without the row-wise engine
+            return None
+        return make(
+            contexts,
+            patterns,
+            int(text.num_hidden_layers),
+            int(text.num_attention_heads),
+            device,
+        )
+
+    def _run_batch(self, model, chunk: Sequence[EncodedProbe], current: _Pass, sharded: bool):
+        """The output_attentions path: every layer's whole attention, reduced afterwards."""
+        outputs = self._forward(model, chunk, sharded, output_attentions=True)
         attentions = _nonempty(getattr(outputs, "attentions", None), type(model).__name__)
-        queries, keys, scaling = self._stack_qk(records_qk, len(attentions))
+        queries, keys, scaling = self._stack_qk(current, len(attentions))
         result = []
         for row, p in enumerate(chunk):
             n = len(p)
@@ -308,7 +706,7 @@ class Capturer:
             )
         return result
 
-    def _run_seq2seq(self, model, p: EncodedProbe, records_qk: bool) -> ProbeAttention:
+    def _run_seq2seq(self, model, p: EncodedProbe, current: _Pass) -> ProbeAttention:
         """Encoder–decoder: the decoder reads the probe shifted right (teacher forcing)."""
         device = _model_device(model)
         config = model.config
@@ -330,9 +728,11 @@ class Capturer:
         encoder = _nonempty(outputs.encoder_attentions, name)
         decoder = _nonempty(outputs.decoder_attentions, name)
         cross = _nonempty(outputs.cross_attentions, name)
-        encoder_modules = set(map(id, model.get_encoder().modules())) if records_qk else set()
+        encoder_modules = (
+            set(map(id, model.get_encoder().modules())) if current.records_qk else set()
+        )
         queries, keys, scaling = self._stack_qk(
-            records_qk, len(encoder), keep=lambda m: id(m) in encoder_modules
+            current, len(encoder), keep=lambda m: id(m) in encoder_modules
         )
         return self._probe(
             p,
@@ -345,11 +745,11 @@ class Capturer:
             cross_attention=torch.stack([a[0] for a in cross]),
         )
 
-    def _stack_qk(self, records_qk: bool, num_layers: int, keep=None):
+    def _stack_qk(self, current: _Pass, num_layers: int, keep=None):
         """Recorded calls → queries, keys `[L, B, H, n, d]` (keys expanded per query head)."""
-        calls = [c for c in _RECORDER.calls if keep is None or keep(c[0])]
-        _RECORDER.calls.clear()
-        if not (self.record_qk and records_qk) or len(calls) != num_layers:
+        calls = [c for c in current.calls if keep is None or keep(c[0])]
+        current.calls.clear()
+        if not (self.record_qk and current.records_qk) or len(calls) != num_layers:
             return None, None, None
         queries, keys = [], []
         for _, q, k, _ in calls:
@@ -386,10 +786,72 @@ def capture(
 
     For repeated captures (a logger), build a `Capturer` once and call it.
     """
-    return Capturer(model, tokenizer, probes, **options)(step)
+    return Capturer(model, tokenizer, probes, induction_probe=False, **options)(step)
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _agree(error: BaseException | None, device: Any) -> None:
+    """All ranks learn whether every rank's pass succeeded; each raises if one failed."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl" and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+        ok = torch.tensor([0 if error is not None else 1], device=device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if error is None and int(ok.item()) == 0:
+            raise RuntimeError("the probe pass failed on another rank (its error is logged there)")
+    if error is not None:
+        raise error
+
+
+def _merge_tables(tables: list[Any], step: int) -> Any:
+    """One ScoreTable from the tables of several batches (NaN-ignoring mean/max over probes)."""
+    from attnlog import patterns as pattern_registry
+
+    tables = [t for t in tables if t is not None]
+    if not tables:
+        return None
+    if len(tables) == 1:
+        tables[0].step = step
+        return tables[0]
+    return pattern_registry.merge_tables(tables, step=step)
+
+
+def _context(p: EncodedProbe, causal: bool, device: Any) -> Any:
+    from attnlog.patterns import PatternContext
+
+    return PatternContext.create(
+        len(p),
+        tokens=list(p.tokens),
+        special=p.special,
+        punct=p.punct,
+        segment=p.segment,
+        token_ids=p.input_ids,
+        word_ids=p.word_ids,
+        causal=causal,
+        is_pair=p.is_pair,
+        device=device,
+    )
+
+
+def _with_induction_probe(probe_set: ProbeSet, tokenizer: Any) -> ProbeSet:
+    """The probe set plus the built-in induction probe (when attnlog.probes provides it)."""
+    from attnlog import probes
+
+    make = getattr(probes, "induction_probe", None)
+    if make is None:
+        return probe_set
+    probe = make(tokenizer)
+    if any(p.name == probe.name for p in probe_set):
+        return probe_set
+    return ProbeSet([*probe_set, probe])
 
 
 def _is_causal(config: Any) -> bool:

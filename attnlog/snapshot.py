@@ -4,6 +4,12 @@ A `Snapshot` lives on the training device while scores are computed, then `to_ho
 into small CPU copies (float16 attention) that the worker thread renders and the sinks write.
 `save`/`load` give the archive format other tools read back: one `.npz` per step, plain numpy
 arrays plus one JSON string, so no attnlog import is needed to read it.
+
+A probe longer than the capture's full-attention limit (256 tokens by default) keeps its attention
+pooled by blocks of tokens instead: `attention` is then `[L, H, m, m]` with `m` <= 256, `spans`
+`[m, 2]` gives each block's token range `[start, end)` and `labels` its text; `tokens` stays the
+full token list. Pooled rows still sum to 1 (mean over a block's query rows, sum over its keys).
+Archive versions: 1 (full attention only) and 2 (adds `spans` and `labels`); both load.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Array-valued fields of ProbeAttention, in archive order. `None` means "not captured".
 _ARRAY_FIELDS = (
@@ -29,6 +35,7 @@ _ARRAY_FIELDS = (
     "segment",  # [n] int             sentence A = 0, sentence B = 1
     "word_ids",  # [n] int            word index from the tokenizer, -1 where unknown
     "token_ids",  # [n] int
+    "spans",  # [m, 2] int           token range [start, end) of each pooled block (version 2)
 )
 
 
@@ -37,6 +44,7 @@ class ProbeAttention:
     """One probe's capture, padding already trimmed.
 
     Arrays are torch tensors on the training device until `Snapshot.to_host()`, numpy after.
+    `attention` is `[L, H, n, n]`, or `[L, H, m, m]` pooled over `spans` when `spans` is set.
     """
 
     name: str
@@ -55,6 +63,13 @@ class ProbeAttention:
     decoder_tokens: list[str] | None = None
     decoder_attention: Any = None  # [L, H, m, m]
     cross_attention: Any = None  # [L, H, m, n]
+    spans: Any = None  # [m, 2] int token [start, end) per pooled block; None = full attention
+    labels: list[str] | None = None  # [m] text of each pooled block
+
+    @property
+    def pooled(self) -> bool:
+        """Whether `attention` is pooled over token blocks (`spans`) rather than per token."""
+        return self.spans is not None
 
     @property
     def num_layers(self) -> int:
@@ -104,6 +119,7 @@ class Snapshot:
                     "causal": probe.causal,
                     "is_pair": probe.is_pair,
                     "scaling": probe.scaling,
+                    "labels": probe.labels,
                 }
             )
         for name, value in (scores or {}).items():

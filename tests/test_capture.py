@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 import warnings
 
 import pytest
@@ -81,6 +82,55 @@ def test_training_state_is_restored(minilm):
         model.eval()
 
 
+def test_concurrent_probe_passes_leave_the_model_as_it_was(minilm):
+    """Threads calling the capturer at once: each pass runs alone and restores everything."""
+    model, tokenizer = minilm
+    cap = Capturer(model, tokenizer, [PAIR, "Short."])
+    reference = cap(0)
+    model.train()
+    model.encoder.layer[0].eval()
+    start = threading.Barrier(4)
+    results, errors = [], []
+
+    def run():
+        try:
+            start.wait()
+            for _ in range(3):
+                results.append(cap(0))
+        except Exception as ex:  # a failure in a thread must fail the test
+            errors.append(ex)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert not errors and len(results) == 12
+        assert model.training and not model.encoder.layer[0].training
+        assert all(m.training for m in model.encoder.layer[1:].modules())
+        assert model.config._attn_implementation == "sdpa"
+        for snapshot in results:
+            for probe, ref in zip(snapshot.probes, reference.probes):
+                assert probe.queries is not None and probe.keys is not None
+                torch.testing.assert_close(probe.queries, ref.queries, atol=1e-6, rtol=0)
+                torch.testing.assert_close(probe.attention, ref.attention, atol=1e-6, rtol=0)
+    finally:
+        model.eval()
+
+
+def test_attention_function_is_registered_through_the_public_api(minilm):
+    """`AttentionInterface.register` is public and only updates a mapping: calling it at every
+    capture is harmless, and the name is then a valid attention implementation."""
+    from transformers import AttentionInterface
+
+    model, tokenizer = minilm
+    capture(model, tokenizer, ["Hello world."])
+    capture(model, tokenizer, ["Hello world."])
+    assert "attnlog_eager" in AttentionInterface()
+    assert model.config._attn_implementation == "sdpa"
+
+
 def test_unwraps_compile_and_dataparallel(minilm):
     model, tokenizer = minilm
     wrapped = torch.nn.DataParallel(model)
@@ -126,6 +176,18 @@ def test_over_long_probe_truncates_with_warning_or_errors(minilm):
         warnings.simplefilter("ignore")
         snap = Capturer(model, tokenizer, [long_text], max_length=40)(0)
     assert snap.probes[0].tokens[-1] == "[SEP]" and len(snap.probes[0]) == 40
+
+
+@pytest.mark.parametrize(
+    "option", ["max_length", "batch_size", "full_attention_limit", "pooled_size", "chunked_above"]
+)
+def test_sizes_below_one_fail_at_construction(minilm, option):
+    model, tokenizer = minilm
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=f"{option} must be at least 1"):
+            Capturer(model, tokenizer, ["fine"], **{option: bad})
+    with pytest.raises(TypeError, match=f"{option} must be a whole number"):
+        Capturer(model, tokenizer, ["fine"], **{option: 2.5})
 
 
 def test_vocabulary_mismatch_names_the_fix(minilm):
