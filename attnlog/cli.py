@@ -198,10 +198,24 @@ def _compare(args) -> int:
 
 
 def _sync(args) -> int:
-    from attnlog.sinks.mlflow import default_spool_dir, sync
+    from attnlog.layout import default_spool_dir, plugin_dir
+    from attnlog.sinks.spool import Spool, sync
 
+    if not plugin_dir(args.logdir).is_dir():
+        raise FileNotFoundError(
+            f"no attnlog run in {args.logdir} (no {plugin_dir(args.logdir)}); pass the logdir "
+            "the logger wrote to"
+        )
     spool = default_spool_dir(args.logdir)
-    sent = sync(spool, tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    if not Spool(spool).entries():
+        print(f"attnlog sync: sent 0 spooled entries: {spool} holds none")
+        return 0
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        sent = sync(spool, tracking_uri=uri)
+    except (ConnectionError, RuntimeError) as exc:
+        print(f"attnlog sync: error: {exc}", file=sys.stderr)
+        return 1
     print(f"attnlog sync: sent {sent} spooled entr{'y' if sent == 1 else 'ies'} from {spool}")
     return 0
 

@@ -207,6 +207,7 @@ def test_compare_refuses_models_of_different_shapes(logged_run, minilm, tmp_path
 def test_sync_on_an_empty_spool_sends_nothing(tmp_path, capsys):
     pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "plugins/attnlog").mkdir(parents=True)  # a run that spooled nothing
     assert main(["sync", str(tmp_path), "--tracking-uri", uri]) == 0
     assert "sent 0 spooled entries" in capsys.readouterr().out
 

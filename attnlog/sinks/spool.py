@@ -1,0 +1,389 @@
+"""The MLflow spool: events the tracking server did not take yet, and `sync` to send them later.
+
+The MLflow sink writes here while the server is unreachable; the sink itself (at a later event,
+`flush`, `close`) or `attnlog sync <logdir>` sends the entries, oldest first. An entry is deleted
+only after it was sent, and its progress is saved part by part, so nothing is sent twice (short
+of a crash between a send and that save).
+
+Format (`<spool_dir>/<time_ns>-<pid>-<seq>.json`, version 1)::
+
+    {"version": 1, "tracking_uri": "...", "run_id": "..." | null, "experiment_name": ... | null,
+     "step": 100,
+     "metrics": [[key, value, timestamp_ms, step], ...],
+     "params": {key: value}, "tags": {key: value},
+     "artifacts": [{"path": "attention/step_00000100/scores.json", "file": "<id>.files/..."}],
+     "images": [{"key": "attention/p0/model", "step": 100, "timestamp": ms, "file": "..."}],
+     "end_run": "FINISHED" | null}
+
+`run_id` is null while the sink had no run yet (the server was down when it wanted to start one);
+every entry gets the run, on disk, as soon as one exists, so one training run stays one MLflow run.
+
+Damage is contained to the entry it hits: an entry that cannot be read (not UTF-8, not JSON, a
+field of the wrong type) or that the server refuses for good is moved to `<spool_dir>/failed/`
+with a message, and the other entries are still sent, to the same run.
+
+Limit: the fast-fail settings are MLflow's `MLFLOW_HTTP_REQUEST_*` environment variables, set
+for the duration of attnlog's own calls (MLflow reads them per request and has no other knob);
+another thread's MLflow calls made at that moment see them too.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import logging
+import os
+import posixpath
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from attnlog.layout import default_spool_dir
+
+__all__ = [
+    "EXPERIMENT_KIND_TAG",
+    "SPOOL_VERSION",
+    "CorruptEntry",
+    "Spool",
+    "default_spool_dir",
+    "fast_http",
+    "is_unreachable",
+    "send",
+    "start_run",
+    "sync",
+]
+
+log = logging.getLogger(__name__)
+
+SPOOL_VERSION = 1
+INSTALL_HINT = "install it with `pip install 'attnlog[mlflow]'`"
+# MLflow 3 opens an experiment without this tag on its GenAI overview; attnlog logs training
+# runs, so it asks for the model-training view (tag and value as in MLflow's own UI code).
+EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+
+# field -> type of a readable entry
+_FIELDS = {"metrics": list, "params": dict, "tags": dict, "artifacts": list, "images": list}
+
+
+def require_mlflow(what: str = "attnlog's MLflow sink") -> None:
+    """ModuleNotFoundError with the install command when mlflow is missing (nothing imported)."""
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is None:
+        raise ModuleNotFoundError(f"{what} needs the `mlflow` package; {INSTALL_HINT}")
+
+
+# ---- fast failure ---------------------------------------------------------------------------
+
+_ENV_LOCK = threading.Lock()
+
+
+@contextmanager
+def fast_http(timeout_s: int) -> Iterator[None]:
+    """MLflow HTTP settings for attnlog's own calls: no retries, a short timeout."""
+    settings = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout_s)),
+    }
+    with _ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in settings}
+        os.environ.update(settings)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+_TRANSIENT_STATUS = {429, 502, 503, 504}
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """True for errors worth spooling and retrying: connection refused, timeouts, 502-504, 429."""
+    import requests
+    from mlflow.exceptions import RestException
+
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(
+            exc,
+            requests.ConnectionError | requests.Timeout | ConnectionError | TimeoutError,
+        ):
+            return True
+        if isinstance(exc, requests.exceptions.RetryError):
+            return True
+        if isinstance(exc, requests.HTTPError) and exc.response is not None:
+            return exc.response.status_code in _TRANSIENT_STATUS
+        if isinstance(exc, RestException) and exc.get_http_status_code() in _TRANSIENT_STATUS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+# ---- the spool ------------------------------------------------------------------------------
+
+
+class CorruptEntry(ValueError):
+    """A spool entry that cannot be read; it is set aside, never retried."""
+
+
+class Spool:
+    """One JSON file per unsent event, artifacts and images copied next to it."""
+
+    _seq = itertools.count()
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+
+    def entries(self) -> list[Path]:
+        """Pending entries, oldest first."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(self.folder.glob("*.json"))
+
+    def add(self, event: dict[str, Any]) -> Path:
+        """Write `event` (in-memory texts/arrays become files); return the entry's path."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        entry_id = f"{time.time_ns():020d}-{os.getpid()}-{next(self._seq):06d}"
+        files = f"{entry_id}.files"
+        record = {k: v for k, v in event.items() if k not in ("artifacts", "images")}
+        record["artifacts"] = []
+        for art in event["artifacts"]:
+            if "file" in art:  # already spooled (a retried entry): keep its file
+                record["artifacts"].append(art)
+                continue
+            rel = f"{files}/artifacts/{art['path']}"
+            target = self.folder / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(art["text"], encoding="utf-8")
+            record["artifacts"].append({"path": art["path"], "file": rel})
+        record["images"] = []
+        for i, img in enumerate(event["images"]):
+            if "file" in img:
+                record["images"].append(img)
+                continue
+            from PIL import Image
+
+            rel = f"{files}/images/{i:04d}.png"
+            (self.folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img["array"]).save(self.folder / rel)
+            record["images"].append({k: v for k, v in img.items() if k != "array"} | {"file": rel})
+        path = self.folder / f"{entry_id}.json"
+        self.save(path, record)
+        return path
+
+    def load(self, path: Path) -> dict[str, Any]:
+        """One entry.
+
+        Raises:
+            CorruptEntry: the file is not a readable entry (set it aside with `set_aside`).
+            ValueError: a newer attnlog wrote it (kept: upgrade attnlog to send it).
+        """
+        try:
+            event = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise CorruptEntry(f"{path.name} is not valid JSON ({exc})") from None
+        if not isinstance(event, dict):
+            raise CorruptEntry(f"{path.name} holds {type(event).__name__}, not an entry")
+        version = event.get("version", 0)
+        if not isinstance(version, int):
+            raise CorruptEntry(f"{path.name} has no valid version")
+        if version > SPOOL_VERSION:
+            raise ValueError(f"{path} was written by a newer attnlog; upgrade attnlog to send it")
+        for name, kind in _FIELDS.items():
+            event.setdefault(name, kind())
+            if not isinstance(event[name], kind):
+                raise CorruptEntry(f"{path.name}: {name!r} is not a {kind.__name__}")
+        return event
+
+    def save(self, path: Path, event: dict[str, Any]) -> None:
+        """Atomic rewrite: a reader sees the old or the new entry, never half of one."""
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(event), encoding="utf-8")
+        tmp.replace(path)
+
+    def remove(self, path: Path) -> None:
+        path.unlink()  # first: once the entry is gone it can never be sent again
+        shutil.rmtree(path.with_name(path.stem + ".files"), ignore_errors=True)
+
+    def set_aside(self, path: Path, reason: object = None) -> Path:
+        """Move an entry that can never be sent to `failed/`, so it blocks nothing; say so."""
+        failed = self.folder / "failed"
+        failed.mkdir(exist_ok=True)
+        files = path.with_name(path.stem + ".files")
+        if files.exists():
+            files.replace(failed / files.name)
+        path.replace(failed / path.name)
+        if reason is not None:
+            log.warning("attnlog: MLflow spool entry %s moved to %s: %s", path.name, failed, reason)
+        return failed / path.name
+
+    def assign_run(self, run_id: str) -> list[Path]:
+        """Give entries spooled before the run existed their run, on disk, before any send.
+
+        Each entry is read on its own: a damaged one is set aside (and returned) and the others
+        still get the run, so one damaged file cannot split the run in two.
+        """
+        set_aside = []
+        for path in self.entries():
+            try:
+                event = self.load(path)
+            except CorruptEntry as exc:
+                set_aside.append(self.set_aside(path, exc))
+                continue
+            if event.get("run_id") is None:
+                event["run_id"] = run_id
+                self.save(path, event)
+        return set_aside
+
+
+# ---- sending --------------------------------------------------------------------------------
+
+
+def send(client: Any, event: dict[str, Any], folder: Path | None, progress: Callable) -> None:
+    """Send what is left of `event`, dropping each part from it once sent, then `progress()`.
+
+    Metrics, params and tags go together in `log_batch` calls within MLflow's own limits.
+    """
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.utils import validation
+
+    run_id = event["run_id"]
+    while event["metrics"] or event["params"] or event["tags"]:
+        params = list(event["params"])[: validation.MAX_PARAMS_TAGS_PER_BATCH]
+        tags = list(event["tags"])[: validation.MAX_PARAMS_TAGS_PER_BATCH - len(params)]
+        room = validation.MAX_ENTITIES_PER_BATCH - len(params) - len(tags)
+        metrics = event["metrics"][: min(validation.MAX_METRICS_PER_BATCH, room)]
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, v, ts, s) for k, v, ts, s in metrics],
+            params=[Param(k, event["params"][k]) for k in params],
+            tags=[RunTag(k, event["tags"][k]) for k in tags],
+            synchronous=True,
+        )
+        del event["metrics"][: len(metrics)]
+        for k in params:
+            del event["params"][k]
+        for k in tags:
+            del event["tags"][k]
+        progress()
+    while event["artifacts"]:
+        art = event["artifacts"][0]
+        if "text" in art:
+            client.log_text(run_id, art["text"], art["path"])
+        else:
+            local = folder / art["file"]
+            if posixpath.basename(art["path"]) != local.name:
+                raise ValueError(f"spool file {local} does not match artifact {art['path']}")
+            client.log_artifact(run_id, str(local), posixpath.dirname(art["path"]) or None)
+        event["artifacts"].pop(0)
+        progress()
+    while event["images"]:
+        img = event["images"][0]
+        if "array" in img:
+            image = img["array"]
+        else:
+            from PIL import Image
+
+            with Image.open(folder / img["file"]) as opened:
+                image = opened.convert("RGB")
+        client.log_image(
+            run_id, image, key=img["key"], step=img["step"], timestamp=img["timestamp"],
+            synchronous=True,
+        )  # fmt: skip
+        event["images"].pop(0)
+        progress()
+    if event.get("end_run"):
+        client.set_terminated(run_id, event["end_run"])
+        event["end_run"] = None
+        progress()
+
+
+def start_run(client: Any, experiment_name: str | None) -> str:
+    """A new run in `experiment_name` (created if needed), else `MLFLOW_EXPERIMENT_ID`, else 0."""
+    if experiment_name:
+        experiment = client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            experiment_id = client.create_experiment(
+                experiment_name, tags=dict([EXPERIMENT_KIND_TAG])
+            )
+        else:
+            experiment_id = experiment.experiment_id
+    else:
+        experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or "0"
+    run = client.create_run(experiment_id, tags={"mlflow.source.name": "attnlog"})
+    mark_experiment(client, run.info.experiment_id)
+    return run.info.run_id
+
+
+def mark_experiment(client: Any, experiment_id: str) -> None:
+    """Set `EXPERIMENT_KIND_TAG` on an experiment that has no kind yet (never overrides one)."""
+    key, value = EXPERIMENT_KIND_TAG
+    if key not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, key, value)
+
+
+def sync(spool_dir: str | os.PathLike, tracking_uri: str | None = None, timeout_s: int = 30) -> int:
+    """Send the events left in a spool (the `attnlog sync` command); returns how many were sent.
+
+    Each entry goes to its own run on its own server (`tracking_uri` overrides the server).
+    Entries that never had a run get one new run, recorded in them before anything is sent, so
+    an interrupted sync can simply be run again. An entry that is damaged or refused is moved to
+    `failed/` and the others are still sent.
+
+    Raises:
+        ConnectionError: the server is unreachable; the entries not sent stay in the spool.
+        RuntimeError: after sending the rest, some entries were moved to `failed/` (named).
+        ValueError: an entry was written by a newer attnlog (left in place).
+    """
+    require_mlflow("`attnlog sync`")
+    from mlflow import MlflowClient
+
+    spool = Spool(spool_dir)
+    sent, failed = 0, []
+    for path in spool.entries():
+        if not path.exists():
+            continue  # set aside by assign_run above
+        try:
+            event = spool.load(path)
+        except CorruptEntry as exc:
+            failed.append(f"{spool.set_aside(path, exc).name} (damaged: {exc})")
+            continue
+        uri = tracking_uri or event.get("tracking_uri")
+        client = MlflowClient(uri)
+        try:
+            with fast_http(timeout_s):
+                if event.get("run_id") is None:
+                    aside = spool.assign_run(start_run(client, event.get("experiment_name")))
+                    failed += [f"{p.name} (damaged)" for p in aside]
+                    event = spool.load(path)
+                send(client, event, spool.folder, functools.partial(spool.save, path, event))
+        except Exception as exc:
+            if is_unreachable(exc):
+                left = len(spool.entries())
+                raise ConnectionError(
+                    f"MLflow at {uri} is unreachable; sent {sent}, {left} events left in "
+                    f"{spool.folder}: {str(exc).splitlines()[0][:300]}"
+                ) from exc
+            reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            failed.append(f"{spool.set_aside(path, reason).name} (refused: {reason})")
+            continue
+        spool.remove(path)
+        sent += 1
+    if failed:
+        raise RuntimeError(
+            f"sent {sent} entr{'y' if sent == 1 else 'ies'}; {len(failed)} could not be sent and "
+            f"were moved to {spool.folder / 'failed'}: " + "; ".join(failed)
+        )
+    return sent
