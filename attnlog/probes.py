@@ -1,7 +1,10 @@
 """Probe sentences and their tokenisation with the model's own tokenizer.
 
-A probe is a sentence or a sentence pair. It is tokenised once, when the logger starts; every
-logging event then reuses the same token ids, masks and segment ids (`EncodedProbe`).
+A probe is a sentence, a sentence pair, or a fixed list of token ids (`Probe(ids=...)`, used as
+given: ids are never decoded to text and re-encoded, which would not give them back for random
+tokens). It is tokenised once, when the logger starts; every logging event then reuses the same
+token ids, masks and segment ids (`EncodedProbe`). `induction_probe` builds the repeated
+random-token probe that the `induction` score needs.
 """
 
 from __future__ import annotations
@@ -11,25 +14,56 @@ import re
 import unicodedata
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+__all__ = [
+    "DEFAULT_PROBES",
+    "EncodedProbe",
+    "Probe",
+    "ProbeSet",
+    "bare_token",
+    "encode_probe",
+    "induction_probe",
+    "is_punctuation",
+    "model_max_length",
+]
+
 # Word-piece markers that tokenizers prepend or append; stripped before a punctuation check.
 _MARKERS = ("##", "Ġ", "▁", "Ċ", "</w>", "@@")
 
 
+# Probe names end up in file names, TensorBoard tags and MLflow keys: letters and digits of any
+# script (CJK stays readable), `_`, `-` and `.`; everything else becomes `_`.
+_NAME_UNSAFE = re.compile(r"[^\w\-.]")
+MAX_NAME_LENGTH = 100
+
+
 @dataclass(frozen=True)
 class Probe:
-    """One probe: a sentence, or a sentence pair (`pair` is sentence B)."""
+    """One probe: a sentence, a sentence pair (`pair` is sentence B), or token ids.
 
-    text: str
+    `ids` are fed to the model exactly as given (no special tokens added); `text` is then only a
+    description (default: "<n token ids>").
+    """
+
+    text: str | None = None
     pair: str | None = None
     name: str | None = None
+    ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.name is not None:
+            _check_name(self.name)
+        if self.ids is not None:
+            object.__setattr__(self, "ids", _check_ids(self.ids, self.name))
+            if self.pair is not None:
+                raise ValueError(f"probe {self.name!r}: a token-id probe cannot have a pair")
+            if self.text is None:
+                object.__setattr__(self, "text", f"<{len(self.ids)} token ids>")
         for label, value in (("text", self.text), ("pair", self.pair)):
             if value is None and label == "pair":
                 continue
@@ -39,6 +73,38 @@ class Probe:
                 raise ValueError(
                     f"probe {label} is empty ({self.name or self.text!r}); give each probe some text"
                 )
+
+
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"probe name must be a string, got {type(name).__name__} {name!r}")
+    if not re.search(r"[^\W_]", name):
+        raise ValueError(
+            f"probe name {name!r} has no letter or digit; name probes with words "
+            "(they become file and tag names)"
+        )
+    if len(name) > MAX_NAME_LENGTH:
+        raise ValueError(
+            f"probe name {name[:20]!r}... is {len(name)} characters; use at most "
+            f"{MAX_NAME_LENGTH} (it becomes file and tag names)"
+        )
+
+
+def _check_ids(ids: Any, name: str | None) -> tuple[int, ...]:
+    values = np.asarray(ids)
+    if values.ndim != 1 or values.size == 0 or values.dtype.kind not in "iu":
+        raise ValueError(
+            f"probe {name!r}: ids must be a non-empty sequence of integer token ids, got {ids!r}"
+        )
+    if (values < 0).any():
+        raise ValueError(f"probe {name!r}: token ids must be >= 0")
+    return tuple(int(v) for v in values)
+
+
+def safe_probe_name(name: str) -> str:
+    """`name` as it appears in file names, tags and keys: unsafe characters become `_`."""
+    safe = _NAME_UNSAFE.sub("_", unicodedata.normalize("NFC", name.strip()))
+    return "_" + safe[1:] if safe.startswith(".") else safe
 
 
 ProbeLike = Probe | str | tuple | list | dict
@@ -63,9 +129,11 @@ def _to_probe(item: ProbeLike) -> Probe:
     if isinstance(item, (tuple, list)) and 1 <= len(item) <= 2:
         return Probe(*item)
     if isinstance(item, dict):
-        unknown = set(item) - {"text", "pair", "name"}
-        if unknown or "text" not in item:
-            raise ValueError(f"a probe dict needs 'text' (and optional 'pair', 'name'); got {item}")
+        unknown = set(item) - {"text", "pair", "name", "ids"}
+        if unknown or ("text" not in item and "ids" not in item):
+            raise ValueError(
+                f"a probe dict needs 'text' or 'ids' (and optional 'pair', 'name'); got {item}"
+            )
         return Probe(**item)
     raise TypeError(
         f"cannot make a probe from {item!r}: use a string, a (sentence_a, sentence_b) tuple, "
@@ -73,13 +141,18 @@ def _to_probe(item: ProbeLike) -> Probe:
     )
 
 
-def _slug(text: str, words: int = 3) -> str:
+def _slug(text: str, words: int = 3, chars: int = 24) -> str:
     parts = re.findall(r"\w+", text.lower())[:words]
-    return "_".join(parts) or "probe"
+    return "_".join(parts)[:chars].rstrip("_") or "probe"
 
 
 class ProbeSet(Sequence[Probe]):
-    """An ordered set of probes with unique names."""
+    """An ordered set of probes with unique, path-safe names.
+
+    Given names are made safe for file names, tags and keys (`safe_probe_name`: "x y" becomes
+    "x_y"); two given names that then collide (also ignoring case, as some file systems do) are
+    an error. Probes without a name get `p<i>_<first words>`, made unique.
+    """
 
     def __init__(self, probes: Iterable[ProbeLike]):
         if isinstance(probes, (str, Probe)):
@@ -89,15 +162,29 @@ class ProbeSet(Sequence[Probe]):
             raise ValueError(
                 "the probe set is empty; pass at least one sentence (or None for the defaults)"
             )
-        named, seen = [], set()
+        given: dict[str, str] = {}  # casefolded safe name -> the name the user gave
+        for p in items:
+            if p.name is None:
+                continue
+            key = safe_probe_name(p.name).casefold()
+            if key in given:
+                raise ValueError(
+                    f"probe names {given[key]!r} and {p.name!r} are the same once made safe for "
+                    f"file and tag names ({safe_probe_name(p.name)!r}); rename one"
+                )
+            given[key] = p.name
+        named, seen = [], set(given)
         for i, p in enumerate(items):
-            base = p.name or f"p{i}_{_slug(p.text)}"
+            if p.name is not None:
+                named.append(replace(p, name=safe_probe_name(p.name)))
+                continue
+            base = safe_probe_name(f"p{i}_{_slug(p.text)}" if p.ids is None else f"p{i}_ids")
             name, k = base, 1
-            while name in seen:
+            while name.casefold() in seen:
                 k += 1
                 name = f"{base}_{k}"
-            seen.add(name)
-            named.append(Probe(p.text, p.pair, name))
+            seen.add(name.casefold())
+            named.append(replace(p, name=name))
         self._probes = tuple(named)
 
     @classmethod
@@ -113,6 +200,8 @@ class ProbeSet(Sequence[Probe]):
         if not path.is_file():
             raise FileNotFoundError(f"probe file {path} does not exist")
         lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if not lines:
+            raise ValueError(f"probe file {path} holds no probe; write one probe a line")
         if path.suffix == ".jsonl":
             items: list[ProbeLike] = []
             for n, line in enumerate(lines, 1):
@@ -131,11 +220,15 @@ class ProbeSet(Sequence[Probe]):
         if isinstance(probes, ProbeSet):
             return probes
         if isinstance(probes, Path) or (
-            isinstance(probes, str)
-            and probes.endswith((".txt", ".jsonl"))
-            and Path(probes).is_file()
+            isinstance(probes, str) and probes.strip().endswith((".txt", ".jsonl"))
         ):
-            return cls.from_file(probes)
+            path = Path(probes.strip() if isinstance(probes, str) else probes)
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"probe file {str(path)!r} does not exist (a string ending in .txt or .jsonl "
+                    "is read as a probe file); fix the path, or pass a sentence as [text]"
+                )
+            return cls.from_file(path)
         return cls(probes)
 
     def __getitem__(self, index):  # type: ignore[override]
@@ -214,6 +307,8 @@ def encode_probe(
     """
     if on_long not in ("truncate", "error"):
         raise ValueError(f"on_long must be 'truncate' or 'error', got {on_long!r}")
+    if probe.ids is not None:
+        return _encode_ids(probe, tokenizer, max_length=max_length, on_long=on_long)
     kwargs: dict[str, Any] = {"return_special_tokens_mask": True}
     full = tokenizer(probe.text, probe.pair, **kwargs)
     n_full = len(full["input_ids"])
@@ -260,6 +355,77 @@ def encode_probe(
         is_pair=probe.pair is not None,
         truncated=truncated,
     )
+
+
+def _encode_ids(
+    probe: Probe, tokenizer: Any, *, max_length: int | None, on_long: str
+) -> EncodedProbe:
+    """A token-id probe, as given: one sentence, no word ids (there is no text to align)."""
+    ids = np.asarray(probe.ids, dtype=np.int64)
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+    if size is not None and int(ids.max()) >= size:
+        raise ValueError(
+            f"probe {probe.name!r} has token id {int(ids.max())} but the tokenizer has only "
+            f"{size} tokens; build it with this model's tokenizer"
+        )
+    truncated = bool(max_length and len(ids) > max_length)
+    if truncated:
+        message = (
+            f"probe {probe.name!r} has {len(ids)} tokens, more than the model's maximum of "
+            f"{max_length}"
+        )
+        if on_long == "error":
+            raise ValueError(message + "; shorten it or pass on_long='truncate'")
+        warnings.warn(message + "; it is truncated", stacklevel=4)
+        ids = ids[:max_length]
+    tokens = list(tokenizer.convert_ids_to_tokens(ids.tolist()))
+    special = np.isin(ids, sorted(getattr(tokenizer, "all_special_ids", []) or []))
+    punct = np.asarray([is_punctuation(t) for t in tokens], dtype=bool) & ~special
+    return EncodedProbe(
+        name=probe.name or "ids",
+        input_ids=ids,
+        tokens=tokens,
+        special=special,
+        punct=punct,
+        segment=np.zeros(len(ids), dtype=np.int64),
+        word_ids=None,
+        token_type_ids=None,
+        is_pair=False,
+        truncated=truncated,
+    )
+
+
+def induction_probe(
+    tokenizer: Any, length: int = 20, seed: int = 0, name: str = "induction"
+) -> Probe:
+    """[BOS] + `length` random ordinary token ids, repeated twice: the `induction` score's probe.
+
+    The ids are drawn without replacement (so only the second copy repeats tokens) by numpy's
+    `Generator` with a fixed seed from the tokenizer's sorted ordinary vocabulary (no special,
+    added or bracketed tokens such as `[unused7]`): the same tokenizer gives the same probe in every run, at every step.
+
+    Args:
+        tokenizer: the model's tokenizer (needs `get_vocab`).
+        length: T, the tokens in one copy; the probe has 2T (+1 with a BOS) tokens.
+        seed: the generator's seed.
+        name: the probe's name.
+    """
+    if not isinstance(length, int) or length < 2:
+        raise ValueError(f"length must be an integer >= 2, got {length!r}")
+    vocab = tokenizer.get_vocab()
+    added = getattr(tokenizer, "get_added_vocab", dict)()
+    skip = set(getattr(tokenizer, "all_special_ids", []) or []) | set(added.values())
+    # Bracketed tokens ([unused7], <extra_id_0>) are special in all but name: skipped too.
+    skip |= {i for t, i in vocab.items() if re.fullmatch(r"\[.+\]|<.+>", t)}
+    ordinary = np.asarray(sorted(set(vocab.values()) - skip), dtype=np.int64)
+    if ordinary.size < length:
+        raise ValueError(
+            f"the tokenizer has {ordinary.size} ordinary tokens, fewer than length={length}"
+        )
+    chosen = np.random.default_rng(seed).choice(ordinary, size=length, replace=False)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids = ([bos] if bos is not None else []) + chosen.tolist() * 2
+    return Probe(text=f"{length} random tokens, repeated (seed {seed})", name=name, ids=ids)
 
 
 def _segments(encoding: Any, special: np.ndarray, token_type_ids, is_pair: bool) -> np.ndarray:
