@@ -30,6 +30,7 @@ import contextvars
 import functools
 import sys
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -585,7 +586,8 @@ class Capturer:
         """Score what the pass did not score; pool whole attention too long to store whole."""
         from attnlog import patterns as pattern_registry
 
-        table = _merge_tables(tables, snapshot.step)
+        contexts = next(iter(self._contexts.values()), [])
+        table = _merge_tables(tables, snapshot.step, contexts)
         too_long = any(len(p) > self.full_attention_limit for p in snapshot.probes)
         whole = [p for p in snapshot.probes if not p.pooled]
         if table is None and (scores or too_long) and whole:  # the output_attentions path
@@ -685,6 +687,7 @@ class Capturer:
             int(text.num_hidden_layers),
             int(text.num_attention_heads),
             device,
+            names=[p.name for p in chunk],
         )
 
     def _run_batch(self, model, chunk: Sequence[EncodedProbe], current: _Pass, sharded: bool):
@@ -811,17 +814,37 @@ def _agree(error: BaseException | None, device: Any) -> None:
         raise error
 
 
-def _merge_tables(tables: list[Any], step: int) -> Any:
-    """One ScoreTable from the tables of several batches (NaN-ignoring mean/max over probes)."""
+def _merge_tables(tables: list[Any], step: int, contexts: Sequence[Any]) -> Any:
+    """One ScoreTable from the tables of several batches (`batch_size` < number of probes):
+    per-probe scores side by side, combined over probes as one table combines them."""
+    import numpy as np
+
     from attnlog import patterns as pattern_registry
 
     tables = [t for t in tables if t is not None]
-    if not tables:
-        return None
-    if len(tables) == 1:
-        tables[0].step = step
-        return tables[0]
-    return pattern_registry.merge_tables(tables, step=step)
+    if len(tables) <= 1:
+        if tables:
+            tables[0].step = step
+        return tables[0] if tables else None
+    per_probe = {k: v for t in tables for k, v in t.per_probe.items()}
+    scores = {}
+    for name in tables[0].scores:
+        stack = np.stack([v[name] for v in per_probe.values()])  # [P, L, H]
+        how = pattern_registry._REDUCE.get(name, "mean")  # TODO(patterns): a public merge
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN heads stay NaN
+            scores[name] = (np.nanmax if how == "max" else np.nanmean)(stack, 0).astype("float32")
+    labels = None
+    if tables[0].labels is not None:
+        chances = [
+            c.same_sentence_chance
+            for c in contexts
+            if c.same_sentence_chance == c.same_sentence_chance
+        ]
+        labels = pattern_registry.label_heads(
+            scores, chance=float(np.mean(chances)) if chances else None
+        )
+    return pattern_registry.ScoreTable(step=step, scores=scores, per_probe=per_probe, labels=labels)
 
 
 def _context(p: EncodedProbe, causal: bool, device: Any) -> Any:

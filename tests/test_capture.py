@@ -6,6 +6,7 @@ import copy
 import threading
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -313,3 +314,97 @@ def test_model_without_attention_weights_is_reported(minilm):
 
     with pytest.raises(AttentionUnavailableError, match="output_attentions"):
         Capturer(NoWeights(model), tokenizer, ["x"]).check()
+
+
+# ---- streaming: scores and stored attention reduced layer by layer ------------------------
+
+
+def _assert_same_scores(table, reference, atol=1e-5):
+    assert table.scores.keys() == reference.scores.keys()
+    for name, expected in reference.scores.items():
+        np.testing.assert_allclose(table.scores[name], expected, atol=atol, rtol=0, err_msg=name)
+    assert table.per_probe.keys() == reference.per_probe.keys()
+    if reference.labels is not None:
+        assert (table.labels == reference.labels).all()
+
+
+@pytest.mark.parametrize("family", ["minilm", "llama"])
+@pytest.mark.parametrize("batch_size", [None, 1])
+def test_scores_of_the_streamed_pass_equal_scores_of_the_whole_attention(
+    minilm, family, batch_size
+):
+    from attnlog.patterns import score
+
+    model, tokenizer = minilm
+    model = model if family == "minilm" else _tiny("llama")
+    probes = [Probe(*PAIR, name="pair"), Probe("I like strawberries, not raspberries!", name="b")]
+    cap = Capturer(model, tokenizer, probes, batch_size=batch_size, induction_probe=False)
+    snapshot, table = cap.measure(3)
+    reference = score(capture(model, tokenizer, probes), step=3)
+    assert table.step == 3 and not any(p.pooled for p in snapshot.probes)
+    _assert_same_scores(table, reference)
+    assert np.isfinite(table.scores["max_logit"]).all()  # logits reached the accumulator
+
+
+def _ids_probe(n: int, seed: int = 0, name: str = "long") -> Probe:
+    rng = np.random.default_rng(seed)
+    return Probe(ids=rng.integers(1000, 29000, size=n).tolist(), name=name)
+
+
+def test_probe_over_the_full_attention_limit_is_stored_pooled(minilm):
+    from attnlog.capture import pool_attention
+
+    _, tokenizer = minilm
+    model = _tiny("llama")
+    probes = [_ids_probe(120), Probe("A short probe.", name="short")]
+    options = dict(induction_probe=False, full_attention_limit=100, pooled_size=32)
+    snapshot, table = Capturer(model, tokenizer, probes, **options).measure(0)
+    whole_cap = Capturer(model, tokenizer, probes, induction_probe=False)
+    whole, whole_table = whole_cap.measure(0)
+    long, short = snapshot.probes
+    assert long.pooled and not short.pooled and len(long.tokens) == 120
+    assert long.attention.shape == (2, 4, 32, 32) and long.queries is None
+    spans = long.spans
+    assert spans.shape == (32, 2) and spans[0, 0] == 0 and spans[-1, 1] == 120
+    assert (spans[1:, 0] == spans[:-1, 1]).all() and (spans[:, 1] > spans[:, 0]).all()
+    assert len(long.labels) == 32 and long.labels[0].startswith(long.tokens[0])
+    np.testing.assert_allclose(long.attention.astype("float32").sum(-1), 1, atol=2e-3)
+    expected, expected_spans = pool_attention(
+        torch.from_numpy(whole.probes[0].attention).float(), 32
+    )
+    np.testing.assert_allclose(long.attention, expected.numpy(), atol=2e-3)  # float16 on the host
+    assert (spans == expected_spans.numpy()).all()
+    assert short.queries is not None and short.attention.shape[-1] == len(short)
+    _assert_same_scores(table, whole_table)
+
+
+def test_pooled_snapshot_round_trips_and_version_1_archives_still_load(minilm, tmp_path):
+    import json
+
+    from attnlog.snapshot import FORMAT_VERSION, load
+
+    _, tokenizer = minilm
+    cap = Capturer(
+        _tiny("llama"), tokenizer, [_ids_probe(60)], induction_probe=False, full_attention_limit=50
+    )
+    snapshot, _ = cap.measure(4)
+    loaded, _ = load(snapshot.save(tmp_path / "step.npz"))
+    probe = loaded.probes[0]
+    assert FORMAT_VERSION == 2 and probe.pooled and probe.labels == snapshot.probes[0].labels
+    assert (probe.spans == snapshot.probes[0].spans).all() and len(probe.tokens) == 60
+    # a version-1 archive (written before pooling existed): no spans, no labels
+    n = 3
+    meta = {"format": "attnlog.snapshot", "version": 1, "step": 2, "model_type": "bert",
+            "meta": {}, "probes": [{"name": "p", "tokens": ["a", "b", "c"], "decoder_tokens": None,
+                                    "causal": False, "is_pair": False, "scaling": None}]}  # fmt: skip
+    arrays = {
+        "p0/attention": np.full((1, 1, n, n), 1 / n, dtype=np.float16),
+        "p0/special": np.zeros(n, bool),
+        "p0/punct": np.zeros(n, bool),
+        "p0/segment": np.zeros(n, np.int64),
+        "p0/token_ids": np.arange(n),
+        "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+    }
+    np.savez_compressed(tmp_path / "v1.npz", **arrays)
+    old, _ = load(tmp_path / "v1.npz")
+    assert old.step == 2 and not old.probes[0].pooled and old.probes[0].labels is None
