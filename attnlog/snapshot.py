@@ -91,6 +91,7 @@ class Snapshot:
     probes: list[ProbeAttention]
     model_type: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, Any] = field(default_factory=dict)  # pattern -> [L, H], set by `load`
 
     def to_host(self, dtype: Any = np.float16) -> Snapshot:
         """Small CPU copies: float attention/q/k as `dtype`, masks as numpy."""
@@ -157,7 +158,11 @@ def load(path: str | Path) -> tuple[Snapshot, dict[str, np.ndarray]]:
             probes.append(ProbeAttention(**pm, **arrays))
         scores = {k[len("scores/") :]: data[k] for k in data.files if k.startswith("scores/")}
     snapshot = Snapshot(
-        step=meta["step"], probes=probes, model_type=meta["model_type"], meta=meta["meta"]
+        step=meta["step"],
+        probes=probes,
+        model_type=meta["model_type"],
+        meta=meta["meta"],
+        scores=scores,
     )
     return snapshot, scores
 
