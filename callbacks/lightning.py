@@ -19,7 +19,10 @@ except ModuleNotFoundError as ex:  # pragma: no cover - exercised only without t
         "`pip install 'attnlog[lightning]'`"
     ) from ex
 
+from attnlog.callbacks.options import check_options
 from attnlog.logger import AttentionLogger, check_interval
+
+__all__ = ["AttentionLoggerCallback"]
 
 
 class AttentionLoggerCallback(Callback):
@@ -35,6 +38,10 @@ class AttentionLoggerCallback(Callback):
         tokenizer: the tokenizer; None takes the LightningModule's `tokenizer` attribute.
         **options: passed to AttentionLogger (patterns, views, layer_images, sink_options, …).
 
+    Raises:
+        TypeError, ValueError: an option AttentionLogger would refuse (checked here, before
+            the model loads).
+
     The model is the LightningModule's `model` attribute, or the module itself when it is a
     Hugging Face model.
     """
@@ -48,6 +55,7 @@ class AttentionLoggerCallback(Callback):
         tokenizer: Any = None,
         **options: Any,
     ) -> None:
+        check_options(options, sinks)
         self.probes = probes
         self.every_n_steps = check_interval(every_n_steps)
         self.sinks = sinks
@@ -75,9 +83,10 @@ class AttentionLoggerCallback(Callback):
             if mlflow_logger is not None:
                 sinks.append("mlflow")
                 mlflow_options = sink_options.setdefault("mlflow", {})
-                mlflow_options.setdefault(
-                    "tracking_uri", getattr(mlflow_logger, "_tracking_uri", None)
-                )
+                # MLFlowLogger keeps its URI private; its public `experiment` is the MlflowClient
+                # it logs with, whose `tracking_uri` is public.
+                client = mlflow_logger.experiment
+                mlflow_options.setdefault("tracking_uri", getattr(client, "tracking_uri", None))
                 mlflow_options.setdefault("run_id", mlflow_logger.run_id)
         return AttentionLogger(
             model,

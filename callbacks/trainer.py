@@ -12,18 +12,26 @@ callbacks come after the built-in ones); a closed `SummaryWriter` silently reope
 file that nobody closes. TensorBoard merges all event files of a folder into one run, so users
 still see one run, and the two writers' lifetimes no longer depend on callback order, early
 stopping or evaluation after the last step.
+
+No tokenizer given and none on the Trainer: the one saved with the model (`model.name_or_path`,
+a local folder or the Hugging Face cache, never the network) is loaded, and the log says which.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
+from attnlog.callbacks.options import check_options
 from attnlog.logger import AttentionLogger, check_interval
+
+__all__ = ["AttentionLoggerCallback"]
+
+log = logging.getLogger("attnlog")
 
 
 class AttentionLoggerCallback(TrainerCallback):
@@ -36,9 +44,16 @@ class AttentionLoggerCallback(TrainerCallback):
             (tensorboard and/or mlflow). The archive is always written.
         logdir: where TensorBoard events and the archive go; None: the Trainer's TensorBoard
             folder (or `output_dir/runs/attnlog` when TensorBoard is off).
-        tokenizer: the tokenizer; None takes the Trainer's `processing_class`.
+        tokenizer: the tokenizer; None takes the Trainer's `processing_class`, else the one
+            saved with the model (`model.name_or_path`, local folder or cache only).
         log_on_evaluate: also log at each evaluation.
+        flush_timeout: seconds the last step waits for queued events to be written (the
+            MLflow run ends right after); what is still unwritten then is named in a warning.
         **options: passed to AttentionLogger (patterns, views, layer_images, sink_options, …).
+
+    Raises:
+        TypeError, ValueError: an option AttentionLogger would refuse (checked here, before
+            the model loads).
     """
 
     def __init__(
@@ -49,10 +64,17 @@ class AttentionLoggerCallback(TrainerCallback):
         logdir: str | os.PathLike | None = None,
         tokenizer: Any = None,
         log_on_evaluate: bool = False,
+        flush_timeout: float = 60.0,
         **options: Any,
     ) -> None:
+        check_options(options, sinks)
+        if not flush_timeout > 0:
+            raise ValueError(
+                f"flush_timeout must be a positive number of seconds, got {flush_timeout!r}"
+            )
         self.probes = probes
         self.every_n_steps = check_interval(every_n_steps)
+        self.flush_timeout = flush_timeout
         self.sinks = sinks
         self.logdir = logdir
         self.tokenizer = tokenizer
@@ -73,13 +95,9 @@ class AttentionLoggerCallback(TrainerCallback):
     def _make_logger(self, args, state, model, kwargs) -> AttentionLogger:
         tokenizer = self.tokenizer or kwargs.get("processing_class") or kwargs.get("tokenizer")
         if tokenizer is None:
-            raise ValueError(
-                "AttentionLoggerCallback needs a tokenizer: pass Trainer(processing_class=tokenizer) "
-                "or AttentionLoggerCallback(tokenizer=tokenizer)"
-            )
-        tb_callback = _trainer_callback("TensorBoardCallback")
+            tokenizer = saved_tokenizer(model)
         sinks = self.sinks if self.sinks is not None else _sinks_from_report_to(args.report_to)
-        logdir = self.logdir or _tensorboard_dir(args, tb_callback)
+        logdir = self.logdir or _tensorboard_dir(args)
         return AttentionLogger(
             model,
             tokenizer,
@@ -101,7 +119,22 @@ class AttentionLoggerCallback(TrainerCallback):
         if step == state.max_steps:
             # MLflowCallback ends its run in on_train_end, before ours runs: write everything
             # while the run is still open (training is over; nothing waits on this but the end).
-            self.logger.flush()
+            self._flush_last(step)
+
+    def _flush_last(self, step: int) -> None:
+        """Flush with a time-out; a hung sink must not hold the end of training forever."""
+        if self.logger.flush(timeout=self.flush_timeout):
+            return
+        from attnlog.sinks.archive import read_index
+
+        archived = {entry["step"] for entry in read_index(self.logger.logdir)}
+        pending = sorted(self.logger.logged_steps - archived)
+        log.warning(
+            "attnlog: writing had not finished %s s after the last step (%d); steps not yet in "
+            "the archive: %s. They are still written in the background until the process ends; "
+            "a longer AttentionLoggerCallback(flush_timeout=...) waits for them.",
+            self.flush_timeout, step, pending or "none (a sink's flush is what waits)",
+        )  # fmt: skip
 
     def on_evaluate(self, args, state, control, **kwargs):
         if self.log_on_evaluate and self.logger is not None and self._fresh(state.global_step):
@@ -131,29 +164,71 @@ def _sinks_from_report_to(report_to: Any) -> list[str]:
     return [name for name in ("tensorboard", "mlflow") if name in wanted]
 
 
-def _tensorboard_dir(args, tb_callback) -> Path:
-    for candidate in (
-        getattr(tb_callback, "logging_dir", None),
-        os.environ.get("TENSORBOARD_LOGGING_DIR"),
-        getattr(args, "logging_dir", None),  # transformers 4.x
-    ):
-        if candidate:
-            return Path(os.path.expanduser(candidate))
+def saved_tokenizer(model: Any) -> Any:
+    """The tokenizer saved with `model` (its `name_or_path`): a local folder or the Hugging Face
+    cache, never the network. Says which one it loaded.
+
+    Raises:
+        ValueError: none was found; the message names the two ways to pass one.
+    """
+    from transformers import AutoTokenizer
+
+    from attnlog.capture import unwrap_model
+
+    source = getattr(unwrap_model(model), "name_or_path", None) if model is not None else None
+    if source:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        except (OSError, ValueError) as ex:  # not a folder, not cached, or no tokenizer files
+            cause = f"; none found for {source!r} ({type(ex).__name__})"
+        else:
+            where = "folder" if Path(source).is_dir() else "Hugging Face cache"
+            log.warning(
+                "attnlog: no tokenizer was passed; using the one saved with the model "
+                "(%s from the %s %s)", type(tokenizer).__name__, where, source,
+            )  # fmt: skip
+            return tokenizer
+    else:
+        cause = "; the model has no name_or_path to load one from"
+    raise ValueError(
+        "AttentionLoggerCallback needs a tokenizer: pass Trainer(processing_class=tokenizer) "
+        f"or AttentionLoggerCallback(tokenizer=tokenizer){cause}"
+    )
+
+
+def _tensorboard_dir(args) -> Path:
+    """The folder of the Trainer's own TensorBoard events, so TensorBoard shows one run.
+
+    transformers gives a callback no public way to reach another callback (callbacks get neither
+    the Trainer nor its CallbackHandler), and since 5.x TensorBoardCallback picks its folder
+    (`output_dir/runs/<time>_<host>`) in its own `on_train_begin`, which runs just before ours.
+    So we look for the event file that this process opened there: TensorBoard names event files
+    `events.out.tfevents.<time>.<host>.<pid>.<n>`. Pinned by test_trainer_callback.py's
+    `test_no_tokenizer_and_no_tensorboard_env`.
+    """
+    env = os.environ.get("TENSORBOARD_LOGGING_DIR")  # transformers 5.x reads it
+    if env:
+        return Path(os.path.expanduser(env))
+    logging_dir = getattr(args, "logging_dir", None)  # transformers 4.x: TensorBoardCallback's
+    roots = [Path(logging_dir)] if logging_dir else []
+    roots.append(Path(args.output_dir) / "runs")
+    opened = _newest_event_file_of_this_process(roots)
+    if opened is not None:
+        return opened.parent
+    if logging_dir:
+        return Path(os.path.expanduser(logging_dir))
     return Path(args.output_dir) / "runs" / "attnlog"
 
 
-def _trainer_callback(name: str) -> Any:
-    """The Trainer's own callback of that class, found on the calling CallbackHandler.
-
-    Callbacks are not given the Trainer; the handler that is calling us is on the stack.
-    """
-    frame = sys._getframe(1)
-    while frame is not None:
-        handler = frame.f_locals.get("self")
-        if type(handler).__name__ == "CallbackHandler":
-            for callback in getattr(handler, "callbacks", []):
-                if type(callback).__name__ == name:
-                    return callback
-            return None
-        frame = frame.f_back
-    return None
+def _newest_event_file_of_this_process(roots: list[Path]) -> Path | None:
+    mine = f".{os.getpid()}."
+    found = [
+        path
+        for root in roots
+        if root.is_dir()
+        for pattern in ("events.out.tfevents.*", "*/events.out.tfevents.*",
+                        "*/*/events.out.tfevents.*")  # a hyper-parameter search's trial folders
+        for path in root.glob(pattern)
+        if mine in path.name
+    ]  # fmt: skip
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)

@@ -109,3 +109,34 @@ def test_missing_tokenizer_fails_before_training(tmp_path, minilm_path):
 def test_every_n_steps_must_be_positive():
     with pytest.raises(ValueError, match="every_n_steps"):
         AttentionLoggerCallback(every_n_steps=0)
+
+
+def test_options_are_checked_when_the_callback_is_built():
+    with pytest.raises(TypeError, match="unknown option 'viewz'; did you mean 'views'"):
+        AttentionLoggerCallback(viewz=("head",))
+
+
+@pytest.mark.slow
+def test_mlflow_logger_run_is_joined_through_its_public_client(tmp_path, minilm_path):
+    """No private `_tracking_uri`: the URI comes from MLFlowLogger.experiment (an MlflowClient)."""
+    pytest.importorskip("mlflow")
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow_logger = MLFlowLogger(experiment_name="lightning", tracking_uri=uri,
+                                 artifact_location=str(tmp_path / "artifacts"))  # fmt: skip
+    callback = AttentionLoggerCallback(
+        probes=["The cat sat on the mat."], every_n_steps=2, logdir=tmp_path / "logs",
+        views=("head",), patterns=["cls"],
+    )  # fmt: skip
+    trainer = Trainer(max_steps=2, accelerator="cpu", logger=mlflow_logger,
+                      enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path, callbacks=[callback])  # fmt: skip
+    trainer.fit(PairClassifier(minilm_path))
+
+    client = MlflowClient(uri)
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.run_id == mlflow_logger.run_id  # one run: the logger's
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "attn.cls.L0H0"))
+    assert steps == [0, 2]

@@ -5,7 +5,9 @@ Trained runs are module-scoped and shared between tests: the whole file trains f
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ from transformers import (  # noqa: E402
 
 from attnlog import AttentionLoggerCallback  # noqa: E402
 from attnlog.sinks.archive import read_index  # noqa: E402
+from attnlog.sinks.base import Sink  # noqa: E402
 
 PROBES = ["The cat sat on the mat.", ("The cat sat.", "It was happy.")]
 NAMES = ("p0_the_cat_sat", "p1_the_cat_sat")  # the probes' names in tags and paths
@@ -49,9 +52,13 @@ def examples(tokenizer) -> list[dict]:
     ]
 
 
-def train(minilm_path, folder: Path, *, callback=None, stop=None, resume=None, **overrides):
-    """One Trainer run in `folder`, MLflow in `folder/mlflow.db`; returns the trained model."""
+def train(minilm_path, folder: Path, *, callback=None, stop=None, resume=None, tokenizer=True,
+          tb_env=True, **overrides):  # fmt: skip
+    """One Trainer run in `folder`, MLflow in `folder/mlflow.db`; returns the trained model.
+
+    `tokenizer=False`: no processing_class; `tb_env=False`: no TENSORBOARD_LOGGING_DIR."""
     torch.manual_seed(0)
+    use_tokenizer = tokenizer
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
     model = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2)
     options = dict(
@@ -70,7 +77,10 @@ def train(minilm_path, folder: Path, *, callback=None, stop=None, resume=None, *
     data = examples(tokenizer)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
-        env.setenv("TENSORBOARD_LOGGING_DIR", str(folder / "tb"))
+        if tb_env:
+            env.setenv("TENSORBOARD_LOGGING_DIR", str(folder / "tb"))
+        else:
+            env.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
         if resume is not None:
             env.setenv("MLFLOW_RUN_ID", resume[1])
         trainer = Trainer(
@@ -78,7 +88,7 @@ def train(minilm_path, folder: Path, *, callback=None, stop=None, resume=None, *
             args=TrainingArguments(**options),
             train_dataset=data,
             eval_dataset=data[:8],
-            processing_class=tokenizer,
+            processing_class=tokenizer if use_tokenizer else None,
             callbacks=[c for c in (callback, stop) if c is not None],
         )
         trainer.train(resume_from_checkpoint=resume[0] if resume else None)
@@ -250,3 +260,106 @@ def test_resuming_continues_the_step_axis_without_duplicates(resumed):
     client, run = only_run(resumed)  # MLFLOW_RUN_ID: the Trainer and attnlog resume one run
     assert metric_steps(client, run, "attn.cls.L0H0") == [0, 2, 4, 6]
     assert [e["step"] for e in read_index(resumed / "tb")] == [0, 2, 4, 6]
+
+
+# ---- no tokenizer, no TENSORBOARD_LOGGING_DIR, a slow sink at the last step ----------------------
+
+
+class SlowAtStep(Sink):
+    """A sink whose `log_scores` waits at `step` until released (a hung MLflow server)."""
+
+    name = "slow"
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.release = threading.Event()
+
+    def log_scores(self, table, step: int) -> None:
+        if step == self.step:
+            self.release.wait(30)
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        if "steps not yet in the archive" in record.getMessage():
+            slow.release.set()  # the warning came: let the run end
+
+
+slow = SlowAtStep(2)
+
+
+@pytest.fixture(scope="module")
+def untokenized(minilm_path, tmp_path_factory):
+    """Tokenised data and no processing_class; TensorBoardCallback picks its own folder."""
+    folder = tmp_path_factory.mktemp("untokenized")
+    records = Records()
+    logger = logging.getLogger("attnlog")
+    logger.addHandler(records)
+    try:
+        train(minilm_path, folder, tokenizer=False, tb_env=False, max_steps=2,
+              report_to=["tensorboard"],
+              callback=callback(every_n_steps=1, sinks=["tensorboard", slow], flush_timeout=0.5))  # fmt: skip
+    finally:
+        logger.removeHandler(records)
+    return folder, records.messages
+
+
+def test_no_tokenizer_loads_the_one_saved_with_the_model(untokenized, minilm_path):
+    folder, messages = untokenized
+    said = [m for m in messages if "no tokenizer was passed" in m]
+    assert len(said) == 1 and minilm_path in said[0] and "folder" in said[0], messages
+
+
+def test_no_tensorboard_env_still_one_tensorboard_run(untokenized):
+    """Pins how the Trainer's TensorBoard folder is found without a public way (see trainer.py)."""
+    folder, _ = untokenized
+    [run] = [p for p in (folder / "out" / "runs").iterdir() if p.is_dir()]  # <time>_<host>
+    files = read_tensorboard(run)
+    tags = [set(acc.Tags()["scalars"]) for acc in files.values()]
+    assert len(files) == 2 and any("train/loss" in t for t in tags), list(files)
+    assert any("patterns/cls/max" in t for t in tags)
+    assert [e["step"] for e in read_index(run)] == [0, 1, 2]
+
+
+def test_a_hung_sink_at_the_last_step_is_named_and_waited_for_no_longer(untokenized):
+    _, messages = untokenized
+    [warning] = [m for m in messages if "steps not yet in the archive" in m]
+    assert "0.5 s after the last step (2)" in warning
+    pending = re.search(r"steps not yet in the archive: \[([\d, ]+)\]", warning)[1]
+    assert 2 in {int(s) for s in pending.split(",")}  # the hung step (the one before may wait too)
+
+
+def test_no_tokenizer_anywhere_fails_naming_the_fix(tmp_path):
+    from attnlog.callbacks.trainer import saved_tokenizer
+
+    model = torch.nn.Linear(2, 2)
+    model.name_or_path = str(tmp_path)  # a folder without tokenizer files
+    with pytest.raises(ValueError, match=r"processing_class=tokenizer.*none found for"):
+        saved_tokenizer(model)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"viewz": ("head",)}, TypeError, "unknown option 'viewz'; did you mean 'views'"),
+        ({"views": ("head", "heads")}, ValueError, r"unknown views \['heads'\]"),
+        ({"patterns": ["cls", "clss"]}, ValueError, r"unknown patterns \['clss'\]"),
+        ({"sinks": ["tensorbord"]}, ValueError, "unknown sink 'tensorbord'"),
+        ({"sink_options": {"mlfow": {}}}, ValueError, "unknown sink 'mlfow'"),
+        ({"every_n_steps": 0}, ValueError, "every_n_steps"),
+        ({"flush_timeout": 0}, ValueError, "flush_timeout"),
+    ],
+)
+def test_options_are_checked_when_the_callback_is_built(options, error, match):
+    with pytest.raises(error, match=match):
+        AttentionLoggerCallback(probes=PROBES, **options)
+
+
+def test_every_logger_option_is_accepted_by_the_callback():
+    AttentionLoggerCallback(views="head", patterns=["cls"], layer_images=True, max_length=32,
+                            record_qk=False, queue_size=2, sink_options={"mlflow": {}})  # fmt: skip
