@@ -36,6 +36,7 @@ import torch
 from attnlog.probes import bare_token, is_punctuation
 
 __all__ = [
+    "LABEL_INPUTS",
     "PATTERNS",
     "PatternContext",
     "ScoreAccumulator",
@@ -1088,6 +1089,7 @@ def score(
 # -- head labels ------------------------------------------------------------------------------
 
 _LABEL_INPUTS = ("delimiter", "sink", "prev_token", "next_token", "same_sentence", "broad")
+LABEL_INPUTS = _LABEL_INPUTS  # public: the scores `label_heads` reads (used by attnlog.report)
 
 
 def label_heads(

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from attnlog.alerts import AlertTracker
 from attnlog.capture import capture
-from attnlog.patterns import head_redundancy, rollout, score
+from attnlog.patterns import PatternContext, ScoreAccumulator, head_redundancy, rollout, score
 
 PROBES = [
     "She ate the strawberries, then the blueberries, and smiled.",
@@ -97,3 +98,32 @@ def test_rollout_and_redundancy_on_real_attention(minilm_scores):
     redundancy = head_redundancy(attn).numpy()
     # Heads agree more as the layers go up (0.69 in layer 0 -> 0.85 in layer 4).
     assert redundancy[4] > redundancy[0]
+
+
+def test_scores_from_query_row_chunks_match_on_real_attention(minilm_scores):
+    """What the streaming capture feeds (7 query rows at a time, with logits) gives score()."""
+    snapshot, table = minilm_scores
+    probes = snapshot.probes
+    contexts = [PatternContext.from_probe(p) for p in probes]
+    acc = ScoreAccumulator(contexts, None, 6, 12, "cpu", names=[p.name for p in probes])
+    width = max(len(p) for p in probes)
+    for layer in range(6):
+        for start in range(0, width, 7):
+            stop = min(start + 7, width)
+            rows = torch.zeros(len(probes), 12, stop - start, width)
+            logits = torch.full_like(rows, -torch.inf)
+            for i, p in enumerate(probes):
+                n = len(p)
+                q, k = p.queries[layer, :, start:stop], p.keys[layer, :, :n]
+                rows[i, :, : q.shape[1], :n] = p.attention[layer, :, start:stop]
+                logits[i, :, : q.shape[1], :n] = q @ k.transpose(-1, -2) * p.scaling
+            acc.add(layer, rows, row_start=start, logits=logits)
+    chunked = acc.table(step=0)
+    for name, want in table.scores.items():
+        np.testing.assert_allclose(chunked.scores[name], want, atol=1e-5, equal_nan=True)
+        for probe in table.per_probe:
+            np.testing.assert_allclose(
+                chunked.per_probe[probe][name], table.per_probe[probe][name], atol=1e-5,
+                equal_nan=True,
+            )  # fmt: skip
+    assert np.isfinite(chunked.scores["max_logit"]).all()
