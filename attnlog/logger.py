@@ -408,6 +408,8 @@ def _plan_sinks(sinks: Any, archive: bool, options: dict, logdir: Path) -> list[
                 f"`pip install 'attnlog[{item}]'`"
             )
         _check_options(item, factory, options.get(item, {}))
+    for name in options:  # a misspelt key would be ignored silently
+        sink_factory(name)
     if any(isinstance(item, str) and item != "memory" for item in planned):
         check_writable_dir(logdir)
     return planned

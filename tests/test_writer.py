@@ -1,0 +1,325 @@
+"""The writer process: real child processes, real TensorBoard files and MLflow store read back.
+
+Sinks that must run inside the writer process are defined here and registered by name, so the
+child imports them from this module (the logger passes its `sys.path` on).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnlog.sinks.memory import MemorySink
+
+PROBES = ["The cat sat on the mat.", ("The cat sat.", "It was happy.")]
+TESTS = str(Path(__file__).parent)
+ROOT = str(Path(__file__).parents[1])
+
+
+class GateSink(MemorySink):
+    """Holds every `log_archive` until `<folder>/open` exists; `<folder>/entered-<step>` says
+    it got there. Never opened, it is a sink that hangs."""
+
+    name = "gate"
+
+    def __init__(self, logdir=None, folder: str = ".") -> None:
+        super().__init__()
+        self.folder = Path(folder)
+
+    def log_archive(self, snapshot, table, step) -> None:
+        (self.folder / f"entered-{step}").touch()
+        deadline = time.monotonic() + 300
+        while not (self.folder / "open").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def wait_for(condition, what: str, seconds: float = 120.0):
+    """Poll until `condition()` is true; fail naming `what` if it never is (not a timing test)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+def scalar_steps(logdir: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            steps += [e.step for e in acc.Scalars(tag)]
+    return sorted(set(steps))
+
+
+def attnlog_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
+
+
+@pytest.fixture
+def gate(monkeypatch, tmp_path):
+    """The `gate` sink registered by name; its folder."""
+    from attnlog.sinks.base import SINKS
+
+    monkeypatch.setitem(SINKS, "gate", GateSink)
+    folder = tmp_path / "gate"
+    folder.mkdir()
+    return folder
+
+
+def make_logger(minilm, logdir, sinks, **options):
+    from attnlog import AttentionLogger
+
+    model, tokenizer = minilm
+    options.setdefault("views", ("head",))
+    return AttentionLogger(model, tokenizer, PROBES, sinks=sinks, logdir=logdir, **options)
+
+
+def test_the_writer_process_writes_tensorboard_and_the_archive(minilm, tmp_path):
+    from attnlog.sinks.archive import read_index
+
+    logdir = tmp_path / "run"
+    with make_logger(minilm, logdir, ["tensorboard"]) as logger:
+        assert logger.log(0) and logger.log(5)
+        assert logger.flush(timeout=120)
+        pid = logger.writer_pid
+        assert pid is not None and pid != os.getpid()
+        assert logger.sinks == []  # nothing renders or writes in the training process
+    assert scalar_steps(logdir, "patterns/cls/max") == [0, 5]
+    assert [e["step"] for e in read_index(logdir)] == [0, 5]
+    html = logdir / "plugins" / "attnlog" / "html" / "attention" / "step_00000005"
+    assert sorted(p.name for p in html.iterdir()) == ["p0_the_cat_sat", "p1_the_cat_sat"]
+    assert logger.stats["events"] == 2 and logger.stats["writer_cpu_ms"] > 0
+    assert not [k for k in logger.stats if k.startswith(("errors", "lost", "dropped"))]
+    with pytest.raises(ProcessLookupError):  # closed: the writer exited
+        os.kill(pid, 0)
+
+
+def test_a_killed_writer_is_restarted_and_the_event_it_held_is_written(minilm, tmp_path, gate):
+    from attnlog.sinks.archive import read_index
+
+    logdir = tmp_path / "run"
+    logger = make_logger(minilm, logdir, ["tensorboard", "gate"],
+                         sink_options={"gate": {"folder": str(gate)}})  # fmt: skip
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert logger.log(0)
+        wait_for(lambda: (gate / "entered-0").exists(), "the writer to hold step 0")
+        first = logger.writer_pid
+        os.kill(first, signal.SIGKILL)  # mid-event: step 0 is in TensorBoard, not archived
+        (gate / "open").touch()
+        assert logger.log(1)  # training goes on
+        assert logger.flush(timeout=120)
+        assert logger.writer_pid != first
+        logger.log(2)
+        assert logger.close(timeout=120)
+    assert [e["step"] for e in read_index(logdir)] == [0, 1, 2]  # step 0 was resent
+    assert scalar_steps(logdir, "patterns/cls/max") == [0, 1, 2]
+    assert logger.stats["writer_restarts"] == 1 and logger.stats["lost"] == 0
+    [report] = attnlog_warnings(record)
+    assert "the writer process was killed by SIGKILL; restarted it" in report
+
+
+def test_a_hung_sink_bounds_flush_and_close_and_names_the_steps(minilm, tmp_path, gate):
+    logger = make_logger(minilm, tmp_path / "run", ["gate"], views=(),
+                         sink_options={"gate": {"folder": str(gate)}})  # fmt: skip
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        logger.log(0)
+        wait_for(lambda: (gate / "entered-0").exists(), "the writer to hang in the sink")
+        pid = logger.writer_pid
+        assert logger.flush(timeout=0.5) is False
+        assert logger.close(timeout=0.5) is False
+    flush, close = attnlog_warnings(record)
+    assert "flush did not finish within 0.5 s" in flush and "steps [0]" in flush
+    assert "closing did not finish within 0.5 s" in close and "left unwritten: steps [0]" in close
+    with pytest.raises(ProcessLookupError):  # the hung writer was stopped, not left behind
+        os.kill(pid, 0)
+
+
+def test_a_hung_sink_on_the_thread_leaks_no_thread_per_flush(minilm, tmp_path):
+    from test_logger import BlockingSink
+
+    sink = BlockingSink()
+    logger = make_logger(minilm, tmp_path, [sink], views=(), archive=False)
+    try:
+        logger.log(0)
+        assert sink.entered.wait(timeout=60)
+        before = threading.active_count()
+        assert [logger.flush(timeout=0.05) for _ in range(5)] == [False] * 5
+        assert threading.active_count() == before
+        assert logger.close(timeout=0.05) is False
+    finally:
+        sink.release.set()
+
+
+def test_the_trainers_mlflow_run_is_joined_by_the_writer_process(minilm, tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # in this process only: the writer must be told
+    try:
+        with mlflow.start_run() as run:
+            mlflow.log_metric("train/loss", 1.0, step=0)
+            with make_logger(minilm, tmp_path / "run", ["mlflow"], views=()) as logger:
+                logger.log(0)
+            assert mlflow.active_run().info.run_id == run.info.run_id  # not ended by attnlog
+    finally:
+        mlflow.set_tracking_uri(previous)
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.run_id for r in runs] == [run.info.run_id]
+    metrics = runs[0].data.metrics
+    assert "train/loss" in metrics and "attn.cls.L0H0" in metrics
+
+
+def _run_script(code: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([TESTS, ROOT])}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def test_a_script_without_a_main_guard_trains_once(minilm_path, tmp_path):
+    """spawn would re-run this script in the writer; `python -m attnlog.writer` does not."""
+    from attnlog.sinks.archive import read_index
+
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+        from attnlog import AttentionLogger
+        print("TRAINING STARTS", flush=True)
+        torch.manual_seed(0)
+        tok = AutoTokenizer.from_pretrained({minilm_path!r})
+        model = BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size,
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        batch = tok(["a b c", "d e f g"], padding=True, return_tensors="pt")
+        log = AttentionLogger(model, tok, ["The cat sat."], sinks=["tensorboard"], logdir="run")
+        for step in range(3):
+            model(**batch, labels=torch.tensor([0, 1])).loss.backward()
+            opt.step(); opt.zero_grad()
+            log.log(step)
+        print("HEAVY", [m for m in ("tensorboard", "mlflow")
+                        if m in sys.modules], flush=True)
+        # no close(): the exit handler writes what is queued
+    """)
+    done = _run_script(script, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("TRAINING STARTS") == 1, done.stdout
+    assert "HEAVY []" in done.stdout  # the training process never imported a sink's backend
+    assert [e["step"] for e in read_index(tmp_path / "run")] == [0, 1, 2]
+    assert scalar_steps(tmp_path / "run", "patterns/cls/max") == [0, 1, 2]
+
+
+def test_exit_with_a_hung_sink_is_bounded_and_says_what_was_left(minilm_path, tmp_path, gate):
+    script = textwrap.dedent(f"""
+        from transformers import AutoModel, AutoTokenizer
+        from attnlog import AttentionLogger, register_sink
+        from test_writer import GateSink
+        register_sink("gate", GateSink)
+        tok = AutoTokenizer.from_pretrained({minilm_path!r})
+        model = AutoModel.from_pretrained({minilm_path!r})
+        log = AttentionLogger(model, tok, ["The cat sat."], sinks=["gate"], logdir="run",
+                              views=(), close_timeout=1, sink_options={{"gate": {{"folder": {str(gate)!r}}}}})
+        log.log(7)
+        import pathlib, time
+        while not pathlib.Path({str(gate)!r}, "entered-7").exists():  # the writer hangs in it
+            time.sleep(0.05)
+    """)
+    done = _run_script(script, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "closing did not finish within 1 s" in done.stderr
+    assert "left unwritten: steps [7]" in done.stderr
+
+
+def test_training_is_bit_identical_with_the_writer_process(minilm_path, tmp_path):
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from attnlog import AttentionLogger
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    batch = tokenizer(["a b c", "d e f g"], padding=True, return_tensors="pt")
+
+    def train(with_logger: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=4, intermediate_size=64)  # fmt: skip
+        model = BertForSequenceClassification(config)  # dropout on: RNG state matters
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        logger = None
+        if with_logger:
+            logger = AttentionLogger(model, tokenizer, PROBES, sinks=["tensorboard"],
+                                     logdir=tmp_path, views=("head",))  # fmt: skip
+        for step in range(4):
+            model(**batch, labels=torch.tensor([0, 1])).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if logger is not None:
+                assert logger.log(step)
+        if logger is not None:
+            assert logger.close(timeout=120)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    plain, logged = train(False), train(True)
+    assert all(torch.equal(plain[k], logged[k]) for k in plain)
+
+
+def _ddp_rank(rank: int, world: int, port: int, tokenizer_dir: str, folder: str) -> None:
+    import psutil
+    import torch.distributed as dist
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from attnlog import AttentionLogger
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=4, intermediate_size=64)  # fmt: skip
+        model = torch.nn.parallel.DistributedDataParallel(BertForSequenceClassification(config))
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        log = AttentionLogger(model, tokenizer, ["The cat sat."], sinks=["tensorboard"],
+                              logdir=os.path.join(folder, "run"), views=())  # fmt: skip
+        for step in range(2):
+            log.log(step)
+        log.flush(timeout=120)
+        writers = [p.pid for p in psutil.Process().children(recursive=True)
+                   if "attnlog.writer" in " ".join(p.cmdline())]  # fmt: skip
+        Path(folder, f"rank{rank}").write_text(f"{writers} {log.writer_pid}")
+        log.close(timeout=120)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo test runs on Linux")
+def test_only_rank_zero_starts_a_writer_process(tmp_path, minilm_path):
+    import torch.multiprocessing as mp
+    from servers import free_port
+
+    from attnlog.sinks.archive import read_index
+
+    args = (2, free_port(), minilm_path, str(tmp_path))
+    mp.start_processes(_ddp_rank, args=args, nprocs=2, start_method="spawn")
+    writers, pid = (tmp_path / "rank0").read_text().rsplit(" ", 1)
+    assert writers == f"[{pid}]"  # one writer process, the logger's own
+    assert (tmp_path / "rank1").read_text() == "[] None"
+    assert [e["step"] for e in read_index(tmp_path / "run")] == [0, 1]
