@@ -1,26 +1,23 @@
 """`attnlog snapshot`: the one-shot look at a local model that the seed blog post makes by hand.
 
-Loads a model folder offline, adds special tokens if asked, captures the probes once and writes
-everything a training-time event writes, flattened for a person browsing a folder:
-
-    <out>/<probe>/{head_view,model_view,neuron_view}.html   bertviz views (offline)
-    <out>/<probe>/model.png, layer_<l>.png                 heatmaps
-    <out>/patterns/<pattern>.png                           layer x head score matrices
-    <out>/scores.json                                      scores and head labels
-    <out>/plugins/attnlog/step_00000000.npz                the archive `attnlog report` reads
+Loads a model folder (local files only, never the network), adds special tokens if asked, captures
+the probes once and writes one event through the same sinks a training event uses: a
+`FolderSink` (views, heatmaps, score matrices, scores.json, laid out for a person browsing a
+folder; see attnlog/sinks/folder.py) and the archive that `attnlog report` reads
+(`<out>/plugins/attnlog/`). Layer images are on: one event, and a folder has no Attention tab.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from attnlog.report import format_heads, strongest_heads
+
+__all__ = ["load_model", "write_snapshot"]
 
 
 def load_model(model_dir: str | os.PathLike, special_tokens: Sequence[str] = ()) -> tuple[Any, Any]:
@@ -36,20 +33,34 @@ def load_model(model_dir: str | os.PathLike, special_tokens: Sequence[str] = ())
             f"{folder} is not a model folder (no config.json); pass a folder saved with "
             "save_pretrained() or downloaded from the Hub"
         )
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # unused-head notices would bury the table
-    hf_logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModel.from_pretrained(folder, local_files_only=True)
+    with _quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModel.from_pretrained(folder, local_files_only=True)
     if special_tokens:
         tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)})
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
     model.eval()
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Unused-head notices and the loading bar would bury the table; restored afterwards, so a
+    program that calls `write_snapshot` keeps its own logging settings."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def write_snapshot(
@@ -68,53 +79,31 @@ def write_snapshot(
     from attnlog.patterns import score
     from attnlog.render.event import render_images, render_views
     from attnlog.sinks.archive import ArchiveSink
+    from attnlog.sinks.folder import FolderSink
 
-    model, tokenizer = load_model(model_dir, special_tokens)
     out = Path(out)
+    folder, archive = FolderSink(out), ArchiveSink(out)  # fail on an unwritable `out` first
+    model, tokenizer = load_model(model_dir, special_tokens)
     snapshot = capture(model, tokenizer, list(probes), step=0, max_length=max_length)
     table = score(snapshot)
     host = snapshot.to_host()
-    written = []
-    for relpath, html in render_views(host).items():
-        written.append(_write(out / _flat(relpath), html))
-    for tag, image in render_images(host, table).items():
-        written.append(_png(out / (_flat(tag) + ".png"), image))
-    written.append(_write(out / "scores.json", json.dumps(table.to_json(), ensure_ascii=False)))
-    ArchiveSink(out).log_archive(host, table, 0)
+    images, views = render_images(host, table), render_views(host)
+    for sink in (folder, archive):  # the calls the logger makes for one event
+        sink.log_scores(table, 0)
+        sink.log_images(images, 0)
+        sink.log_html(views, 0)
+        sink.log_archive(host, table, 0)
+        sink.close()
+    return _summary(Path(model_dir).name, host, table, top, out, len(folder.written))
 
+
+def _summary(model: str, host: Any, table: Any, top: int, out: Path, files: int) -> str:
     layers, heads = next(iter(table.scores.values())).shape
-    lines = [
-        f"{Path(model_dir).name}: {layers} layers x {heads} heads, {len(host.probes)} probe(s)",
-    ]
+    lines = [f"{model}: {layers} layers x {heads} heads, {len(host.probes)} probe(s)"]
     for probe in host.probes:
         marked = [f"<{t}>" if s else t for t, s in zip(probe.tokens, probe.special)]
         lines.append(f"  {probe.name}: {' '.join(marked)}")
     lines += ["strongest heads:", format_heads(strongest_heads(table.scores, table.labels)[:top])]
-    lines.append(f"wrote {len(written)} files to {out} (views, heatmaps, scores.json)")
+    lines.append(f"wrote {files} files to {out} (views, heatmaps, scores.json)")
     lines.append(f"summary later: attnlog report {out}")
     return "\n".join(lines)
-
-
-def _flat(relpath: str) -> str:
-    """`attention/step_00000000/<probe>/head_view.html` -> `<probe>/head_view.html`;
-    `attention/<probe>/model` -> `<probe>/model`: one step, so no step folders."""
-    parts = relpath.split("/")
-    if parts[0] == "attention":
-        parts = parts[1:]
-    if parts and parts[0].startswith("step_"):
-        parts = parts[1:]
-    return "/".join(parts)
-
-
-def _write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def _png(path: Path, image: np.ndarray) -> Path:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(path)
-    return path
