@@ -59,6 +59,7 @@ class TensorBoardSink(Sink):
         writer: an existing `SummaryWriter` (e.g. the one of transformers' TensorBoardCallback)
             to share. The sink then only flushes it, never closes it.
         max_image_side: images with a longer side are scaled down to it, so one event stays small.
+        images_hint: say once that TensorBoard keeps 10 images per tag (False: the caller says it).
 
     Raises:
         ModuleNotFoundError: tensorboard is not installed.
@@ -73,6 +74,7 @@ class TensorBoardSink(Sink):
         *,
         writer: Any = None,
         max_image_side: int = 4096,
+        images_hint: bool = True,
     ) -> None:
         if writer is None:
             _require_tensorboard()
@@ -84,6 +86,7 @@ class TensorBoardSink(Sink):
             raise ValueError(f"max_image_side must be at least 16, got {max_image_side}")
         self.logdir = check_writable_dir(logdir, "TensorBoard log folder")
         self.max_image_side = max_image_side
+        self.images_hint = images_hint
         self._writer = writer
         self._owns_writer = writer is None
         self._closed = False
@@ -116,7 +119,7 @@ class TensorBoardSink(Sink):
     def log_images(self, images: Mapping[str, np.ndarray], step: int) -> None:
         """`[height, width, 3]` uint8 images under their tags."""
         global _hint_shown
-        if not _hint_shown and images:
+        if self.images_hint and not _hint_shown and images:
             _hint_shown = True
             log.warning(IMAGES_HINT)
         fitted = {tag: self._fit(tag, image) for tag, image in images.items()}
