@@ -256,3 +256,77 @@ def test_queued_events_are_written_when_the_program_exits_without_close(minilm_p
     )
     assert "training crashed" in done.stderr
     assert [e["step"] for e in read_index(tmp_path)] == [0, 1]
+
+
+# ---- input checks: fail at construction naming the fix, or work --------------------------------
+
+
+def test_no_patterns_fails_at_construction(minilm, tmp_path):
+    with pytest.raises(ValueError, match=r"patterns=\[\] scores nothing; pass None for all"):
+        make_logger(minilm, tmp_path, [], patterns=[])
+
+
+def test_one_view_may_be_given_as_a_string(minilm, tmp_path):
+    memory = MemorySink()
+    with make_logger(minilm, tmp_path, [memory], views="head", archive=False) as logger:
+        assert logger.views == ("head",)
+        logger.log(0)
+    files = {k for call in memory.of("log_html") for k in call.args["files"]}
+    assert files == {html_path(0, "p0_the_cat_sat", "head_view"),
+                     html_path(0, "p1_the_cat_sat", "head_view")}  # fmt: skip
+
+
+@pytest.mark.parametrize("step", ["5", 1.5, None, True])
+def test_a_step_that_is_not_an_integer_is_a_type_error_at_the_call(minilm, tmp_path, step):
+    memory = MemorySink()
+    with make_logger(minilm, tmp_path, [memory], archive=False) as logger:
+        with pytest.raises(TypeError, match="log\\(step\\) needs an integer training step"):
+            logger.log(step)
+        with pytest.raises(ValueError, match="needs a training step >= 0"):
+            logger.log(-1)
+        assert logger.log(np.int64(3)) and logger.log(torch.tensor(4))  # integers of any kind
+    assert memory.steps("log_scores") == [3, 4]
+
+
+def test_a_misspelt_sink_option_fails_at_construction(minilm, tmp_path):
+    with pytest.raises(ValueError, match="unknown sink 'tensorbord'"):
+        make_logger(minilm, tmp_path, ["tensorboard"], sink_options={"tensorbord": {}})
+    with pytest.raises(TypeError, match="sink_options\\['tensorboard'\\].*max_side"):
+        make_logger(
+            minilm, tmp_path, ["tensorboard"], sink_options={"tensorboard": {"max_side": 9}}
+        )
+
+
+def test_default_sinks_are_those_installed_and_say_so(minilm_path, tmp_path):
+    """A base install (mlflow hidden from the import system) logs to TensorBoard and the archive."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys, warnings
+        class Hide:  # mlflow is not installed, as far as this process can tell
+            def __init__(self, finder): self.finder = finder
+            def __getattr__(self, name): return getattr(self.finder, name)
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "mlflow":
+                    return None
+                return self.finder.find_spec(name, path, target)
+        sys.meta_path[:] = [Hide(f) if hasattr(f, "find_spec") else f for f in sys.meta_path]
+        warnings.simplefilter("always")
+        from transformers import AutoModel, AutoTokenizer
+        from attnlog import AttentionLogger
+        tok = AutoTokenizer.from_pretrained({minilm_path!r})
+        model = AutoModel.from_pretrained({minilm_path!r})
+        with AttentionLogger(model, tok, ["The cat sat."], views=()) as log:
+            log.log(0)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=240)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "logging to tensorboard, the archive (mlflow not installed" in done.stderr
+    assert done.stderr.count("mlflow not installed") == 1  # said once
+    logdir = tmp_path / "runs" / "attnlog"
+    assert [e["step"] for e in read_index(logdir)] == [0]
+    assert list(logdir.glob("events.out.tfevents.*"))
+    assert not (tmp_path / "mlruns").exists()
