@@ -1,4 +1,4 @@
-"""The `attnlog` command: demo, snapshot, report, compare, sync."""
+"""The `attnlog` command: demo, snapshot, report, compare, export, sync."""
 
 from __future__ import annotations
 
@@ -89,12 +89,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser(
         "compare",
-        help="compare the last logged scores of two runs, head by head",
-        description="Print the heads whose pattern scores differ most between two runs' last steps.",
+        help="compare two runs (logdirs or MLflow runs) head by head; --out writes an HTML page",
+        description="Print the heads whose pattern scores differ most between two runs' last "
+        "steps. A run is a logdir, `runs:/<run id>` or a bare MLflow run id (with "
+        "--tracking-uri or MLFLOW_TRACKING_URI). --out FILE.html writes one self-contained page: "
+        "the heads that changed most, both runs' score matrices side by side and their "
+        "difference; for MLflow runs the page is also logged to both runs.",
     )
-    compare.add_argument("run_a", help="first logdir")
-    compare.add_argument("run_b", help="second logdir")
+    compare.add_argument("run_a", help="first run: a logdir, runs:/<id> or an MLflow run id")
+    compare.add_argument("run_b", help="second run")
     compare.add_argument("--top", type=_positive, default=10, help="rows to print (default 10)")
+    compare.add_argument("--out", default=None, help="write the comparison page here (.html)")
+    compare.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)"
+    )
+    compare.add_argument(
+        "--no-log", action="store_true", help="do not log the page to the MLflow runs"
+    )
+
+    export = sub.add_parser(
+        "export",
+        help="a figure for a paper (SVG or PNG) from a run's archive",
+        description="Draw, from <logdir>/plugins/attnlog, one head's token-labelled heatmap "
+        "(--layer, --head), a layer's heads (--layer), or a pattern's layer x head matrix "
+        "(--pattern). SVG keeps the tokens as text; PNG is drawn at --dpi. Offline.",
+    )
+    export.add_argument("logdir", help="the logger's logdir (or an `attnlog snapshot` folder)")
+    export.add_argument("--out", required=True, help="FILE.svg or FILE.png")
+    export.add_argument("--step", type=int, default=None, help="a logged step (default: last)")
+    export.add_argument("--probe", default=None, help="probe name (default: the first)")
+    export.add_argument("--layer", type=int, default=None, help="layer to draw")
+    export.add_argument("--head", type=int, default=None, help="one head (default: all heads)")
+    export.add_argument("--pattern", default=None, help="draw this pattern's score matrix")
+    export.add_argument("--dpi", type=_positive, default=150, help="PNG resolution (default 150)")
+    export.add_argument("--words", action="store_true", help="attention between words")
 
     sync = sub.add_parser(
         "sync",
@@ -119,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "snapshot": _snapshot,
         "report": _report,
         "compare": _compare,
+        "export": _export,
         "sync": _sync,
     }[args.command]
     try:
@@ -191,9 +220,37 @@ def _report(args) -> int:
 
 
 def _compare(args) -> int:
-    from attnlog.report import compare
+    from attnlog.compare import compare_runs
 
-    print(compare(args.run_a, args.run_b, top=args.top))
+    text, written = compare_runs(
+        args.run_a,
+        args.run_b,
+        out=args.out,
+        top=args.top,
+        tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+        log_to_runs=not args.no_log,
+    )
+    print(text)
+    for line in written:
+        print(line)
+    return 0
+
+
+def _export(args) -> int:
+    from attnlog.export import export
+
+    path = export(
+        args.logdir,
+        args.out,
+        step=args.step,
+        probe=args.probe,
+        layer=args.layer,
+        head=args.head,
+        pattern=args.pattern,
+        dpi=args.dpi,
+        words=args.words,
+    )
+    print(f"attnlog export: wrote {path}")
     return 0
 
 

@@ -14,7 +14,7 @@ import pytest
 from attnlog.cli import build_parser, main
 from attnlog.sinks.archive import read_index
 
-SUBCOMMANDS = ("demo", "snapshot", "report", "compare", "sync")
+SUBCOMMANDS = ("demo", "snapshot", "report", "compare", "export", "sync")
 
 
 def attnlog(*args: str, cwd: Path | None = None, timeout: int = 60) -> subprocess.CompletedProcess:
@@ -68,6 +68,7 @@ def test_subcommand_help_lists_every_option(name):
         ("demo", "--device", "tpu"),
         ("snapshot", "some_model"),  # --probe and --out missing
         ("compare", "only_one"),
+        ("export", "logdir"),  # --out missing
     ],
 )
 def test_bad_flags_give_one_line_and_exit_2(args):

@@ -24,6 +24,7 @@ from attnlog.patterns import ScoreTable
 from attnlog.snapshot import ProbeAttention, Snapshot
 
 __all__ = [
+    "DEFAULT_VIEWS",
     "MAX_HTML_BYTES",
     "VIEWS",
     "max_html_bytes",
@@ -36,6 +37,7 @@ __all__ = [
 
 # "*_words": the same view between words (Clark et al.'s aggregation, `attnlog.words`).
 VIEWS = ("head", "model", "neuron", "head_words", "model_words")
+DEFAULT_VIEWS = ("head", "model", "neuron")
 MAX_HTML_BYTES = 10 * 2**20
 _BYTES_PER_WEIGHT = 8 / 3  # float16, base64-encoded
 _PAGE_BYTES = 300_000  # inlined d3/jQuery/RequireJS/bertviz (~160 kB) and markup, with room
@@ -107,7 +109,7 @@ def pattern_images(table: ScoreTable, step: int) -> dict[str, np.ndarray]:
 def probe_views(
     probe: ProbeAttention,
     step: int,
-    views: Sequence[str] = VIEWS,
+    views: Sequence[str] = DEFAULT_VIEWS,
     *,
     max_bytes: int | None = None,
 ) -> dict[str, str]:
@@ -163,7 +165,7 @@ def render_images(
 
 
 def render_views(
-    snapshot: Snapshot, views: Sequence[str] = VIEWS, *, max_bytes: int | None = None
+    snapshot: Snapshot, views: Sequence[str] = DEFAULT_VIEWS, *, max_bytes: int | None = None
 ) -> dict[str, str]:
     """bertviz head/model/neuron views of every probe, keyed by their artifact path."""
     files: dict[str, str] = {}

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from attnlog.render.fonts import AUTO, FontSpec, font_for
 
-__all__ = ["VIRIDIS", "colorize", "render_layer", "render_matrix", "render_model"]
+__all__ = ["VIRIDIS", "colorize", "display_token", "render_layer", "render_matrix", "render_model"]
 
 # matplotlib's viridis, 256 RGB entries (generated once with matplotlib, embedded as hex).
 _VIRIDIS_HEX = (
@@ -105,8 +105,8 @@ def render_layer(
         cols=cols,
         count=heads,
         panel_names=[f"H{h}" for h in range(heads)],
-        tokens=[_display(t) for t in tokens] if labels else None,
-        key_tokens=[_display(t) for t in key_tokens] if labels else None,
+        tokens=[display_token(t) for t in tokens] if labels else None,
+        key_tokens=[display_token(t) for t in key_tokens] if labels else None,
     )
     return _draw_grid(tiles.reshape(rows, cols, n, m), layout, title, max_size, cjk_font)
 
@@ -484,7 +484,7 @@ def _check_tokens(size: int, tokens: Sequence[str], what: str, dim: str) -> None
         )
 
 
-def _display(token: str) -> str:
+def display_token(token: str) -> str:
     """A token as a label: BPE/SentencePiece space markers removed, whitespace made visible."""
     text = str(token).replace("\u0120", "").replace("\u2581", "").replace("\u010a", "\\n")
     text = text.replace("\n", "\\n").replace("\t", "\\t").strip()
