@@ -7,10 +7,14 @@ while the loss falls: the thing attnlog exists to show.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+__all__ = ["DEMO_PROBES", "biggest_changes", "make_examples", "minilm_path", "run_demo"]
 
 NOUNS = [
     "cat",
@@ -112,36 +116,77 @@ def run_demo(
     output_dir: str | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Fine-tune and log; returns where things went and what changed most."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
-    import torch
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        Trainer,
-        TrainingArguments,
-    )
-    from transformers.utils import logging as hf_logging
+    """Fine-tune and log; returns where things went and what changed most.
 
-    from attnlog.callbacks.trainer import AttentionLoggerCallback
+    Writes `<logdir>/<run name>/` (TensorBoard events, the archive, the HTML views) and the
+    MLflow store at `tracking_uri` (the default sqlite store keeps its artifacts in `./mlruns`).
 
-    hf_logging.set_verbosity_error()  # the new classifier head's "newly initialized" notice
+    Raises:
+        ValueError: `device="cuda"` and no CUDA GPU is visible.
+    """
+    use_cpu = _use_cpu(device)
     run_name = f"attnlog-demo-{os.getpid()}"
     tb_dir = Path(logdir) / run_name
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(tb_dir)
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "attnlog-demo")
+    model, tokenizer = _load_minilm(seed)
+    trainer = _trainer(
+        model,
+        tokenizer,
+        _training_args(
+            steps, every, output_dir or str(tb_dir / "trainer"), run_name, use_cpu, seed
+        ),
+        steps,
+        every,
+        seed,
+    )
+    with _trainer_environment(tb_dir, tracking_uri):
+        result = trainer.train()
+    return {
+        "logdir": str(tb_dir),
+        "tracking_uri": tracking_uri,
+        "run_name": run_name,
+        "train_loss": float(result.training_loss),
+        "accuracy": _accuracy(trainer.model, tokenizer, make_examples(200, seed=seed + 1)),
+        "changes": biggest_changes(tb_dir),
+        # what the task needs: sentence B's noun attending to the same noun in sentence A
+        "cross_sentence": biggest_changes(tb_dir, top=1, patterns=("identical_token_other",)),
+    }
+
+
+def _use_cpu(device: str) -> bool:
+    """Train on the CPU? `cuda` without a visible GPU stops here instead of training slowly."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build of torch" if torch.version.cuda is None else "no visible GPU"
+        raise ValueError(
+            f"--device cuda, but torch sees no CUDA GPU ({build}, torch {torch.__version__}); "
+            "run with --device cpu, or install a CUDA build of torch on a machine with a GPU"
+        )
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+
+
+def _load_minilm(seed: int) -> tuple[Any, Any]:
+    """The shipped MiniLM with a new two-class head (seeded), and its tokenizer."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from attnlog.oneshot import quiet_transformers
+
     path = minilm_path()
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    data = make_examples(max(steps * 16, 256), seed=seed)
-    dataset = _Dataset(tokenizer, data)
-    use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    args = TrainingArguments(
-        output_dir=output_dir or str(Path(logdir) / run_name / "trainer"),
+    with quiet_transformers():  # the new classifier head's "newly initialized" notice
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=2, local_files_only=True
+        )
+    return model, tokenizer
+
+
+def _training_args(steps, every, output_dir, run_name, use_cpu, seed) -> Any:
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=output_dir,
         max_steps=steps,
         per_device_train_batch_size=16,
         learning_rate=1e-4,
@@ -155,27 +200,51 @@ def run_demo(
         disable_tqdm=False,
         dataloader_num_workers=0,
     )
-    callback = AttentionLoggerCallback(probes=list(DEMO_PROBES), every_n_steps=every)
-    trainer = Trainer(
+
+
+def _trainer(model, tokenizer, args, steps: int, every: int, seed: int) -> Any:
+    """A Trainer on `16 x steps` generated pairs, with the attention callback."""
+    from transformers import DataCollatorWithPadding, Trainer
+
+    from attnlog.callbacks.trainer import AttentionLoggerCallback
+
+    callback = AttentionLoggerCallback(
+        probes=list(DEMO_PROBES),
+        every_n_steps=every,
+        # the CLI prints the `--samples_per_plugin` command at the end, not mid progress bar
+        sink_options={"tensorboard": {"images_hint": False}},
+    )
+    return Trainer(
         model=model,
         args=args,
-        train_dataset=dataset,
+        train_dataset=_Dataset(tokenizer, make_examples(max(steps * 16, 256), seed=seed)),
         processing_class=tokenizer,
-        data_collator=_collate(tokenizer),
+        data_collator=DataCollatorWithPadding(tokenizer),
         callbacks=[callback],
     )
-    result = trainer.train()
-    accuracy = _accuracy(trainer.model, tokenizer, make_examples(200, seed=seed + 1))
-    return {
-        "logdir": str(tb_dir),
-        "tracking_uri": tracking_uri,
-        "run_name": run_name,
-        "train_loss": float(result.training_loss),
-        "accuracy": accuracy,
-        "changes": biggest_changes(tb_dir),
-        # what the task needs: sentence B's noun attending to the same noun in sentence A
-        "cross_sentence": biggest_changes(tb_dir, top=1, patterns=("identical_token_other",)),
+
+
+@contextlib.contextmanager
+def _trainer_environment(tb_dir: Path, tracking_uri: str) -> Iterator[None]:
+    """Where the Trainer's TensorBoard and MLflow callbacks write (they read the environment);
+    the caller's environment comes back afterwards."""
+    wanted = {
+        "TENSORBOARD_LOGGING_DIR": str(tb_dir),
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "MLFLOW_EXPERIMENT_NAME": os.environ.get("MLFLOW_EXPERIMENT_NAME", "attnlog-demo"),
+        "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false"),
+        "MLFLOW_ENABLE_TELEMETRY": os.environ.get("MLFLOW_ENABLE_TELEMETRY", "false"),
     }
+    saved = {name: os.environ.get(name) for name in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def biggest_changes(
@@ -222,12 +291,6 @@ class _Dataset:
 
     def __getitem__(self, i: int) -> dict:
         return self.items[i]
-
-
-def _collate(tokenizer):
-    from transformers import DataCollatorWithPadding
-
-    return DataCollatorWithPadding(tokenizer)
 
 
 def _accuracy(model, tokenizer, examples) -> float:

@@ -17,7 +17,7 @@ from typing import Any
 
 from attnlog.report import format_heads, strongest_heads
 
-__all__ = ["load_model", "write_snapshot"]
+__all__ = ["load_model", "quiet_transformers", "write_snapshot"]
 
 
 def load_model(model_dir: str | os.PathLike, special_tokens: Sequence[str] = ()) -> tuple[Any, Any]:
@@ -35,7 +35,7 @@ def load_model(model_dir: str | os.PathLike, special_tokens: Sequence[str] = ())
         )
     from transformers import AutoModel, AutoTokenizer
 
-    with _quiet_transformers():
+    with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = AutoModel.from_pretrained(folder, local_files_only=True)
     if special_tokens:
@@ -47,7 +47,7 @@ def load_model(model_dir: str | os.PathLike, special_tokens: Sequence[str] = ())
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Unused-head notices and the loading bar would bury the table; restored afterwards, so a
     program that calls `write_snapshot` keeps its own logging settings."""
     from transformers.utils import logging as hf_logging

