@@ -1,8 +1,9 @@
 """attnlog: watch transformer attention change while the model trains.
 
 One-shot capture is `attnlog.capture.capture(model, tokenizer, probes)` (the submodule owns the
-name `attnlog.capture`). `import attnlog` stays light: transformers, mlflow and tensorboard are imported only when the
-names that need them are first used.
+name `attnlog.capture`). `attnlog.load(logdir_or_npz)` reads an archived step back as a
+`Snapshot` with its `.scores`. `import attnlog` stays light: transformers, mlflow and
+tensorboard are imported only when the names that need them are first used.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ __all__ = [
     "AttentionLoggerCallback",
     "Probe",
     "ProbeSet",
+    "Sink",
     "Snapshot",
     "load",
     "register_pattern",
@@ -29,10 +31,11 @@ _LAZY = {
     "Probe": "attnlog.probes",
     "ProbeSet": "attnlog.probes",
     "Snapshot": "attnlog.snapshot",
-    "load": "attnlog.snapshot",
+    "load": "attnlog.report",
     "register_pattern": "attnlog.patterns",
     "score": "attnlog.patterns",
     "register_sink": "attnlog.sinks.base",
+    "Sink": "attnlog.sinks.base",
 }
 
 if TYPE_CHECKING:
@@ -40,8 +43,9 @@ if TYPE_CHECKING:
     from attnlog.logger import AttentionLogger
     from attnlog.patterns import register_pattern, score
     from attnlog.probes import Probe, ProbeSet
-    from attnlog.sinks.base import register_sink
-    from attnlog.snapshot import Snapshot, load
+    from attnlog.report import load
+    from attnlog.sinks.base import Sink, register_sink
+    from attnlog.snapshot import Snapshot
 
 
 def __getattr__(name: str) -> Any:

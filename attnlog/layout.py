@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "ARCHIVE_VIEWS",
     "INDEX",
     "TB_ALERTS_TAG",
     "TB_SETTINGS_TAG",
@@ -37,6 +38,7 @@ __all__ = [
     "json_matrix",
     "mlflow_metric",
     "plugin_dir",
+    "probe_shapes",
     "read_index",
     "safe_name",
     "scores_path",
@@ -143,6 +145,30 @@ def archive_name(step: int) -> str:
 def archive_path(logdir: str | os.PathLike, entry: dict[str, Any]) -> Path:
     """The `.npz` of one index entry; only its base name counts, so it cannot point elsewhere."""
     return plugin_dir(logdir) / Path(str(entry["file"])).name
+
+
+# ---- what the index records per probe ----------------------------------------------------------
+
+# The attention arrays of an archived probe that the Attention tab can show, `[L, H, rows, cols]`.
+ARCHIVE_VIEWS = ("attention", "decoder_attention", "cross_attention")
+
+
+def probe_shapes(probe: Any) -> dict[str, Any]:
+    """`{name, pooled, shapes: {view: [L, H, rows, cols]}}` of a `ProbeAttention`.
+
+    Stored in each index line (`probe_shapes`) so the Attention tab lists steps without opening
+    their archives; `pooled` is true when the attention is by token block (`probe.labels`).
+    """
+    shapes = {
+        view: [int(n) for n in getattr(probe, view).shape]
+        for view in ARCHIVE_VIEWS
+        if getattr(probe, view, None) is not None
+    }
+    return {
+        "name": probe.name,
+        "pooled": getattr(probe, "labels", None) is not None,
+        "shapes": shapes,
+    }
 
 
 # ---- the index --------------------------------------------------------------------------------

@@ -456,9 +456,17 @@ class _Rows:
         return self.visible.gather(-1, clamped[..., None]).squeeze(-1) & inside
 
     def eligible(self, name: str, fn: Callable[[_Rows], torch.Tensor]) -> torch.Tensor:
+        """[P, r] bool: the rows pattern `name` averages over (built once per rows)."""
         if name not in self._memo:
             self._memo[name] = fn(self)
         return self._memo[name]
+
+    def counts(self, kernels: dict[str, tuple[Any, RowsFn]]) -> torch.Tensor:
+        """[K, P] float32: eligible rows per pattern and probe (built once per rows)."""
+        if "counts" not in self._memo:
+            eligible = [self.eligible(name, fn) for name, (_, fn) in kernels.items()]
+            self._memo["counts"] = torch.stack(eligible).sum(-1).to(torch.float32)
+        return self._memo["counts"]
 
     def prepare(self, probs: torch.Tensor) -> torch.Tensor:
         """[P, X, r, N] -> float32, rows renormalised over visible keys, padded rows zero."""
@@ -795,7 +803,7 @@ class ScoreAccumulator:
         }
         K = len(self._rows_fns)
         self._total = torch.zeros(K, P, L, H, device=self.device)
-        self._count = torch.zeros(K, P, L, 1, device=self.device)
+        self._count = torch.zeros(K, P, L, 1, device=self.device)  # eligible rows fed
         self._logit_max = torch.full((P, L, H), -math.inf, device=self.device)
         self._logit_layers: set[int] = set()
         self._full: dict[int, torch.Tensor] = {}  # layer -> prepared [P, H, N, N], user patterns
@@ -855,11 +863,13 @@ class ScoreAccumulator:
         a = rows.prepare(probs.reshape(P, G * H, r, self.N))
         self._last_prepared = a.view(P, G, H, r, self.N)
         span = slice(layer, layer + G)
-        for k, (name, (values, eligible_fn)) in enumerate(self._rows_fns.items()):
-            eligible = rows.eligible(name, eligible_fn)  # [P, r]
-            total = torch.where(eligible[:, None], values(a, rows), 0.0).sum(-1)
-            self._total[k, :, span] += total.view(P, G, H)
-            self._count[k, :, span] += eligible.sum(-1).to(torch.float32)[:, None, None]
+        if self._rows_fns:
+            totals = [
+                torch.where(rows.eligible(name, rows_fn)[:, None], values(a, rows), 0.0).sum(-1)
+                for name, (values, rows_fn) in self._rows_fns.items()
+            ]  # K x [P, G * H]
+            self._total[:, :, span] += torch.stack(totals).view(-1, P, G, H)
+            self._count[:, :, span] += rows.counts(self._rows_fns)[:, :, None, None]
         if logits is not None and self._logit_names:
             lg = torch.as_tensor(logits)[:, :, :, :r, : self.N].to(self.device, torch.float32)
             lg = torch.where(rows.visible[:, None, None], lg, -math.inf).amax((-2, -1))

@@ -1,7 +1,12 @@
 """`attnlog report` and `attnlog compare`: read a run's archive back as a short text summary.
 
-Both read only `<logdir>/plugins/attnlog` (`read_index` + `load`), never TensorBoard or MLflow,
-so they work on a copied folder, offline, long after training.
+Both read only `<logdir>/plugins/attnlog` (`layout.read_index` + `snapshot.load`), never
+TensorBoard or MLflow, so they work on a copied folder, offline, long after training. A damaged
+run is still summarised: unreadable index lines and missing or truncated step files are skipped
+with one warning each.
+
+Patterns whose scores are identical (`cls` and `sink` for BERT-family models, whose [CLS] is the
+first token) are shown once, as `cls (= sink)`, so rankings hold no duplicate pairs.
 """
 
 from __future__ import annotations
@@ -15,9 +20,20 @@ from typing import Any
 
 import numpy as np
 
-from attnlog.sinks.archive import read_index
-from attnlog.sinks.base import plugin_dir
-from attnlog.snapshot import Snapshot, load
+from attnlog.layout import INDEX, archive_path, plugin_dir, read_index, warn_once
+from attnlog.snapshot import Snapshot
+from attnlog.snapshot import load as load_archive
+
+__all__ = [
+    "UNBOUNDED",
+    "compare",
+    "format_heads",
+    "load",
+    "report",
+    "same_scores",
+    "score_differences",
+    "strongest_heads",
+]
 
 # Scores outside [0, 1] (nats, raw logits): never ranked against the others.
 UNBOUNDED = frozenset({"entropy_nats", "max_logit"})
@@ -34,8 +50,9 @@ def strongest_heads(
     """
     if labels is None:
         labels = _labels(scores)
+    aliases = same_scores(scores)
     rows = []
-    for pattern in sorted(scores):
+    for pattern in sorted(aliases):
         matrix = np.asarray(scores[pattern], dtype=np.float64)
         if pattern in UNBOUNDED or not np.isfinite(matrix).any():
             continue
@@ -43,6 +60,7 @@ def strongest_heads(
         rows.append(
             {
                 "pattern": pattern,
+                "same_as": aliases[pattern],
                 "layer": int(layer),
                 "head": int(head),
                 "score": round(float(matrix[layer, head]), 4),
@@ -57,10 +75,27 @@ def format_heads(rows: list[dict[str, Any]]) -> str:
     """A compact table: pattern, layer, head, score, label."""
     lines = [f"  {'pattern':<24}{'layer':>6}{'head':>6}{'score':>8}  label"]
     for r in rows:
-        lines.append(
-            f"  {r['pattern']:<24}{r['layer']:>6}{r['head']:>6}{r['score']:>8.3f}  {r['label']}"
-        )
+        name = _named(r["pattern"], r.get("same_as", []))
+        lines.append(f"  {name:<24}{r['layer']:>6}{r['head']:>6}{r['score']:>8.3f}  {r['label']}")
     return "\n".join(lines)
+
+
+def same_scores(*runs: dict[str, np.ndarray]) -> dict[str, list[str]]:
+    """Pattern -> the other patterns with the same scores in every run given (NaN = NaN).
+
+    Only the first of each group (sorted by name) is a key, so iterating over the keys visits
+    each distinct score once: for BERT-family models `{"cls": ["sink"], ...}`.
+    """
+    names = sorted(set.intersection(*(set(r) for r in runs))) if runs else []
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        for first, others in groups.items():
+            if all(_same(r[first], r[name]) for r in runs):
+                others.append(name)
+                break
+        else:
+            groups[name] = []
+    return groups
 
 
 def report(logdir: str | os.PathLike, step: int | None = None, as_json: bool = False) -> str:
@@ -73,12 +108,18 @@ def report(logdir: str | os.PathLike, step: int | None = None, as_json: bool = F
     """
     index = _index(logdir)
     steps = [e["step"] for e in index]
-    chosen = steps[-1] if step is None else step
-    if chosen not in steps:
-        raise ValueError(
-            f"step {chosen} is not in the archive of {logdir}; logged steps: {_list(steps)}"
-        )
-    snapshot, scores = _load(logdir, index[steps.index(chosen)])
+    if step is None:
+        entry, snapshot = _last(logdir, index)
+    else:
+        if step not in steps:
+            raise ValueError(
+                f"step {step} is not in the archive of {logdir}; logged steps: {_list(steps)}"
+            )
+        entry = index[steps.index(step)]
+        snapshot = _read(logdir, entry)
+        if snapshot is None:
+            raise ValueError(f"the archive file of step {step} in {logdir} is missing or damaged")
+    chosen, scores = entry["step"], snapshot.scores
     labels = _labels(scores)
     rows = strongest_heads(scores, labels)
     counts = Counter(labels.ravel().tolist()) if labels is not None else Counter()
@@ -117,9 +158,11 @@ def score_differences(
     """(|b - a|, pattern, layer, head) for every head scored in both, largest first.
 
     Only scores in [0, 1] (not `UNBOUNDED`) are comparable across patterns; `patterns` narrows
-    the choice further.
+    the choice further. Patterns with identical scores in both runs count once, under the first
+    name (`same_scores(a, b)` gives the others).
     """
     names = (set(a) & set(b) & set(patterns if patterns is not None else a)) - UNBOUNDED
+    names &= set(same_scores(a, b))
     rows = []
     for pattern in sorted(names):
         delta = np.asarray(b[pattern], np.float64) - np.asarray(a[pattern], np.float64)
@@ -136,9 +179,8 @@ def compare(run_a: str | os.PathLike, run_b: str | os.PathLike, top: int = 10) -
         FileNotFoundError: a folder holds no archive.
         ValueError: the runs' models have different numbers of layers or heads.
     """
-    index_a, index_b = _index(run_a), _index(run_b)
-    _, a = _load(run_a, index_a[-1])
-    _, b = _load(run_b, index_b[-1])
+    (entry_a, snap_a), (entry_b, snap_b) = _last(run_a), _last(run_b)
+    a, b = snap_a.scores, snap_b.scores
     shape_a, shape_b = _shape(a), _shape(b)
     if shape_a != shape_b:
         raise ValueError(
@@ -146,7 +188,8 @@ def compare(run_a: str | os.PathLike, run_b: str | os.PathLike, top: int = 10) -
             f"{shape_b[0]} x {shape_b[1]}; compare runs of the same model"
         )
     rows = score_differences(a, b)
-    step_a, step_b = index_a[-1]["step"], index_b[-1]["step"]
+    aliases = same_scores(a, b)
+    step_a, step_b = entry_a["step"], entry_b["step"]
     lines = [
         f"A: {run_a} (step {step_a})",
         f"B: {run_b} (step {step_b})",
@@ -154,7 +197,8 @@ def compare(run_a: str | os.PathLike, run_b: str | os.PathLike, top: int = 10) -
     ]
     for _, pattern, layer, head in rows[:top]:
         va, vb = float(a[pattern][layer, head]), float(b[pattern][layer, head])
-        lines.append(f"  {pattern:<24}{layer:>6}{head:>6}{va:>8.3f}{vb:>8.3f}{vb - va:>+8.3f}")
+        name = _named(pattern, aliases.get(pattern, []))
+        lines.append(f"  {name:<24}{layer:>6}{head:>6}{va:>8.3f}{vb:>8.3f}{vb - va:>+8.3f}")
     if not rows:
         lines.append("  (no pattern scored in both runs)")
     elif rows[0][0] == 0:
@@ -167,32 +211,82 @@ def compare(run_a: str | os.PathLike, run_b: str | os.PathLike, top: int = 10) -
 
 def _index(logdir: str | os.PathLike) -> list[dict[str, Any]]:
     root = Path(logdir)
-    if not root.is_dir():
+    if not root.exists():
         raise FileNotFoundError(f"{root} does not exist")
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder; pass the logdir the logger wrote to")
     index = read_index(root)
     if index:
         return index
-    runs = sorted(str(p.parent.parent.parent) for p in root.glob("*/plugins/attnlog/index.jsonl"))
+    runs = sorted(str(p.parent.parent.parent) for p in root.glob(f"*/plugins/attnlog/{INDEX}"))
     hint = (
         f"; runs inside it: {', '.join(runs)}"
         if runs
         else "; log with AttentionLogger (archive=True, the default) or `attnlog snapshot`"
     )
+    raise FileNotFoundError(f"no attnlog archive in {root} (no {plugin_dir(root) / INDEX}){hint}")
+
+
+def load(path: str | os.PathLike, step: int | None = None) -> Snapshot:
+    """One archived step as a `Snapshot` whose `.scores` holds its pattern scores (`[L, H]`).
+
+    Args:
+        path: a step's `.npz`, or a run's logdir (then the last readable step, or `step`).
+
+    Raises:
+        FileNotFoundError: no archive there. ValueError: `step` was not logged or is damaged.
+    """
+    path = Path(path)
+    if path.is_file():
+        return load_archive(path)[0]
+    index = _index(path)
+    if step is None:
+        return _last(path, index)[1]
+    entry = next((e for e in index if e["step"] == step), None)
+    snapshot = None if entry is None else _read(path, entry)
+    if snapshot is None:
+        raise ValueError(f"step {step} of {path} was not logged or its archive file is damaged")
+    return snapshot
+
+
+def _read(logdir: str | os.PathLike, entry: dict[str, Any]) -> Snapshot | None:
+    """The step's snapshot, or None (warned once) when its file is missing or damaged."""
+    path = archive_path(logdir, entry)
+    try:
+        return load_archive(path)[0]
+    except Exception as exc:  # missing, truncated, not an archive, a newer format
+        warn_once(path, f"attnlog: skipping step {entry['step']}: cannot read {path}: {exc}")
+        return None
+
+
+def _last(
+    logdir: str | os.PathLike, index: list[dict[str, Any]] | None = None
+) -> tuple[dict[str, Any], Snapshot]:
+    """The last step whose archive file reads, and its snapshot."""
+    index = _index(logdir) if index is None else index
+    for entry in reversed(index):
+        snapshot = _read(logdir, entry)
+        if snapshot is not None:
+            return entry, snapshot
     raise FileNotFoundError(
-        f"no attnlog archive in {root} (no {plugin_dir(root)}/index.jsonl){hint}"
+        f"no readable step in {plugin_dir(logdir)}: every indexed archive file is missing or "
+        "damaged"
     )
 
 
-def _load(
-    logdir: str | os.PathLike, entry: dict[str, Any]
-) -> tuple[Snapshot, dict[str, np.ndarray]]:
-    return load(plugin_dir(logdir) / entry["file"])
+def _named(pattern: str, same_as: list[str]) -> str:
+    return f"{pattern} (= {', '.join(same_as)})" if same_as else pattern
+
+
+def _same(x: np.ndarray, y: np.ndarray) -> bool:
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return x.shape == y.shape and bool(np.allclose(x, y, rtol=0, atol=1e-6, equal_nan=True))
 
 
 def _labels(scores: dict[str, np.ndarray]) -> np.ndarray | None:
-    from attnlog.patterns import _LABEL_INPUTS, label_heads
+    from attnlog.patterns import LABEL_INPUTS, label_heads
 
-    if not all(name in scores for name in _LABEL_INPUTS):
+    if not all(name in scores for name in LABEL_INPUTS):
         return None
     return label_heads(scores)
 

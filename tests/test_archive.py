@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from test_sinks_contract import make_snapshot, make_table
 
-from attnlog.sinks.archive import ArchiveSink, read_index
-from attnlog.sinks.base import plugin_dir
+from attnlog.layout import plugin_dir, read_index
+from attnlog.sinks.archive import ArchiveSink
 from attnlog.snapshot import load
 
 
@@ -21,6 +21,7 @@ def test_each_step_is_archived_and_indexed(tmp_path):
 
     index = read_index(tmp_path)
     assert [e["step"] for e in index] == [0, 100, 200]
+    shapes = index[1].pop("probe_shapes")
     assert index[1] == {
         "step": 100,
         "file": "step_00000100.npz",
@@ -28,6 +29,10 @@ def test_each_step_is_archived_and_indexed(tmp_path):
         "model_type": "bert",
         "patterns": ["cls", "cross_sentence", "prev", "sep"],
     }
+    assert shapes == [
+        {"name": "cat", "pooled": False, "shapes": {"attention": [2, 3, 6, 6]}},
+        {"name": "pair", "pooled": False, "shapes": {"attention": [2, 3, 7, 7]}},
+    ]
     snapshot, scores = load(plugin_dir(tmp_path) / index[1]["file"])
     original, table = make_snapshot(100), make_table(100)
     assert [p.name for p in snapshot.probes] == ["cat", "pair"]

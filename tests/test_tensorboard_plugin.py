@@ -13,8 +13,8 @@ from browser import browser, wait_for  # noqa: F401
 from servers import free_port, get_json, start_tensorboard
 from test_sinks_contract import HEADS, LAYERS, PROBES, make_snapshot, make_table
 
-from attnlog.sinks.archive import ArchiveSink, read_index
-from attnlog.sinks.base import plugin_dir
+from attnlog.layout import plugin_dir, read_index
+from attnlog.sinks.archive import ArchiveSink
 from attnlog.snapshot import load
 
 pytest.importorskip("tensorboard")
@@ -161,12 +161,13 @@ def test_bad_requests_get_a_clear_error(get, route, query, code, message):
     assert message in body["error"]
 
 
-def test_broken_archive_is_a_500_without_traceback(tmp_path):
+def test_broken_archive_is_a_404_without_traceback(tmp_path):
     ArchiveSink(tmp_path / "r").log_archive(make_snapshot(0), make_table(0), 0)
     (plugin_dir(tmp_path / "r") / "step_00000000.npz").write_bytes(b"not a zip")
     apps = AttentionPlugin(TBContext(logdir=str(tmp_path))).get_plugin_apps()
     response = Client(apps["/scores"]).get("/scores", query_string={"run": "r", "step": "0"})
-    assert response.status_code == 500
+    assert response.status_code == 404
+    assert "missing or damaged" in response.get_json()["error"]
     assert "Traceback" not in response.get_data(as_text=True)
     assert Client(apps["/runs"]).get("/runs").get_json() == {"r": []}  # skipped, not fatal
 

@@ -3,7 +3,8 @@
 
 Layout under `plugin_dir(logdir)` (see `attnlog.layout`):
     step_<8 digits>.npz   one `Snapshot.save` archive per step, pattern scores included
-    index.jsonl           one JSON line per step: step, file, probes, model_type, patterns
+    index.jsonl           one JSON line per step: step, file, probes, model_type, patterns,
+                          probe_shapes (`layout.probe_shapes`, so readers need not open files)
     index.lock            taken (fcntl.flock) around every index update
 
 Two processes may write one logdir (a restarted writer overlapping the one it replaces, two
@@ -24,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from attnlog.layout import INDEX, archive_name, plugin_dir, read_index
+from attnlog.layout import INDEX, archive_name, plugin_dir, probe_shapes, read_index
 from attnlog.sinks.base import Sink, check_writable_dir
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ class ArchiveSink(Sink):
             "probes": [p.name for p in snapshot.probes],
             "model_type": snapshot.model_type,
             "patterns": sorted(table.scores),
+            "probe_shapes": [probe_shapes(p) for p in snapshot.probes],
         }
         with self._locked():
             if self._steps is None:

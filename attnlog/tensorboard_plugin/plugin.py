@@ -1,20 +1,24 @@
 """TensorBoard's "Attention" tab: browse the archived attention of every logged step.
 
-The archive (`<run>/plugins/attnlog/step_<8 digits>.npz` + `index.jsonl`) is not an event file,
-so this plugin reads it from the log folder directly instead of through the data provider.
-Every route answers small JSON (one head's matrix at a time); the page is an ES module that
-TensorBoard loads into an iframe (see `FrontendMetadata.es_module_path`).
+The archive (`<run>/plugins/attnlog/index.jsonl` + one `.npz` per step, see `attnlog.layout`) is
+not an event file, so this plugin reads it from the log folder directly instead of through the
+data provider, with the archive's own reader (`attnlog.snapshot.load`). Every route answers
+small JSON (one head's matrix at a time); the page is an ES module that TensorBoard loads into an
+iframe (see `FrontendMetadata.es_module_path`).
+
+As in TensorBoard's `text_plugin.py`, each route is a plain `*_impl` function (arguments in,
+JSON-able dict out, `RequestError` for a client mistake) behind a thin werkzeug wrapper that
+only parses the query. A damaged run never breaks the tab: a step whose file is missing or
+cannot be read is left out (warned once) and the rest is served.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import math
 import os
 import re
-import zipfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,9 +28,26 @@ from tensorboard.backend import http_util
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
-from attnlog.sinks.archive import INDEX, read_index
-from attnlog.sinks.base import plugin_dir
-from attnlog.snapshot import load
+from attnlog.layout import (
+    INDEX,
+    archive_path,
+    json_matrix,
+    plugin_dir,
+    probe_shapes,
+    read_index,
+    warn_once,
+)
+from attnlog.snapshot import Snapshot, load
+
+__all__ = [
+    "PLUGIN_NAME",
+    "AttentionPlugin",
+    "RequestError",
+    "attention_impl",
+    "runs_impl",
+    "scores_impl",
+    "trend_impl",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +55,13 @@ PLUGIN_NAME = "attnlog"
 STATIC = Path(__file__).with_name("static")
 STATIC_FILES = {"/index.js": "text/javascript", "/style.css": "text/css"}
 # view -> (row tokens, column tokens) of its [L, H, rows, cols] matrix
-VIEWS = {
+VIEWS = {  # keys: layout.ARCHIVE_VIEWS
     "attention": ("tokens", "tokens"),
     "decoder_attention": ("decoder_tokens", "decoder_tokens"),
     "cross_attention": ("decoder_tokens", "tokens"),
 }
+MAX_RUN_NAME = 1024  # longer `run` values are refused before touching the file system
+ACTIVE_RECHECK_S = 30.0  # how often `is_active` may walk the logdir again while it finds nothing
 
 
 class RequestError(Exception):
@@ -49,6 +72,219 @@ class RequestError(Exception):
         self.code = code
 
 
+# ---- the routes as plain functions ----------------------------------------------------------
+
+
+def runs_impl(logdir: Path | None) -> dict[str, list[dict[str, Any]]]:
+    """run -> [{step, patterns, probes: [{name, pooled, shapes: {view: [L, H, rows, cols]}}]}].
+
+    From the index alone where it records the shapes (archives from this version on); steps
+    whose archive file is missing or known to be unreadable are left out.
+    """
+    out = {}
+    for run, folder in iter_runs(logdir):
+        steps = []
+        for entry in read_index(folder):
+            probes = entry.get("probe_shapes")
+            if not _stat(folder, entry):
+                continue
+            if not isinstance(probes, list):  # an older index: read the archive once
+                summary = _summary_of(folder, entry)
+                if summary is None:
+                    continue
+                probes = summary[0]
+            steps.append(
+                {"step": entry["step"], "patterns": entry.get("patterns", []), "probes": probes}
+            )
+        out[run] = steps
+    return out
+
+
+def scores_impl(logdir: Path | None, run: str, step: int) -> dict[str, Any]:
+    """Every pattern's [layer][head] score matrix at one step (null where undefined)."""
+    folder = run_folder(logdir, run)
+    entry = _entry(folder, step)
+    summary = _summary_of(folder, entry)
+    if summary is None:
+        raise RequestError(404, f"the archive file of step {step} is missing or damaged")
+    return {
+        "run": run,
+        "step": entry["step"],
+        "scores": {name: json_matrix(m) for name, m in sorted(summary[1].items())},
+    }
+
+
+def attention_impl(
+    logdir: Path | None, run: str, step: int, probe: str, view: str, layer: int, head: int
+) -> dict[str, Any]:
+    """One head of one probe at one step: row/column tokens and the matrix (4 decimals).
+
+    A pooled probe (longer than the capture's full-attention limit) is served by token block:
+    its row and column labels are the blocks' texts.
+    """
+    if view not in VIEWS:
+        raise RequestError(400, f"view must be one of {', '.join(VIEWS)}, got {view!r}")
+    folder = run_folder(logdir, run)
+    entry = _entry(folder, step)
+    snapshot = _snapshot(folder, entry)
+    if snapshot is None:
+        raise RequestError(404, f"the archive file of step {step} is missing or damaged")
+    found = next((p for p in snapshot.probes if p.name == probe), None)
+    if found is None:
+        names = ", ".join(p.name for p in snapshot.probes)
+        raise RequestError(404, f"step {entry['step']} has no probe {probe!r} (it has {names})")
+    weights = getattr(found, view)
+    if weights is None:
+        raise RequestError(404, f"probe {probe!r} has no {view} (not an encoder-decoder)")
+    _in_range("layer", layer, weights.shape[0], "layers")
+    _in_range("head", head, weights.shape[1], "heads")
+    rows, cols = (getattr(found, name) for name in VIEWS[view])
+    pooled = view == "attention" and getattr(found, "labels", None) is not None
+    if pooled:
+        rows = cols = list(found.labels)
+    return {
+        "run": run,
+        "step": entry["step"],
+        "probe": probe,
+        "view": view,
+        "layer": layer,
+        "head": head,
+        "pooled": pooled,
+        "query_tokens": rows,
+        "tokens": cols,
+        "matrix": json_matrix(weights[layer, head], digits=4),
+    }
+
+
+def trend_impl(logdir: Path | None, run: str, pattern: str, layer: int, head: int) -> dict:
+    """One head's score for one pattern at every readable step (null where not scored)."""
+    folder = run_folder(logdir, run)
+    steps, values, shape = [], [], None
+    for entry in read_index(folder):
+        summary = _summary_of(folder, entry)
+        if summary is None:
+            continue  # missing or damaged: leave the step out
+        matrix = summary[1].get(pattern)
+        value = None
+        if matrix is not None:
+            shape = matrix.shape
+            if layer < matrix.shape[0] and head < matrix.shape[1]:
+                value = float(matrix[layer, head])
+        steps.append(entry["step"])
+        values.append(value)
+    if shape is None:
+        raise RequestError(404, f"run {run!r} has no scores for pattern {pattern!r}")
+    _in_range("layer", layer, shape[0], "layers")
+    _in_range("head", head, shape[1], "heads")
+    return {
+        "run": run,
+        "pattern": pattern,
+        "layer": layer,
+        "head": head,
+        "steps": steps,
+        "values": json_matrix([values])[0],
+    }
+
+
+# ---- runs and steps -------------------------------------------------------------------------
+
+
+def iter_runs(logdir: Path | None) -> Iterator[tuple[str, Path]]:
+    """(name, folder) of every folder holding an archive index, in a stable order."""
+    if logdir is None or not logdir.is_dir():
+        return
+    for folder, subdirs, _ in os.walk(logdir):
+        path = Path(folder)
+        if (plugin_dir(path) / INDEX).is_file():
+            yield path.relative_to(logdir).as_posix(), path
+        subdirs[:] = sorted(d for d in subdirs if d != "plugins")  # plugin data, not runs
+
+
+def run_folder(logdir: Path | None, run: str) -> Path:
+    """The folder of `run` (a name listed by /runs) inside the logdir, or a 400/404."""
+    if (
+        len(run) > MAX_RUN_NAME
+        or ".." in re.split(r"[\\/]", run)
+        or os.path.isabs(run)
+        or "\0" in run
+    ):
+        raise RequestError(400, f"run must be a run name listed by /runs, got {run[:80]!r}")
+    if logdir is None:
+        raise RequestError(404, "TensorBoard was started without a --logdir")
+    folder = logdir / run
+    try:
+        inside = folder.resolve().is_relative_to(logdir.resolve())
+        found = inside and (plugin_dir(folder) / INDEX).is_file()
+    except (OSError, ValueError):  # a name too long for the file system, say
+        found = False
+    if not found:
+        raise RequestError(404, f"no attnlog archive for run {run[:80]!r}")
+    return folder
+
+
+def _entry(folder: Path, step: int) -> dict[str, Any]:
+    entry = next((e for e in read_index(folder) if e["step"] == step), None)
+    if entry is None:
+        raise RequestError(404, f"step {step} was not logged in this run")
+    return entry
+
+
+_BAD: set[tuple[str, int]] = set()  # (path, mtime) of archive files that failed to load
+
+
+def _stat(folder: Path, entry: dict[str, Any]) -> tuple[str, int] | None:
+    """(path, mtime) of the step's archive file; None (warned once) when missing or bad."""
+    path = archive_path(folder, entry)
+    try:
+        key = (str(path), path.stat().st_mtime_ns)
+    except OSError:
+        warn_once(path, f"attnlog: step {entry['step']}: {path} is missing; skipped")
+        return None
+    return None if key in _BAD else key
+
+
+def _read(folder: Path, entry: dict[str, Any], reader: Callable) -> Any:
+    """`reader(path, mtime)`, or None (warned once, remembered) when the file cannot be read."""
+    key = _stat(folder, entry)
+    if key is None:
+        return None
+    try:
+        return reader(*key)
+    except Exception as exc:  # truncated, not an archive, a newer format
+        _BAD.add(key)
+        warn_once(key, f"attnlog: step {entry['step']}: cannot read {key[0]}; skipped: {exc}")
+        return None
+
+
+def _snapshot(folder: Path, entry: dict[str, Any]) -> Snapshot | None:
+    return _read(folder, entry, _load)
+
+
+def _summary_of(folder: Path, entry: dict[str, Any]) -> tuple[list, dict] | None:
+    return _read(folder, entry, _summary)
+
+
+@functools.lru_cache(maxsize=8)  # whole steps can be large: keep only a few
+def _load(path: str, mtime_ns: int) -> Snapshot:
+    """(path, mtime) keyed: a step rewritten by a resumed run is read again, not served stale."""
+    return load(path)[0]
+
+
+@functools.lru_cache(maxsize=4096)
+def _summary(path: str, mtime_ns: int) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """The small part of a step, kept for many steps: probe shapes and `[L, H]` scores."""
+    snapshot = _load(path, mtime_ns)
+    return [probe_shapes(p) for p in snapshot.probes], snapshot.scores
+
+
+def _in_range(name: str, value: int, limit: int, what: str) -> None:
+    if value >= limit:
+        raise RequestError(400, f"{name} {value} is out of range: there are {limit} {what}")
+
+
+# ---- the plugin: thin werkzeug wrappers -----------------------------------------------------
+
+
 class AttentionPlugin(base_plugin.TBPlugin):
     """The "Attention" tab. Runs are the folders under the logdir (itself included, as ".")
     that hold an attnlog archive."""
@@ -57,135 +293,56 @@ class AttentionPlugin(base_plugin.TBPlugin):
 
     def __init__(self, context: base_plugin.TBContext) -> None:
         self._logdir = Path(context.logdir).expanduser() if context.logdir else None
+        self._active = False
+        self._checked_at: float | None = None
 
     def frontend_metadata(self) -> base_plugin.FrontendMetadata:
         return base_plugin.FrontendMetadata(es_module_path="/index.js", tab_name="Attention")
 
     def is_active(self) -> bool:
-        return next(self._iter_runs(), None) is not None
+        """Whether any run has an archive. Once true it stays true; while false, the logdir is
+        walked again at most every `ACTIVE_RECHECK_S` seconds (TensorBoard asks often)."""
+        now = time.monotonic()
+        if not self._active and (
+            self._checked_at is None or now - self._checked_at >= ACTIVE_RECHECK_S
+        ):
+            self._checked_at = now
+            self._active = next(iter_runs(self._logdir), None) is not None
+        return self._active
 
     def get_plugin_apps(self) -> dict[str, Callable]:
         apps = {route: self._static_app(route, kind) for route, kind in STATIC_FILES.items()}
-        apps["/runs"] = self._json_app(self._runs)
-        apps["/scores"] = self._json_app(self._scores)
-        apps["/attention"] = self._json_app(self._attention)
-        apps["/trend"] = self._json_app(self._trend)
+        apps["/runs"] = self._json_app(self._runs_route)
+        apps["/scores"] = self._json_app(self._scores_route)
+        apps["/attention"] = self._json_app(self._attention_route)
+        apps["/trend"] = self._json_app(self._trend_route)
         return apps
 
-    # ---- routes ------------------------------------------------------------------------------
+    def _runs_route(self, request: wrappers.Request) -> dict[str, Any]:
+        return runs_impl(self._logdir)
 
-    def _runs(self, request: wrappers.Request) -> dict[str, Any]:
-        """run -> [{step, patterns, probes: [{name, shapes: {view: [L, H, rows, cols]}}]}]."""
-        out = {}
-        for run, folder in self._iter_runs():
-            steps = []
-            for entry in read_index(folder):
-                try:
-                    probes = _probe_shapes(*_cache_key(_archive_path(folder, entry)))
-                except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-                    logger.warning("attnlog: skipping unreadable archive in %s: %s", run, exc)
-                    continue
-                steps.append(
-                    {"step": entry["step"], "patterns": entry.get("patterns", []), "probes": probes}
-                )
-            out[run] = steps
-        return out
+    def _scores_route(self, request: wrappers.Request) -> dict[str, Any]:
+        return scores_impl(self._logdir, _arg(request, "run"), _int_arg(request, "step"))
 
-    def _scores(self, request: wrappers.Request) -> dict[str, Any]:
-        """Every pattern's [layer][head] score matrix at one step (null where undefined)."""
-        run, folder = self._run(request)
-        entry = _entry(folder, request)
-        scores = _load_scores(*_cache_key(_archive_path(folder, entry)))
-        return {
-            "run": run,
-            "step": entry["step"],
-            "scores": {name: _clean(matrix) for name, matrix in sorted(scores.items())},
-        }
+    def _attention_route(self, request: wrappers.Request) -> dict[str, Any]:
+        return attention_impl(
+            self._logdir,
+            _arg(request, "run"),
+            _int_arg(request, "step"),
+            _arg(request, "probe"),
+            request.args.get("view", "attention"),
+            _int_arg(request, "layer"),
+            _int_arg(request, "head"),
+        )
 
-    def _attention(self, request: wrappers.Request) -> dict[str, Any]:
-        """One head of one probe at one step: row/column tokens and the matrix (4 decimals)."""
-        run, folder = self._run(request)
-        entry = _entry(folder, request)
-        view = request.args.get("view", "attention")
-        if view not in VIEWS:
-            raise RequestError(400, f"view must be one of {', '.join(VIEWS)}, got {view!r}")
-        name = _arg(request, "probe")
-        snapshot, _ = _load_snapshot(*_cache_key(_archive_path(folder, entry)))
-        probe = next((p for p in snapshot.probes if p.name == name), None)
-        if probe is None:
-            names = ", ".join(p.name for p in snapshot.probes)
-            raise RequestError(404, f"step {entry['step']} has no probe {name!r} (it has {names})")
-        weights = getattr(probe, view)
-        if weights is None:
-            raise RequestError(404, f"probe {name!r} has no {view} (not an encoder-decoder)")
-        layer = _int_arg(request, "layer", limit=weights.shape[0], what="layers")
-        head = _int_arg(request, "head", limit=weights.shape[1], what="heads")
-        rows, cols = VIEWS[view]
-        return {
-            "run": run,
-            "step": entry["step"],
-            "probe": name,
-            "view": view,
-            "layer": layer,
-            "head": head,
-            "query_tokens": getattr(probe, rows),
-            "tokens": getattr(probe, cols),
-            "matrix": _clean(weights[layer, head], digits=4),
-        }
-
-    def _trend(self, request: wrappers.Request) -> dict[str, Any]:
-        """One head's score for one pattern at every logged step (null where not scored)."""
-        run, folder = self._run(request)
-        pattern = _arg(request, "pattern")
-        layer = _int_arg(request, "layer")
-        head = _int_arg(request, "head")
-        steps, values, seen = [], [], False
-        for entry in read_index(folder):
-            try:
-                matrix = _load_scores(*_cache_key(_archive_path(folder, entry))).get(pattern)
-            except RequestError:
-                continue  # an indexed file that is gone: leave the step out
-            seen = seen or matrix is not None
-            value = None
-            if matrix is not None and layer < matrix.shape[0] and head < matrix.shape[1]:
-                value = float(matrix[layer, head])
-            steps.append(entry["step"])
-            values.append(value if value is not None and math.isfinite(value) else None)
-        if not seen:
-            raise RequestError(404, f"run {run!r} has no scores for pattern {pattern!r}")
-        return {
-            "run": run,
-            "pattern": pattern,
-            "layer": layer,
-            "head": head,
-            "steps": steps,
-            "values": values,
-        }
-
-    # ---- helpers -----------------------------------------------------------------------------
-
-    def _iter_runs(self) -> Iterator[tuple[str, Path]]:
-        """(name, folder) of every folder holding an archive index, in a stable order."""
-        if self._logdir is None or not self._logdir.is_dir():
-            return
-        for folder, subdirs, _ in os.walk(self._logdir):
-            path = Path(folder)
-            if (plugin_dir(path) / INDEX).is_file():
-                yield path.relative_to(self._logdir).as_posix(), path
-            subdirs[:] = sorted(d for d in subdirs if d != "plugins")  # plugin data, not runs
-
-    def _run(self, request: wrappers.Request) -> tuple[str, Path]:
-        """The `run` query parameter as a folder inside the logdir, or a 400/404."""
-        run = _arg(request, "run")
-        if ".." in re.split(r"[\\/]", run) or os.path.isabs(run) or "\0" in run:
-            raise RequestError(400, f"run must be a run name listed by /runs, got {run!r}")
-        if self._logdir is None:
-            raise RequestError(404, "TensorBoard was started without a --logdir")
-        folder = self._logdir / run
-        inside = folder.resolve().is_relative_to(self._logdir.resolve())
-        if not inside or not (plugin_dir(folder) / INDEX).is_file():
-            raise RequestError(404, f"no attnlog archive for run {run!r}")
-        return run, folder
+    def _trend_route(self, request: wrappers.Request) -> dict[str, Any]:
+        return trend_impl(
+            self._logdir,
+            _arg(request, "run"),
+            _arg(request, "pattern"),
+            _int_arg(request, "layer"),
+            _int_arg(request, "head"),
+        )
 
     def _json_app(self, handler: Callable[[wrappers.Request], Any]) -> Callable:
         @wrappers.Request.application
@@ -194,7 +351,7 @@ class AttentionPlugin(base_plugin.TBPlugin):
                 body, code = handler(request), 200
             except RequestError as exc:
                 body, code = {"error": str(exc)}, exc.code
-            except Exception:  # a broken archive must not show a traceback in the browser
+            except Exception:  # a bug must not show a traceback in the browser
                 logger.exception("attnlog plugin: %s failed", request.path)
                 body = {"error": "could not read the archive; the TensorBoard log has the cause"}
                 code = 500
@@ -219,80 +376,11 @@ def _arg(request: wrappers.Request, name: str) -> str:
     return value
 
 
-def _int_arg(request: wrappers.Request, name: str, limit: int | None = None, what: str = "") -> int:
+_ASCII_INT = re.compile(r"[0-9]{1,9}")  # not `\d`: it matches full-width and other digits
+
+
+def _int_arg(request: wrappers.Request, name: str) -> int:
     text = _arg(request, name)
-    if not re.fullmatch(r"\d{1,9}", text):
-        raise RequestError(400, f"{name} must be a non-negative integer, got {text!r}")
-    value = int(text)
-    if limit is not None and value >= limit:
-        raise RequestError(400, f"{name} {value} is out of range: there are {limit} {what}")
-    return value
-
-
-def _entry(folder: Path, request: wrappers.Request) -> dict[str, Any]:
-    step = _int_arg(request, "step")
-    for entry in read_index(folder):
-        if entry["step"] == step:
-            return entry
-    raise RequestError(404, f"step {step} was not logged in this run")
-
-
-def _archive_path(folder: Path, entry: dict[str, Any]) -> Path:
-    return plugin_dir(folder) / Path(entry["file"]).name  # the index cannot point elsewhere
-
-
-def _cache_key(path: Path) -> tuple[str, int]:
-    """(path, mtime): a step rewritten by a resumed run is read again, not served stale."""
-    try:
-        return str(path), path.stat().st_mtime_ns
-    except FileNotFoundError:
-        raise RequestError(404, f"archive file {path.name} is missing") from None
-
-
-@functools.lru_cache(maxsize=8)  # whole steps can be large: keep only a few
-def _load_snapshot(path: str, mtime_ns: int) -> tuple[Any, dict[str, np.ndarray]]:
-    return load(path)
-
-
-@functools.lru_cache(maxsize=4096)
-def _load_scores(path: str, mtime_ns: int) -> dict[str, np.ndarray]:
-    """Only the `[L, H]` score arrays: the trend over many steps never decompresses attention."""
-    with np.load(path, allow_pickle=False) as data:
-        return {k[len("scores/") :]: data[k] for k in data.files if k.startswith("scores/")}
-
-
-@functools.lru_cache(maxsize=4096)
-def _probe_shapes(path: str, mtime_ns: int) -> list[dict[str, Any]]:
-    """Probe names and array shapes from the archive's metadata and `.npy` headers only."""
-    with zipfile.ZipFile(path) as archive:
-        with archive.open("meta.npy") as fh:
-            meta = json.loads(np.lib.format.read_array(fh).tobytes())
-        names = set(archive.namelist())
-        probes = []
-        for i, probe in enumerate(meta["probes"]):
-            shapes = {}
-            for view in VIEWS:
-                member = f"p{i}/{view}.npy"
-                if member in names:
-                    with archive.open(member) as fh:
-                        shapes[view] = list(_npy_shape(fh))
-            probes.append({"name": probe["name"], "shapes": shapes})
-    return probes
-
-
-def _npy_shape(fh: Any) -> tuple[int, ...]:
-    version = np.lib.format.read_magic(fh)
-    header = (
-        np.lib.format.read_array_header_1_0
-        if version == (1, 0)
-        else np.lib.format.read_array_header_2_0
-    )
-    return header(fh)[0]
-
-
-def _clean(matrix: np.ndarray, digits: int | None = None) -> list:
-    """Nested lists for JSON: NaN/inf -> null, optionally rounded (keeps responses small)."""
-    values = np.asarray(matrix, dtype=np.float64)
-    if digits is not None:
-        values = np.round(values, digits)
-    return [[v if math.isfinite(v) else None for v in row] for row in values.tolist()]
+    if not _ASCII_INT.fullmatch(text):
+        raise RequestError(400, f"{name} must be a non-negative integer, got {text[:40]!r}")
+    return int(text)

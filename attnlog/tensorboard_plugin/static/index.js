@@ -181,7 +181,7 @@ async function drawHeatmap() {
   const margin = 90;
   const root = ui.heatmap;
   root.replaceChildren();
-  root.setAttribute("width", margin + cols.length * cell + 10);
+  root.setAttribute("width", margin + cols.length * cell + 16 + BAR.width + 50);
   root.setAttribute("height", margin + rows.length * cell + 10);
   root.dataset.step = String(data.step);
   root.dataset.key = `${data.run}|${data.step}|${data.probe}|${data.view}|${data.layer}|${data.head}`;
@@ -215,9 +215,31 @@ async function drawHeatmap() {
       "dominant-baseline": "middle", "font-size": font,
     }, g, short(t));
   });
+  colorBar(root, margin + cols.length * cell + 16, margin, Math.max(rows.length * cell, 80), max);
   ui.heatmapCaption.textContent =
     `step ${data.step} · ${data.probe} · ${data.view.replace("_", " ")} · layer ${data.layer} head ${data.head} · ` +
     `darkest = ${max.toFixed(3)} (rows: queries, columns: keys)`;
+}
+
+// The colour scale of the heatmap: 0 (white) at the bottom to `max` (darkest) at the top.
+const BAR = { width: 12, steps: 24 };
+
+function colorBar(root, x, y, height, max) {
+  const g = svg("g", { class: "colorbar", transform: `translate(${x},${y})` }, root);
+  g.dataset.max = String(max);
+  const h = height / BAR.steps;
+  for (let i = 0; i < BAR.steps; i++) {
+    const t = 1 - (i + 0.5) / BAR.steps;
+    svg("rect", { class: "colorbar-step", x: 0, y: i * h, width: BAR.width, height: h + 0.5,
+                  fill: color(t) }, g);
+  }
+  svg("rect", { class: "colorbar-frame", x: 0, y: 0, width: BAR.width, height }, g);
+  const label = (v, yy, baseline) => svg("text", {
+    class: "axis colorbar-label", x: BAR.width + 4, y: yy, "dominant-baseline": baseline,
+  }, g, v);
+  label(max.toFixed(3), 0, "hanging");
+  label((max / 2).toFixed(3), height / 2, "middle");
+  label("0", height, "auto");
 }
 
 // ---- score grid --------------------------------------------------------------------------
