@@ -30,7 +30,7 @@ from attnlog.capture import Capturer, unwrap_model
 from attnlog.sinks.base import Sink, check_writable_dir, describe, sink_factory
 from attnlog.writer import Event, EventWriter, ProcessWriter, ThreadWriter, WriterConfig, cause
 
-__all__ = ["AttentionLogger", "check_interval"]
+__all__ = ["AttentionLogger", "check_interval", "check_options"]
 
 log = logging.getLogger("attnlog")
 
@@ -384,7 +384,19 @@ def _check_patterns(patterns: Sequence[str] | str | None) -> list[str] | None:
     return patterns
 
 
-def _plan_sinks(sinks: Any, archive: bool, options: dict, logdir: Path) -> list[str | Sink]:
+def check_options(options: dict[str, Any], sinks: Any = ()) -> None:
+    """Check, without a model, what AttentionLogger would check of these options: `views`,
+    `patterns`, sink names, their packages and `sink_options`. The callbacks call it when they
+    are built, long before `on_train_begin` builds the logger."""
+    if "views" in options:
+        _check_views(options["views"])
+    if "patterns" in options:
+        _check_patterns(options["patterns"])
+    sink_options = options.get("sink_options") or {}
+    _plan_sinks([] if sinks is None else sinks, False, sink_options, logdir=None)
+
+
+def _plan_sinks(sinks: Any, archive: bool, options: dict, logdir: Path | None) -> list[str | Sink]:
     """The sinks to use, checked without building any: names (known, installed, options that
     their factory takes) and Sink objects. The folder is checked when a named sink writes it."""
     if sinks is None:
@@ -410,7 +422,7 @@ def _plan_sinks(sinks: Any, archive: bool, options: dict, logdir: Path) -> list[
         _check_options(item, factory, options.get(item, {}))
     for name in options:  # a misspelt key would be ignored silently
         sink_factory(name)
-    if any(isinstance(item, str) and item != "memory" for item in planned):
+    if logdir is not None and any(isinstance(item, str) and item != "memory" for item in planned):
         check_writable_dir(logdir)
     return planned
 
