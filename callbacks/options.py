@@ -3,7 +3,8 @@
 A typo (`viewz=...`) or an unknown view should fail on the line that builds the callback, not
 minutes later at `on_train_begin`, after the model and the data have loaded. Keyword names are
 read from the signatures of `AttentionLogger` and `Capturer` (which gets its capture options),
-so a new logger option is accepted here without a second list to keep in step.
+so a new logger option is accepted here without a second list to keep in step; values are
+checked by the logger's own `check_options`.
 """
 
 from __future__ import annotations
@@ -26,13 +27,16 @@ def check_options(
 ) -> None:
     """Raise for options AttentionLogger would refuse, judged without a model.
 
-    Checks the keyword names, `views`, `patterns`, and the sink names in `sinks` and
-    `sink_options`.
+    Checks the keyword names here, then `views`, `patterns`, sink names and `sink_options` with
+    `attnlog.logger.check_options` (the logger's own checks).
 
     Raises:
         TypeError: an unknown keyword (with the closest known name).
-        ValueError: an unknown view, pattern or sink name.
+        ValueError, ModuleNotFoundError: an unknown view, pattern or sink, or a sink whose
+            package is not installed.
     """
+    from attnlog import logger
+
     accepted = accepted_options()
     for name in options:
         if name not in accepted:
@@ -42,15 +46,7 @@ def check_options(
                 f"{callback} got an unknown option {name!r}; {hint}"
                 f"options: {', '.join(sorted(accepted))}"
             )
-    if "views" in options:
-        _check_views(options["views"])
-    if options.get("patterns") is not None:
-        _check_patterns(options["patterns"])
-    names = [sinks] if isinstance(sinks, str) else list(sinks or [])
-    names += list(options.get("sink_options") or {})
-    for name in names:
-        if isinstance(name, str):  # Sink instances are the user's own
-            _check_sink(name)
+    logger.check_options(dict(options), sinks)
 
 
 def accepted_options() -> set[str]:
@@ -64,27 +60,3 @@ def accepted_options() -> set[str]:
             if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
                 names.add(param.name)
     return names - SET_BY_CALLBACK
-
-
-def _check_views(views: Any) -> None:
-    from attnlog.render.event import VIEWS
-
-    views = [views] if isinstance(views, str) else list(views)
-    unknown = sorted(set(views) - set(VIEWS))
-    if unknown:
-        raise ValueError(f"unknown views {unknown}; choose from {list(VIEWS)}")
-
-
-def _check_patterns(patterns: Any) -> None:
-    from attnlog.patterns import PATTERNS
-
-    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    unknown = sorted(set(patterns) - set(PATTERNS))
-    if unknown:
-        raise ValueError(f"unknown patterns {unknown}; choose from {', '.join(sorted(PATTERNS))}")
-
-
-def _check_sink(name: str) -> None:
-    from attnlog.sinks.base import sink_factory
-
-    sink_factory(name)  # ValueError naming the choices
