@@ -1,6 +1,6 @@
 """Lightning: a LightningModule around MiniLM, logged with the Lightning AttentionLoggerCallback.
 
-    pip install 'attnlog[lightning]'
+    pip install -e '.[lightning]'        # from the clone's root (attnlog is not on PyPI yet)
     python examples/lightning_module.py --steps 60 --every 20
 
 The callback finds the model as `self.model` and the tokenizer as `self.tokenizer` on the module,
