@@ -6,7 +6,9 @@ rows (`max_logit`: a max over logits), so scores are computed by a `ScoreAccumul
     acc = ScoreAccumulator(contexts, patterns, num_layers, num_heads, device, names=None)
     acc.add(layer, probs, row_start=0, logits=None)  # probs [P, H, r, N]: rows of all probes
     acc.add_full(layer, probs, logits=None)          # probs [P, H, N, N]: a whole layer
+    acc.add_layers(first_layer, probs, row_start=0, logits=None)  # [P, G, H, r, N]: G layers
     table = acc.table(step)                          # the one device->host copy
+    acc.results()                                    # or: [P, K, L, H] on the device
 
 It scores all probes in one padded batch (keys padded to the longest probe N), takes layers in
 any order and query rows in any chunking with an exact result, and never synchronises before
@@ -135,6 +137,7 @@ class PatternContext:
     keys: torch.Tensor | None = None
     scaling: float | None = None
     _prepared: Any = field(default=None, init=False, repr=False)
+    _batches: dict = field(default_factory=dict, init=False, repr=False)  # see _Probes.of
 
     @classmethod
     def create(
@@ -270,7 +273,7 @@ class PatternContext:
             **{
                 name: getattr(self, name).to(device) if name in _MASKS else getattr(self, name)
                 for name in self.__dataclass_fields__
-                if name != "_prepared"
+                if name not in ("_prepared", "_batches")
             }
         )
         if moved.word_ids is not None:
@@ -347,12 +350,30 @@ def _row_mean(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 # still be exact. All probes are scored together: their masks are padded to N keys once.
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor to `device` without a host sync (pinned, non-blocking on CUDA)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class _Probes:
     """Masks of P probes padded to N positions, `[P, N]` each, on one device."""
 
-    def __init__(self, contexts: Sequence[PatternContext], device: Any) -> None:
+    @classmethod
+    def of(cls, contexts: Sequence[PatternContext], device: Any) -> _Probes:
+        """Built once per (contexts, device): a logger scores the same probes at every event."""
         if not contexts:
             raise ValueError("ScoreAccumulator needs at least one PatternContext")
+        key = (tuple(map(id, contexts)), str(device))
+        cache = contexts[0]._batches
+        batch = cache.get(key)
+        if batch is None or any(a is not b for a, b in zip(batch.contexts, contexts)):
+            batch = cache[key] = cls(contexts, device)
+        return batch
+
+    def __init__(self, contexts: Sequence[PatternContext], device: Any) -> None:
+        self.contexts = tuple(contexts)
         self.n = [c.n for c in contexts]
         self.N = max(self.n)
         self.device = torch.device(device) if device is not None else contexts[0].valid.device
@@ -364,7 +385,7 @@ class _Probes:
                 value = get(c)
                 if value is not None:
                     out[p, : c.n] = value.to(src, dtype)
-            return out.to(self.device)
+            return _to_device(out, self.device)
 
         self.valid = stack(lambda c: c.valid, False, torch.bool)
         self.special = stack(lambda c: c.special, False, torch.bool)
@@ -376,9 +397,9 @@ class _Probes:
         self.token_ids = stack(lambda c: c.token_ids, -1, torch.long)
         self.word_ids = stack(lambda c: c.word_ids, -1, torch.long)
         flags = [(c.causal, c.has_pair, c.first_valid) for c in contexts]  # Python values
-        self.causal = torch.tensor([f[0] for f in flags], device=self.device)
-        self.has_pair = torch.tensor([f[1] for f in flags], device=self.device)
-        self.first_valid = torch.tensor([f[2] for f in flags], device=self.device)
+        self.causal = _to_device(torch.tensor([f[0] for f in flags]), self.device)
+        self.has_pair = _to_device(torch.tensor([f[1] for f in flags]), self.device)
+        self.first_valid = _to_device(torch.tensor([f[2] for f in flags]), self.device)
         self.any_causal = any(f[0] for f in flags)
 
 
@@ -394,6 +415,8 @@ class _Rows:
         self.i = torch.arange(start, start + r, device=probes.device)  # [r] query positions
         self.j = torch.arange(probes.N, device=probes.device)  # [N] key positions
         self._memo: dict[str, torch.Tensor] = {}
+        self._entropy_of: torch.Tensor | None = None  # the block `_entropy` belongs to
+        self._entropy: torch.Tensor | None = None
 
     def rows(self, mask: torch.Tensor) -> torch.Tensor:
         """[P, N] per-position mask -> [P, r] for these query rows."""
@@ -468,8 +491,17 @@ class _Rows:
             self._memo["counts"] = torch.stack(eligible).sum(-1).to(torch.float32)
         return self._memo["counts"]
 
+    def entropy(self, a: torch.Tensor) -> torch.Tensor:
+        """[P, X, r] row entropy in nats of the block being scored (shared by two patterns)."""
+        if self._entropy_of is not a:
+            self._entropy_of, self._entropy = a, _entropy(a)
+        return self._entropy
+
     def prepare(self, probs: torch.Tensor) -> torch.Tensor:
-        """[P, X, r, N] -> float32, rows renormalised over visible keys, padded rows zero."""
+        """[P, X, r, N] -> float32, rows renormalised over visible keys, padded rows zero.
+
+        A row holding NaN comes out all NaN (its sum is NaN), which `positional` relies on.
+        """
         a = torch.where(self.visible[:, None], probs.to(torch.float32), 0.0)
         return a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
@@ -528,11 +560,14 @@ def _near(rc: _Rows) -> torch.Tensor:
 @_rowwise(lambda rc: rc.query_rows & (_near(rc) & rc.visible).any(-1))
 def positional(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
     """Share of Q* rows whose strongest key is i-1 or i+1 (strictly: ties do not count)."""
-    near = _near(rc)
-    near_max = torch.where(near, a, -1.0).amax(-1)
-    other_max = torch.where(near, -1.0, a).amax(-1)
+    before, after = rc.i[None] - 1, rc.i[None] + 1
+    near_max = torch.maximum(
+        torch.where(before >= 0, rc.take(a, before), -1.0),
+        torch.where(after < rc.p.N, rc.take(a, after), -1.0),
+    )
+    other_max = torch.where(_near(rc), -1.0, a).amax(-1)  # a NaN row stays NaN (see prepare)
     hit = (near_max > other_max).to(a.dtype)
-    return torch.where(a.isnan().any(-1), math.nan, hit)  # NaN attention: undefined, not "no"
+    return torch.where(other_max.isnan(), math.nan, hit)  # NaN attention: undefined, not "no"
 
 
 @_rowwise(_mass_rows("special"), _mass("special"))
@@ -565,7 +600,7 @@ def punctuation(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
 def broad(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
     """Normalised entropy H_i / log n_i over valid rows with n_i >= 2."""
     log_n = torch.log(rc.n_visible.clamp_min(2).to(a.dtype))[:, None, :]
-    return (_entropy(a) / log_n).clamp(0, 1)  # clamp: float noise on uniform rows
+    return (rc.entropy(a) / log_n).clamp(0, 1)  # clamp: float noise on uniform rows
 
 
 @_rowwise(lambda rc: rc.query_rows & (rc.visible & ~rc.p.special[:, None, :]).any(-1))
@@ -636,7 +671,7 @@ def same_word(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
 @_rowwise(lambda rc: rc.query_rows)
 def entropy_nats(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
     """Mean row entropy in nats over Q* rows."""
-    return _entropy(a)
+    return rc.entropy(a)
 
 
 @_rowwise(lambda rc: rc.query_rows & rc.after_earlier_copy.any(-1))
@@ -788,7 +823,7 @@ class ScoreAccumulator:
 
     def _setup(self, contexts, fns: dict[str, PatternFn], num_layers, num_heads, device, names):
         self.contexts = contexts
-        self.probes = _Probes(contexts, device)
+        self.probes = _Probes.of(contexts, device)
         self.device = self.probes.device
         self.num_layers, self.num_heads = int(num_layers), int(num_heads)
         P, L, H = len(contexts), self.num_layers, self.num_heads
@@ -805,7 +840,7 @@ class ScoreAccumulator:
         self._total = torch.zeros(K, P, L, H, device=self.device)
         self._count = torch.zeros(K, P, L, 1, device=self.device)  # eligible rows fed
         self._logit_max = torch.full((P, L, H), -math.inf, device=self.device)
-        self._logit_layers: set[int] = set()
+        self._logit_seen = torch.zeros(L, dtype=torch.bool, device=self.device)
         self._full: dict[int, torch.Tensor] = {}  # layer -> prepared [P, H, N, N], user patterns
         self._user_scores: dict[str, torch.Tensor] = {}  # name -> [P, L, H], set by score()
         self._chunked = False
@@ -831,12 +866,8 @@ class ScoreAccumulator:
         probs = torch.as_tensor(probs)
         if probs.ndim != 4:
             raise ValueError(f"probs has shape {tuple(probs.shape)}; expected [P, H, r, N]")
-        full = row_start == 0 and probs.shape[2] >= self.N
-        if self._user and not full:
-            self._chunked = True
-        self._add(layer, probs[:, None], row_start, None if logits is None else logits[:, None])
-        if self._user and full:
-            self._full[layer] = self._last_prepared[:, 0]
+        logits = None if logits is None else torch.as_tensor(logits)[:, None]
+        self.add_layers(layer, probs[:, None], row_start, logits)
 
     def add_full(self, layer: int, probs: Any, logits: Any = None) -> None:
         """Feed all rows of one layer: probs [P, H, N', N'] (see `add`)."""
@@ -844,6 +875,29 @@ class ScoreAccumulator:
         if probs.ndim != 4 or probs.shape[-1] != probs.shape[-2]:
             raise ValueError(f"probs has shape {tuple(probs.shape)}; expected [P, H, N, N]")
         self.add(layer, probs, 0, logits)
+
+    def add_layers(
+        self, first_layer: int, probs: Any, row_start: int = 0, logits: Any = None
+    ) -> None:
+        """Feed the same query rows of G consecutive layers at once: fewer, larger kernels.
+
+        Args:
+            first_layer: the layer of `probs[:, 0]`.
+            probs: [P, G, H, r, N'] (see `add`). On a GPU, scoring a short-probe event costs
+                about one launch sequence per call, so buffering layers that fit in memory and
+                feeding them together is several times cheaper than layer by layer.
+            row_start, logits: as in `add` (logits [P, G, H, r, N']).
+        """
+        probs = torch.as_tensor(probs)
+        if probs.ndim != 5:
+            raise ValueError(f"probs has shape {tuple(probs.shape)}; expected [P, G, H, r, N]")
+        full = row_start == 0 and probs.shape[3] >= self.N
+        if self._user and not full:
+            self._chunked = True
+        self._add(first_layer, probs, row_start, logits)
+        if self._user and full:
+            for g in range(probs.shape[1]):
+                self._full[first_layer + g] = self._last_prepared[:, g]
 
     def _add(self, layer: int, probs: torch.Tensor, row_start: int, logits: Any) -> None:
         """probs [P, G, H, r, N'] for layers layer .. layer + G - 1 (the same rows)."""
@@ -861,7 +915,7 @@ class ScoreAccumulator:
         rows = self._rows_of(row_start, r)
         probs = probs[:, :, :, :r, : self.N].to(self.device)
         a = rows.prepare(probs.reshape(P, G * H, r, self.N))
-        self._last_prepared = a.view(P, G, H, r, self.N)
+        self._last_prepared = a.view(P, G, H, r, self.N) if self._user else None
         span = slice(layer, layer + G)
         if self._rows_fns:
             totals = [
@@ -870,11 +924,12 @@ class ScoreAccumulator:
             ]  # K x [P, G * H]
             self._total[:, :, span] += torch.stack(totals).view(-1, P, G, H)
             self._count[:, :, span] += rows.counts(self._rows_fns)[:, :, None, None]
+            rows._entropy_of = rows._entropy = None  # do not keep this block alive
         if logits is not None and self._logit_names:
             lg = torch.as_tensor(logits)[:, :, :, :r, : self.N].to(self.device, torch.float32)
             lg = torch.where(rows.visible[:, None, None], lg, -math.inf).amax((-2, -1))
             self._logit_max[:, span] = torch.maximum(self._logit_max[:, span], lg)
-            self._logit_layers.update(range(layer, layer + G))
+            self._logit_seen[span] = True
 
     def _rows_of(self, start: int, r: int) -> _Rows:
         if self._rows is None or (self._rows.start, self._rows.r) != (start, r):
@@ -887,10 +942,8 @@ class ScoreAccumulator:
         mean = torch.where(
             self._count > 0, self._total / self._count.clamp_min(1), math.nan
         )  # [K, P, L, H]
-        seen = torch.zeros(L, dtype=torch.bool)
-        seen[list(self._logit_layers)] = True
         logit = torch.where(
-            seen.to(self.device)[None, :, None] & (self._logit_max > -math.inf),
+            self._logit_seen[None, :, None] & (self._logit_max > -math.inf),
             self._logit_max,
             math.nan,
         )
@@ -928,22 +981,28 @@ class ScoreAccumulator:
     def table(self, step: int) -> ScoreTable:
         """The ScoreTable of everything fed so far: the one device->host copy."""
         host = self.results().cpu().numpy()  # [P, K, L, H]
-        per_probe = {
-            key: {n: host[p, k] for k, n in enumerate(self.patterns)}
-            for p, key in enumerate(self.names)
-        }
-        scores = {
-            n: _reduce(host[:, k], _REDUCE.get(n, "mean")) for k, n in enumerate(self.patterns)
-        }
-        labels = None
-        if all(n in scores for n in _LABEL_INPUTS):
-            chances = [
-                c.same_sentence_chance
-                for c in self.contexts
-                if not math.isnan(c.same_sentence_chance)
-            ]
-            labels = label_heads(scores, chance=float(np.mean(chances)) if chances else None)
-        return ScoreTable(step=step, scores=scores, per_probe=per_probe, labels=labels)
+        return _table(host, self.patterns, self.names, self.contexts, step)
+
+
+def _table(
+    host: np.ndarray,
+    patterns: Sequence[str],
+    names: Sequence[str],
+    contexts: Sequence[PatternContext],
+    step: int,
+) -> ScoreTable:
+    """ScoreTable from per-probe scores host [P, K, L, H] (K = patterns, P = names/contexts)."""
+    per_probe = {
+        key: {n: host[p, k] for k, n in enumerate(patterns)} for p, key in enumerate(names)
+    }
+    scores = {n: _reduce(host[:, k], _REDUCE.get(n, "mean")) for k, n in enumerate(patterns)}
+    labels = None
+    if all(n in scores for n in _LABEL_INPUTS):
+        chances = [
+            c.same_sentence_chance for c in contexts if not math.isnan(c.same_sentence_chance)
+        ]
+        labels = label_heads(scores, chance=float(np.mean(chances)) if chances else None)
+    return ScoreTable(step=step, scores=scores, per_probe=per_probe, labels=labels)
 
 
 def _unique(names: Sequence[str]) -> list[str]:
@@ -1086,14 +1145,54 @@ def score(
         raise ValueError("probes have different numbers of layers/heads; score them separately")
     L, H = attentions[0].shape[:2]
     device = attentions[0].device
-    acc = ScoreAccumulator(contexts, names, L, H, device, names=[p.name for p in probes])
-    for name, fn in acc._user.items():  # registered patterns see each probe's whole attention
-        acc._user_scores[name] = torch.stack(
-            [_call_user(name, fn, c.prepare(a.to(device)), c) for a, c in zip(attentions, contexts)]
-        )
-    acc._user = {}  # computed above: the accumulator need not keep whole layers
-    _feed(acc, attentions)
-    return acc.table(step)
+    fns = {n: PATTERNS[n] for n in names}
+    builtin = {
+        n: f for n, f in fns.items() if hasattr(f, "row_kernel") or hasattr(f, "from_logits")
+    }
+    per_probe: list[list[torch.Tensor]] = [[] for _ in probes]  # [K] x [L, H] per probe
+    for group in _length_groups([c.n for c in contexts], device):
+        if not builtin:
+            break
+        acc = ScoreAccumulator.__new__(ScoreAccumulator)
+        acc._setup([contexts[i] for i in group], builtin, L, H, device, None)
+        _feed(acc, [attentions[i] for i in group])
+        for i, result in zip(group, acc.results()):  # [K_builtin, L, H]
+            per_probe[i] = list(result)
+    results = []
+    for i, (attn, ctx) in enumerate(zip(attentions, contexts)):
+        done = dict(zip(builtin, per_probe[i]))
+        prepared = None
+        for name in names:  # registered patterns see each probe's whole attention
+            if name not in done:
+                prepared = ctx.prepare(attn.to(device)) if prepared is None else prepared
+                done[name] = _call_user(name, fns[name], prepared, ctx)
+        results.append(torch.stack([done[n] for n in names]))
+    host = torch.stack(results).cpu().numpy()  # [P, K, L, H]: the one device->host copy
+    return _table(host, names, _unique([p.name for p in probes]), contexts, step)
+
+
+def _length_groups(lengths: Sequence[int], device: Any) -> list[list[int]]:
+    """Indices of the probes that `score()` pads into one batch.
+
+    On an accelerator, all of them: kernel launches dominate, so one batch is cheapest. On the
+    CPU arithmetic dominates, so probes of similar length go together: padding a group adds at
+    most half of its probes' own attention (a 40-token induction probe padded with 12-token
+    sentences would cost ~5x).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    if torch.device(device).type != "cpu":
+        return [order]
+    groups: list[list[int]] = []
+    area = 0
+    for i in order:  # ascending: each new probe is its group's longest
+        n2 = lengths[i] ** 2
+        if groups and n2 * (len(groups[-1]) + 1) <= 1.5 * (area + n2):
+            groups[-1].append(i)
+            area += n2
+        else:
+            groups.append([i])
+            area = n2
+    return groups
 
 
 # -- head labels ------------------------------------------------------------------------------

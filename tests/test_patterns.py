@@ -499,6 +499,30 @@ def test_accumulator_in_row_chunks_matches_whole_probes(chunk):
     assert (got.labels == want.labels).all()
 
 
+def test_add_layers_feeds_several_layers_at_once():
+    g = torch.Generator().manual_seed(4)
+    probes = [probe(SENTENCE, torch.eye(9), name="a"), probe(PAIR, torch.eye(9), name="b")]
+    probes[1].tokens = PAIR[:7]
+    for name in ("special", "punct", "segment", "token_ids"):
+        setattr(probes[1], name, getattr(probes[1], name)[:7])
+    for p in probes:
+        n = len(p.tokens)
+        p.attention = torch.softmax(3 * torch.randn(3, 2, n, n, generator=g), -1)
+    want = score(probes)
+    acc = ScoreAccumulator([PatternContext.from_probe(p) for p in probes], None, 3, 2, "cpu")
+    block = torch.zeros(2, 3, 2, 9, 9)
+    block[0] = probes[0].attention
+    block[1, :, :, :7, :7] = probes[1].attention
+    acc.add_layers(0, block[:, :2, :, :4], row_start=0)  # layers 0-1, rows 0-3
+    acc.add_layers(0, block[:, :2, :, 4:], row_start=4)
+    acc.add_full(2, block[:, 2])
+    got = acc.results()
+    assert got.shape == (2, len(PATTERNS), 3, 2)
+    table = acc.table(0)
+    for name in want.scores:
+        np.testing.assert_allclose(table.scores[name], want.scores[name], atol=1e-5, equal_nan=True)
+
+
 def test_accumulator_without_logits_and_with_wide_padding():
     """No logits: max_logit undefined. Keys padded past the longest probe are ignored."""
     n = len(SENTENCE)
