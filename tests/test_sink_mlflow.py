@@ -140,6 +140,50 @@ def test_joins_an_existing_run_and_leaves_it_running(how, store, tmp_path, monke
     assert run.data.metrics == pytest.approx(head_metrics(table), rel=1e-6)
 
 
+class CountingClient(MlflowClient):
+    """A real client that also counts its `log_batch` requests."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
+        self.batches: list[tuple[int, int, int]] = []
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=(), **kwargs):
+        self.batches.append((len(metrics), len(params), len(tags)))
+        return super().log_batch(run_id, metrics=metrics, params=params, tags=tags, **kwargs)
+
+
+def test_takes_a_client_and_sends_metrics_and_tags_in_one_batch(store, tmp_path):
+    uri, experiment = store
+    client = CountingClient(uri)
+    sink = MLflowSink(client=client, experiment_name=experiment, spool_dir=tmp_path / "spool")
+    assert sink.tracking_uri == uri
+    table = make_table(3)
+    assert table.alerts
+    sink.log_scores(table, 3)
+    sink.close()
+    metrics = len(head_metrics(table))
+    assert client.batches == [(metrics, 0, len(table.alerts))]  # before: two requests
+    (run,) = runs_of(uri, experiment)
+    assert run.data.tags["attnlog.alert.0"] == table.alerts[0]
+
+
+def test_experiments_open_in_the_model_training_view(store, tmp_path):
+    from attnlog.sinks.spool import EXPERIMENT_KIND_TAG
+
+    uri, experiment = store
+    sink = MLflowSink(uri, experiment_name="new-exp", spool_dir=tmp_path / "spool")
+    sink.log_scores(make_table(0), 0)
+    sink.close()
+    joined = MlflowClient(uri).get_experiment_by_name(experiment)  # one attnlog did not create
+    run_id = MlflowClient(uri).create_run(joined.experiment_id).info.run_id
+    sink = MLflowSink(uri, run_id=run_id, spool_dir=tmp_path / "spool")
+    sink.log_scores(make_table(0), 0)
+    sink.close()
+    for name in ("new-exp", experiment):
+        tags = MlflowClient(uri).get_experiment_by_name(name).tags
+        assert tags[EXPERIMENT_KIND_TAG[0]] == "custom_model_development"
+
+
 def test_keys_are_sanitised_in_one_place():
     assert mlflow_key("patterns/cls/layer_0") == "patterns/cls/layer_0"
     assert mlflow_key("attn.句子.L0H1") == "attn.__.L0H1"

@@ -1,4 +1,5 @@
-"""Every sink implements the whole protocol: callable with realistic inputs, flush/close idempotent.
+"""Every sink takes the whole `Sink` interface with realistic inputs, keeps what it stores (read
+back from the real backend), and has idempotent flush/close; the base class and duck typing.
 
 The builders here (`make_snapshot`, `make_table`, `make_images`, `make_html`) are shared by the
 sink-specific test files.
@@ -12,14 +13,9 @@ import sys
 import numpy as np
 import pytest
 
+from attnlog.layout import html_dir, html_path, read_index, tb_attention_tag, tb_pattern_tag
 from attnlog.patterns import ScoreTable
-from attnlog.sinks.base import (
-    Sink,
-    html_path,
-    sink_factory,
-    tb_attention_tag,
-    tb_pattern_tag,
-)
+from attnlog.sinks.base import SINK_METHODS, Sink, head_metrics, pattern_scalars, sink_factory
 from attnlog.snapshot import ProbeAttention, Snapshot
 
 LAYERS, HEADS = 2, 3
@@ -107,10 +103,37 @@ def build_sink(kind: str, tmp_path):
 KINDS = ["tensorboard", "mlflow", "archive", "memory"]
 
 
+def stored(kind: str, sink, tmp_path) -> dict:
+    """What the backend of `kind` holds after the contract run: {"steps": ..., ...}."""
+    if kind == "tensorboard":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(tmp_path / "run"), size_guidance={"images": 0, "scalars": 0})
+        acc.Reload()
+        tag = tb_pattern_tag("cls", "max")
+        return {
+            "steps": [e.step for e in acc.Scalars(tag)],
+            "scalar": acc.Scalars(tag)[-1].value,
+            "images": set(acc.Tags()["images"]),
+            "html": sorted(p.relative_to(html_dir(tmp_path / "run")).as_posix()
+                           for p in html_dir(tmp_path / "run").rglob("*.html")),
+        }  # fmt: skip
+    if kind == "mlflow":
+        from mlflow import MlflowClient
+
+        client = MlflowClient(sink.tracking_uri)
+        history = client.get_metric_history(sink.run_id, "attn.cls.L0H1")
+        return {"steps": [m.step for m in history], "scalar": history[-1].value,
+                "params": client.get_run(sink.run_id).data.params}  # fmt: skip
+    if kind == "archive":
+        return {"steps": [e["step"] for e in read_index(tmp_path / "run")]}
+    return {"steps": sink.steps("log_scores"), "methods": [c.method for c in sink.calls]}
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_every_method_is_callable_and_close_is_idempotent(kind, tmp_path):
+def test_every_method_is_callable_stores_and_close_is_idempotent(kind, tmp_path):
     sink = build_sink(kind, tmp_path)
-    assert isinstance(sink, Sink)
+    assert isinstance(sink, Sink) and type(sink).__mro__[1] is Sink
     assert sink.name == kind
 
     sink.log_settings({"every_n_steps": "100", "probes": "cat, pair"})
@@ -125,6 +148,72 @@ def test_every_method_is_callable_and_close_is_idempotent(kind, tmp_path):
     sink.close()
     sink.close()
     sink.flush()  # after close: a no-op, not an error
+
+    got = stored(kind, sink, tmp_path)
+    assert got["steps"] == [0, 100]
+    last = make_table(100)
+    if kind == "tensorboard":
+        assert got["scalar"] == pytest.approx(pattern_scalars(last)["patterns/cls/max"])
+        assert got["images"] == set(make_images())
+        assert got["html"] == sorted([*make_html(0), *make_html(100)])
+    elif kind == "mlflow":
+        assert got["scalar"] == pytest.approx(head_metrics(last)["attn.cls.L0H1"])
+        assert got["params"]["attnlog.every_n_steps"] == "100"
+    elif kind == "memory":
+        assert got["methods"] == ["log_settings"] + ["log_scores", "log_images", "log_html",
+                                                     "log_archive"] * 2  # fmt: skip
+
+
+class Recorder(Sink):
+    """A user sink that stores one thing: everything else falls to the base class's no-ops."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def log_scores(self, table, step: int) -> None:
+        self.steps.append(step)
+
+
+class DuckSink:
+    """Not a subclass, but has every method: accepted as a Sink (as the old Protocol did)."""
+
+    name = "duck"
+
+    def __getattr__(self, name: str):
+        if name in SINK_METHODS:
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+
+def test_a_subclass_implements_only_what_it_stores():
+    sink = Recorder()
+    assert isinstance(sink, Sink)
+    sink.log_settings({"a": "b"})
+    sink.log_images(make_images(1), 1)
+    sink.log_html(make_html(1), 1)
+    sink.log_archive(make_snapshot(1), make_table(1), 1)
+    sink.log_scores(make_table(1), 1)
+    sink.flush()
+    sink.close()
+    assert sink.steps == [1]
+    assert not hasattr(Sink, "log_scalars") and not hasattr(Sink, "log_text")  # never called
+
+
+def test_duck_typed_sinks_pass_and_partial_ones_do_not():
+    from attnlog.sinks.base import missing_methods
+
+    class Partial:
+        name = "partial"
+
+        def log_scores(self, table, step):
+            pass
+
+    assert missing_methods(DuckSink()) == [] and isinstance(DuckSink(), Sink)
+    assert not isinstance(Partial(), Sink)
+    assert missing_methods(Partial()) == [m for m in SINK_METHODS if m != "log_scores"]
+    assert not isinstance(object(), Sink)
 
 
 @pytest.mark.parametrize("kind", ["tensorboard", "mlflow", "archive"])
