@@ -48,7 +48,7 @@ class AttentionLoggerCallback(TrainerCallback):
             saved with the model (`model.name_or_path`, local folder or cache only).
         log_on_evaluate: also log at each evaluation.
         flush_timeout: seconds the last step waits for queued events to be written (the
-            MLflow run ends right after); what is still unwritten then is named in a warning.
+            MLflow run ends right after); the steps still unwritten then are named in a warning.
         **options: passed to AttentionLogger (patterns, views, layer_images, sink_options, …).
 
     Raises:
@@ -118,23 +118,9 @@ class AttentionLoggerCallback(TrainerCallback):
             self.logger.log(step)
         if step == state.max_steps:
             # MLflowCallback ends its run in on_train_end, before ours runs: write everything
-            # while the run is still open (training is over; nothing waits on this but the end).
-            self._flush_last(step)
-
-    def _flush_last(self, step: int) -> None:
-        """Flush with a time-out; a hung sink must not hold the end of training forever."""
-        if self.logger.flush(timeout=self.flush_timeout):
-            return
-        from attnlog.sinks.archive import read_index
-
-        archived = {entry["step"] for entry in read_index(self.logger.logdir)}
-        pending = sorted(self.logger.logged_steps - archived)
-        log.warning(
-            "attnlog: writing had not finished %s s after the last step (%d); steps not yet in "
-            "the archive: %s. They are still written in the background until the process ends; "
-            "a longer AttentionLoggerCallback(flush_timeout=...) waits for them.",
-            self.flush_timeout, step, pending or "none (a sink's flush is what waits)",
-        )  # fmt: skip
+            # while the run is still open. Bounded: a hung sink must not hold the end of
+            # training; the logger says which steps were left unwritten.
+            self.logger.flush(timeout=self.flush_timeout)
 
     def on_evaluate(self, args, state, control, **kwargs):
         if self.log_on_evaluate and self.logger is not None and self._fresh(state.global_step):
