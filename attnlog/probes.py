@@ -101,6 +101,14 @@ def _check_ids(ids: Any, name: str | None) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
+def _sink_key(name: str) -> str:
+    """What the sinks make of a probe name (layout.safe_name), ignoring case as some file
+    systems do: two probes must never share it."""
+    from attnlog.layout import safe_name
+
+    return safe_name(name).casefold()
+
+
 def safe_probe_name(name: str) -> str:
     """`name` as it appears in file names, tags and keys: unsafe characters become `_`."""
     safe = _NAME_UNSAFE.sub("_", unicodedata.normalize("NFC", name.strip()))
@@ -150,8 +158,9 @@ class ProbeSet(Sequence[Probe]):
     """An ordered set of probes with unique, path-safe names.
 
     Given names are made safe for file names, tags and keys (`safe_probe_name`: "x y" becomes
-    "x_y"); two given names that then collide (also ignoring case, as some file systems do) are
-    an error. Probes without a name get `p<i>_<first words>`, made unique.
+    "x_y"); two given names that the sinks would then write alike (`layout.safe_name`, ignoring
+    case as some file systems do) are an error. Probes without a name get
+    `p<i>_<first words>`, made unique.
     """
 
     def __init__(self, probes: Iterable[ProbeLike]):
@@ -162,15 +171,16 @@ class ProbeSet(Sequence[Probe]):
             raise ValueError(
                 "the probe set is empty; pass at least one sentence (or None for the defaults)"
             )
-        given: dict[str, str] = {}  # casefolded safe name -> the name the user gave
+        given: dict[str, str] = {}  # the name as sinks write it -> the name the user gave
         for p in items:
             if p.name is None:
                 continue
-            key = safe_probe_name(p.name).casefold()
+            key = _sink_key(safe_probe_name(p.name))
             if key in given:
                 raise ValueError(
                     f"probe names {given[key]!r} and {p.name!r} are the same once made safe for "
-                    f"file and tag names ({safe_probe_name(p.name)!r}); rename one"
+                    f"file names, tags and keys ({key!r}); rename one (names in other scripts "
+                    "than Latin need a Latin letter or digit that tells them apart)"
                 )
             given[key] = p.name
         named, seen = [], set(given)
@@ -180,10 +190,10 @@ class ProbeSet(Sequence[Probe]):
                 continue
             base = safe_probe_name(f"p{i}_{_slug(p.text)}" if p.ids is None else f"p{i}_ids")
             name, k = base, 1
-            while name.casefold() in seen:
+            while _sink_key(name) in seen:
                 k += 1
                 name = f"{base}_{k}"
-            seen.add(name.casefold())
+            seen.add(_sink_key(name))
             named.append(replace(p, name=name))
         self._probes = tuple(named)
 

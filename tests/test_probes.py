@@ -57,9 +57,16 @@ def test_bad_names_fail_when_the_probe_is_built():
 
 
 def test_cjk_names_stay_readable_and_unique():
+    from attnlog.layout import safe_name
+
     got = names("猫坐在垫子上。", "狗在睡觉。", Probe("x", name="北京 欢迎你"), "猫坐在垫子上。")
     assert got == ["p0_猫坐在垫子上", "p1_狗在睡觉", "北京_欢迎你", "p3_猫坐在垫子上"]
-    assert len(set(got)) == len(got)
+    # Unique also as the sinks write them (MLflow image keys take ASCII only).
+    assert len({safe_name(n).casefold() for n in got}) == len(got)
+    assert names(Probe("a", name="猫 cat"), Probe("b", name="狗 dog")) == ["猫_cat", "狗_dog"]
+    if safe_name("猫") == safe_name("狗"):  # while sink keys drop non-Latin letters
+        with pytest.raises(ValueError, match="'猫' and '狗' are the same.*Latin letter"):
+            ProbeSet([Probe("a", name="猫"), Probe("b", name="狗")])
 
 
 def test_generated_names_avoid_given_ones_and_stay_short():
