@@ -197,6 +197,22 @@ def test_encoder_decoder_views(tmp_path):
     assert np.array(body["matrix"]).shape == (m, n)
 
 
+def test_a_pooled_probe_is_served_by_token_block(tmp_path):
+    snapshot = make_snapshot(0)
+    probe = snapshot.probes[0]  # 6 tokens pooled into 2 blocks of 3
+    probe.spans = np.array([[0, 3], [3, 6]])
+    probe.labels = ["[CLS] the cat", "sat . [SEP]"]
+    probe.attention = np.full((LAYERS, HEADS, 2, 2), 0.5, np.float32)
+    ArchiveSink(tmp_path).log_archive(snapshot, make_table(0), 0)
+    apps = AttentionPlugin(TBContext(logdir=str(tmp_path))).get_plugin_apps()
+    (listed, _) = Client(apps["/runs"]).get("/runs").get_json()["."][0]["probes"]
+    assert listed == {"name": "cat", "pooled": True, "shapes": {"attention": [LAYERS, HEADS, 2, 2]}}
+    query = {"run": ".", "step": 0, "probe": "cat", "layer": 0, "head": 0}
+    body = Client(apps["/attention"]).get("/attention", query_string=query).get_json()
+    assert body["pooled"] and body["tokens"] == body["query_tokens"] == probe.labels
+    assert body["matrix"] == [[0.5, 0.5], [0.5, 0.5]]
+
+
 def test_a_rewritten_step_is_not_served_from_the_cache(tmp_path):
     apps = AttentionPlugin(TBContext(logdir=str(tmp_path))).get_plugin_apps()
     query = {"run": ".", "step": 0}
@@ -243,6 +259,12 @@ def test_tab_in_real_tensorboard_and_browser(logdir, browser):  # noqa: F811
         assert texts("#heatmap text.row-token") == texts("#heatmap text.col-token") == tokens
         assert js("document.getElementById('heatmap').dataset.step") == "20"
         until(f"document.querySelectorAll('#scores rect.score-cell').length == {LAYERS * HEADS}")
+        # the colour bar: white (0) to the darkest cell's value, labelled
+        bar_max = float(js("document.querySelector('#heatmap g.colorbar').dataset.max"))
+        cells = "[...document.querySelectorAll('#heatmap rect.cell')].map(r => +r.dataset.value)"
+        assert bar_max == pytest.approx(max(js(cells)))
+        assert f"{bar_max:.3f}" in texts("#heatmap text.colorbar-label")
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#heatmap rect.colorbar-step")) > 10
 
         fills = (
             "[...document.querySelectorAll('#heatmap rect.cell')].map(r => r.getAttribute('fill'))"
