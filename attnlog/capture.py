@@ -56,7 +56,7 @@ POOLED_SIZE = 256
 #: Batches wider than this many tokens are reduced from q/k in chunks of query rows.
 CHUNKED_ABOVE = 1024
 #: float32 bytes of attention rows reduced at once (bounds the chunked path's memory).
-CHUNK_BYTES = 32 * 2**20
+CHUNK_BYTES = 16 * 2**20
 
 # One probe pass at a time in the whole process. A pass switches the model's attention
 # implementation and its train/eval modes, and saves and restores the process-wide RNG state:
@@ -279,9 +279,12 @@ class _Stream:
     """Reduces each layer of one batch forward as the model computes it.
 
     Per probe `b` of the batch (right-padded to `width` tokens): whole attention `[H, n, n]` per
-    layer up to `full_limit` tokens (plus q/k when recorded), a `_Pooler` beyond; every row chunk
-    goes to the score accumulator. A failure is kept in `error` and raised after the forward, so
-    the forward itself (a collective under sharded training) runs to its end on every rank.
+    layer up to `full_limit` tokens (plus q/k when recorded), a `_Pooler` beyond; every chunk of
+    query rows goes to the score accumulator. Up to `chunked_above` tokens the model's own eager
+    attention runs on chunks of query rows (exact: each row is its own softmax), so a layer never
+    holds more than `CHUNK_BYTES` of attention; above it `sdpa` gives the output and the rows
+    come from q/k. A failure is kept in `error` and raised after the forward, so the forward (a
+    collective under sharded training) runs to its end on every rank.
     """
 
     def __init__(
@@ -296,8 +299,7 @@ class _Stream:
         wants_logits: bool,
     ) -> None:
         self.lengths = list(lengths)
-        self.width = max(self.lengths)
-        self.chunked = self.width > chunked_above
+        self.chunked = max(self.lengths) > chunked_above
         self.accumulator = accumulator
         self.full_limit = full_limit
         self.pooled_size = pooled_size
@@ -305,7 +307,7 @@ class _Stream:
         self.wants_logits = wants_logits and accumulator is not None
         self.layers = 0
         self.full: list[list[torch.Tensor]] = [[] for _ in self.lengths]  # per probe, per layer
-        self.pooled: list[list[torch.Tensor]] = [[] for _ in self.lengths]
+        self.pooled: list[list[_Pooler]] = [[] for _ in self.lengths]
         self.queries: list[list[torch.Tensor]] = [[] for _ in self.lengths]
         self.keys: list[list[torch.Tensor]] = [[] for _ in self.lengths]
         self.spans: list[Any] = [None for _ in self.lengths]
@@ -316,53 +318,65 @@ class _Stream:
         """One attention call: the output the model needs, and this layer reduced."""
         layer = self.layers
         self.layers += 1
+        scaling = _scaling(module, query, kwargs)
+        causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
+        keys = key
+        if key.shape[1] != query.shape[1]:  # grouped-query attention: one key head per group
+            keys = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        self._guard(self._start_layer, query, keys, scaling)
+        batch, heads, width, _ = query.shape
+        rows = max(1, CHUNK_BYTES // (4 * batch * heads * width))
         if self.chunked:
             from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-            output, weights = sdpa_attention_forward(
-                module, query, key, value, mask, *args, **kwargs
-            )
-        else:
-            output, weights = _eager_of(module)(module, query, key, value, mask, *args, **kwargs)
+            output, _ = sdpa_attention_forward(module, query, key, value, mask, *args, **kwargs)
+            for start in range(0, width, rows):
+                end = min(width, start + rows)
+                logits = _logits(query, keys, mask, start, end, scaling, causal)
+                self._guard(self._take, layer, start, logits.softmax(-1), logits)
+            return output, None
+        eager = _eager_of(module)
+        outputs = []
+        for start in range(0, width, rows):
+            end = min(width, start + rows)
+            part = None if mask is None or mask.shape[-2] == 1 else mask[:, :, start:end]
+            output, weights = eager(module, query[:, :, start:end], key, value,
+                                    mask if part is None else part, *args, **kwargs)  # fmt: skip
+            outputs.append(output)
+            logits = None
+            if self.wants_logits and self.error is None:
+                logits = _logits(query, keys, mask, start, end, scaling, causal)
+            self._guard(self._take, layer, start, weights, logits)
+        if len(outputs) == 1:
+            return outputs[0], weights
+        return torch.cat(outputs, 1), None  # eager gives [B, rows, H, d]
+
+    def _guard(self, fn, *args) -> None:
         if self.error is None:
             try:
-                causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
-                self._reduce(
-                    layer, query, key, mask, weights, _scaling(module, query, kwargs), causal
-                )
+                fn(*args)
             except Exception as ex:  # raised after the forward, on every rank
                 self.error = ex
-        return output, weights
 
-    def _reduce(self, layer, query, key, mask, weights, scaling: float, causal: bool) -> None:
-        if key.shape[1] != query.shape[1]:  # grouped-query attention: one key head per group
-            key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    def _start_layer(self, query: torch.Tensor, keys: torch.Tensor, scaling: float) -> None:
+        """Room for this layer's whole attention of short probes, a pooler for long ones."""
         self.scaling = scaling
-        batch, heads, width, _ = query.shape
+        heads = query.shape[1]
         for b, n in enumerate(self.lengths):
             if n <= self.full_limit:
-                self.full[b].append(torch.zeros(heads, n, n, device=query.device, dtype=(
-                    weights.dtype if weights is not None else torch.float32)))  # fmt: skip
+                self.full[b].append(torch.zeros(heads, n, n, device=query.device))
                 if self.records_qk:
                     self.queries[b].append(query[b, :, :n].detach().clone())
-                    self.keys[b].append(key[b, :, :n].detach().clone())
+                    self.keys[b].append(keys[b, :, :n].detach().clone())
             else:
                 pooler = _Pooler(n, self.pooled_size, heads, query.device)
                 self.pooled[b].append(pooler)
                 self.spans[b] = pooler.spans
-        rows = max(1, CHUNK_BYTES // (4 * batch * heads * width))
-        for start in range(0, width, rows):
-            end = min(width, start + rows)
-            logits = None
-            if weights is None or self.wants_logits:
-                logits = _logits(query, key, mask, start, end, scaling, causal)
-            probs = weights[:, :, start:end] if weights is not None else logits.softmax(-1)
-            if self.accumulator is not None:
-                self.accumulator.add(layer, probs, row_start=start, logits=logits)
-            self._keep(probs, start)
 
-    def _keep(self, probs: torch.Tensor, start: int) -> None:
-        """Rows start.. of every probe's attention into its whole matrix or its pooler."""
+    def _take(self, layer: int, start: int, probs: torch.Tensor, logits: Any) -> None:
+        """Rows start.. of every probe ([B, H, r, N]): to the accumulator, then kept as stored."""
+        if self.accumulator is not None:
+            self.accumulator.add(layer, probs, row_start=start, logits=logits)
         for b, n in enumerate(self.lengths):
             r = min(probs.shape[2], n - start)
             if r <= 0:
@@ -402,7 +416,7 @@ def _logits(query, key, mask, start: int, end: int, scaling: float, causal: bool
             rows = torch.arange(start, end, device=q.device)[:, None]
             logits = logits.masked_fill(torch.arange(width, device=q.device) > rows, lowest)
         return logits
-    chunk = mask[:, :, start:end, :width]
+    chunk = mask[..., :width] if mask.shape[-2] == 1 else mask[:, :, start:end, :width]
     if chunk.dtype == torch.bool:
         return logits.masked_fill(~chunk, lowest)
     return (logits + chunk.to(torch.float32)).clamp_min(lowest)
