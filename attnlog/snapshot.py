@@ -156,7 +156,7 @@ def load(path: str | Path) -> tuple[Snapshot, dict[str, np.ndarray]]:
         for i, pm in enumerate(meta["probes"]):
             arrays = {n: data[f"p{i}/{n}"] for n in _ARRAY_FIELDS if f"p{i}/{n}" in data}
             probes.append(ProbeAttention(**pm, **arrays))
-        scores = {k[len("scores/") :]: data[k] for k in data.files if k.startswith("scores/")}
+        scores = _scores(data)
     snapshot = Snapshot(
         step=meta["step"],
         probes=probes,
@@ -165,6 +165,17 @@ def load(path: str | Path) -> tuple[Snapshot, dict[str, np.ndarray]]:
         scores=scores,
     )
     return snapshot, scores
+
+
+def load_scores(path: str | Path) -> dict[str, np.ndarray]:
+    """Only the `[L, H]` pattern scores of an archive: attention is never decompressed (cheap for
+    readers that go over many steps, such as the Attention tab's trend)."""
+    with np.load(Path(path), allow_pickle=False) as data:
+        return _scores(data)
+
+
+def _scores(data: Any) -> dict[str, np.ndarray]:
+    return {k[len("scores/") :]: data[k] for k in data.files if k.startswith("scores/")}
 
 
 def _probe_to_numpy(probe: ProbeAttention, dtype: Any) -> ProbeAttention:
