@@ -2,7 +2,7 @@
 
 The archive (`<run>/plugins/attnlog/index.jsonl` + one `.npz` per step, see `attnlog.layout`) is
 not an event file, so this plugin reads it from the log folder directly instead of through the
-data provider, with the archive's own reader (`attnlog.snapshot.load`). Every route answers
+data provider, with the archive's own readers (`attnlog.snapshot.load`, `load_scores`). Every route answers
 small JSON (one head's matrix at a time); the page is an ES module that TensorBoard loads into an
 iframe (see `FrontendMetadata.es_module_path`).
 
@@ -37,7 +37,7 @@ from attnlog.layout import (
     read_index,
     warn_once,
 )
-from attnlog.snapshot import Snapshot, load
+from attnlog.snapshot import Snapshot, load, load_scores
 
 __all__ = [
     "PLUGIN_NAME",
@@ -89,10 +89,10 @@ def runs_impl(logdir: Path | None) -> dict[str, list[dict[str, Any]]]:
             if not _stat(folder, entry):
                 continue
             if not isinstance(probes, list):  # an older index: read the archive once
-                summary = _summary_of(folder, entry)
-                if summary is None:
+                snapshot = _snapshot(folder, entry)
+                if snapshot is None:
                     continue
-                probes = summary[0]
+                probes = [probe_shapes(p) for p in snapshot.probes]
             steps.append(
                 {"step": entry["step"], "patterns": entry.get("patterns", []), "probes": probes}
             )
@@ -104,13 +104,13 @@ def scores_impl(logdir: Path | None, run: str, step: int) -> dict[str, Any]:
     """Every pattern's [layer][head] score matrix at one step (null where undefined)."""
     folder = run_folder(logdir, run)
     entry = _entry(folder, step)
-    summary = _summary_of(folder, entry)
-    if summary is None:
+    scores = _scores_of(folder, entry)
+    if scores is None:
         raise RequestError(404, f"the archive file of step {step} is missing or damaged")
     return {
         "run": run,
         "step": entry["step"],
-        "scores": {name: json_matrix(m) for name, m in sorted(summary[1].items())},
+        "scores": {name: json_matrix(m) for name, m in sorted(scores.items())},
     }
 
 
@@ -161,10 +161,10 @@ def trend_impl(logdir: Path | None, run: str, pattern: str, layer: int, head: in
     folder = run_folder(logdir, run)
     steps, values, shape = [], [], None
     for entry in read_index(folder):
-        summary = _summary_of(folder, entry)
-        if summary is None:
+        scores = _scores_of(folder, entry)
+        if scores is None:
             continue  # missing or damaged: leave the step out
-        matrix = summary[1].get(pattern)
+        matrix = scores.get(pattern)
         value = None
         if matrix is not None:
             shape = matrix.shape
@@ -260,8 +260,8 @@ def _snapshot(folder: Path, entry: dict[str, Any]) -> Snapshot | None:
     return _read(folder, entry, _load)
 
 
-def _summary_of(folder: Path, entry: dict[str, Any]) -> tuple[list, dict] | None:
-    return _read(folder, entry, _summary)
+def _scores_of(folder: Path, entry: dict[str, Any]) -> dict[str, np.ndarray] | None:
+    return _read(folder, entry, _scores)
 
 
 @functools.lru_cache(maxsize=8)  # whole steps can be large: keep only a few
@@ -271,10 +271,9 @@ def _load(path: str, mtime_ns: int) -> Snapshot:
 
 
 @functools.lru_cache(maxsize=4096)
-def _summary(path: str, mtime_ns: int) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-    """The small part of a step, kept for many steps: probe shapes and `[L, H]` scores."""
-    snapshot = _load(path, mtime_ns)
-    return [probe_shapes(p) for p in snapshot.probes], snapshot.scores
+def _scores(path: str, mtime_ns: int) -> dict[str, np.ndarray]:
+    """Only the `[L, H]` scores: the trend over many steps never decompresses attention."""
+    return load_scores(path)
 
 
 def _in_range(name: str, value: int, limit: int, what: str) -> None:
