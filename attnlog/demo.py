@@ -252,9 +252,8 @@ def biggest_changes(
 ) -> list[dict[str, Any]]:
     """The heads whose scores moved most between the first and the last archived step
     (among `patterns`, default all scores in [0, 1])."""
+    from attnlog.layout import plugin_dir, read_index
     from attnlog.report import score_differences
-    from attnlog.sinks.archive import read_index
-    from attnlog.sinks.base import plugin_dir
     from attnlog.snapshot import load
 
     index = read_index(logdir)

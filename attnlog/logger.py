@@ -228,7 +228,7 @@ class AttentionLogger:
     def resume_at(self, step: int) -> None:
         """A run resumed from a checkpoint at `step` replays the steps the interrupted run logged
         after it (same data, same weights): count them as logged, so no sink gets them twice."""
-        from attnlog.sinks.archive import read_index
+        from attnlog.layout import read_index
 
         self._logged_steps |= {e["step"] for e in read_index(self.logdir) if e["step"] > step}
 
