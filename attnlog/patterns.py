@@ -168,81 +168,12 @@ class PatternContext:
         """
         if tokens is not None and len(tokens) != n:
             raise ValueError(f"got {len(tokens)} tokens for a probe of {n} positions")
-
-        def mask(value: Any, default: Any, dtype: torch.dtype, name: str) -> torch.Tensor:
-            if value is None:
-                value = default
-            t = torch.as_tensor(np.asarray(value.cpu() if torch.is_tensor(value) else value))
-            if t.shape != (n,):
-                raise ValueError(f"{name} has shape {tuple(t.shape)}; expected ({n},)")
-            return t.to(dtype)
-
-        bare = [bare_token(t) for t in tokens] if tokens is not None else None
-        valid_t = mask(valid, np.ones(n, bool), torch.bool, "valid")
-        if not bool(valid_t.any()):
-            raise ValueError("the probe has no valid (non-padding) token")
-        default_special = [_looks_special(t) for t in tokens] if tokens else np.zeros(n, bool)
-        special_t = mask(special, default_special, torch.bool, "special")
-        if punct is None and tokens is not None:
-            punct = [is_punctuation(t) for t in tokens]
-        punct_t = mask(punct, np.zeros(n, bool), torch.bool, "punct") & ~special_t
-        if token_ids is None and tokens is not None:
-            ids: dict[str, int] = {}
-            token_ids = [ids.setdefault(t, len(ids)) for t in tokens]
-        ids_t = mask(token_ids, np.arange(n), torch.long, "token_ids")
-        words_t = None if word_ids is None else mask(word_ids, None, torch.long, "word_ids")
-        stop = [t in IDENTICAL_TOKEN_STOPLIST for t in bare] if bare else np.zeros(n, bool)
-        stop_t = mask(stop, None, torch.bool, "stop")
-        segment_t = mask(segment, np.zeros(n, int), torch.long, "segment")
-
-        pos = torch.arange(n)
-        first = int(valid_t.nonzero()[0, 0])
-        named_cls = torch.tensor([t in CLS_TOKENS for t in tokens] if tokens else [False] * n)
-        named_sep = torch.tensor([t in SEP_TOKENS for t in tokens] if tokens else [False] * n)
-        cls_t = special_t & valid_t & (((pos == first) & (not causal)) | named_cls)
-        if is_pair and segment_t[valid_t].unique().numel() < 2:
-            # No token types (RoBERTa-style): sentence B starts after the last separator of a run.
-            closes = special_t & named_sep & valid_t & (pos != first)
-            ends = closes & ~torch.cat([closes[1:], torch.tensor([False])])
-            segment_t = torch.cumsum(ends.long(), 0) - ends.long()
-        # Segment boundary after position j, looking at the next *valid* token (padding skipped).
-        vpos = valid_t.nonzero()[:, 0]
-        seg_v = segment_t[vpos]
-        boundary = torch.zeros(n, dtype=torch.bool)
-        boundary[vpos] = torch.cat([seg_v[1:] != seg_v[:-1], torch.tensor([True])])
-        sep_t = special_t & valid_t & ~cls_t & (pos != first) & (boundary | named_sep)
-        has_pair = seg_v.unique().numel() >= 2
-
-        ctx = cls(
-            valid=valid_t,
-            special=special_t,
-            cls=cls_t,
-            sep=sep_t,
-            punct=punct_t,
-            stop=stop_t,
-            segment=segment_t,
-            token_ids=ids_t,
-            word_ids=words_t,
-            causal=bool(causal),
-            has_pair=bool(has_pair),
-            first_valid=first,
-            scaling=scaling,
-        )
-        if has_pair and not causal:
-            rows = ctx.query_rows
-            same = (ctx.visible & ctx.same_segment).sum(-1) / ctx.visible.sum(-1).clamp_min(1)
-            ctx.same_sentence_chance = float(same[rows].mean()) if bool(rows.any()) else math.nan
-        for name, value in (("queries", queries), ("keys", keys)):
-            if value is not None:
-                value = torch.as_tensor(value)
-                if value.ndim != 4 or value.shape[2] != n:
-                    raise ValueError(
-                        f"{name} has shape {tuple(value.shape)}; expected [L, H, {n}, d]"
-                    )
-        if (queries is None) != (keys is None):
-            queries = keys = None  # one without the other gives no logits
-        ctx.queries = None if queries is None else torch.as_tensor(queries)
-        ctx.keys = None if keys is None else torch.as_tensor(keys)
+        masks = _token_masks(n, tokens, valid, special, punct, token_ids, word_ids, segment)
+        roles = _roles(masks, tokens, causal=bool(causal), is_pair=is_pair)
+        ctx = cls(**masks, **roles, causal=bool(causal), scaling=scaling)
+        if ctx.has_pair and not causal:
+            ctx.same_sentence_chance = _same_sentence_chance(ctx)
+        ctx.queries, ctx.keys = _queries_keys(queries, keys, n)
         return ctx.to(device) if device is not None else ctx
 
     @classmethod
@@ -331,6 +262,91 @@ class PatternContext:
 
 
 _MASKS = ("valid", "special", "cls", "sep", "punct", "stop", "segment", "token_ids")
+
+
+def _vector(value: Any, default: Any, dtype: torch.dtype, name: str, n: int) -> torch.Tensor:
+    """One [n] CPU mask from a list, numpy array or tensor (`default` when None)."""
+    value = default if value is None else value
+    t = torch.as_tensor(np.asarray(value.cpu() if torch.is_tensor(value) else value))
+    if t.shape != (n,):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected ({n},)")
+    return t.to(dtype)
+
+
+def _token_masks(n, tokens, valid, special, punct, token_ids, word_ids, segment) -> dict:
+    """The per-token masks, given or derived from the token strings."""
+    valid_t = _vector(valid, np.ones(n, bool), torch.bool, "valid", n)
+    if not bool(valid_t.any()):
+        raise ValueError("the probe has no valid (non-padding) token")
+    looks_special = [_looks_special(t) for t in tokens] if tokens else np.zeros(n, bool)
+    special_t = _vector(special, looks_special, torch.bool, "special", n)
+    if punct is None and tokens is not None:
+        punct = [is_punctuation(t) for t in tokens]
+    if token_ids is None and tokens is not None:
+        ids: dict[str, int] = {}
+        token_ids = [ids.setdefault(t, len(ids)) for t in tokens]
+    stop = [bare_token(t) in IDENTICAL_TOKEN_STOPLIST for t in tokens] if tokens else None
+    return {
+        "valid": valid_t,
+        "special": special_t,
+        "punct": _vector(punct, np.zeros(n, bool), torch.bool, "punct", n) & ~special_t,
+        "stop": _vector(stop, np.zeros(n, bool), torch.bool, "stop", n),
+        "segment": _vector(segment, np.zeros(n, int), torch.long, "segment", n),
+        "token_ids": _vector(token_ids, np.arange(n), torch.long, "token_ids", n),
+        "word_ids": None
+        if word_ids is None
+        else _vector(word_ids, None, torch.long, "word_ids", n),
+    }
+
+
+def _roles(masks: dict, tokens: Sequence[str] | None, *, causal: bool, is_pair: bool) -> dict:
+    """cls, sep, the sentence of each token, the first valid position, whether it is a pair.
+
+    Updates `masks["segment"]` for pairs without token types (RoBERTa): sentence B starts after
+    the last separator of a run.
+    """
+    valid, special, segment = masks["valid"], masks["special"], masks["segment"]
+    n = valid.shape[0]
+    pos = torch.arange(n)
+    first = int(valid.nonzero()[0, 0])
+    named_cls = torch.tensor([t in CLS_TOKENS for t in tokens] if tokens else [False] * n)
+    named_sep = torch.tensor([t in SEP_TOKENS for t in tokens] if tokens else [False] * n)
+    cls_t = special & valid & (((pos == first) & (not causal)) | named_cls)
+    if is_pair and segment[valid].unique().numel() < 2:
+        closes = special & named_sep & valid & (pos != first)
+        ends = closes & ~torch.cat([closes[1:], torch.tensor([False])])
+        masks["segment"] = segment = torch.cumsum(ends.long(), 0) - ends.long()
+    # Segment boundary after position j, looking at the next *valid* token (padding skipped).
+    vpos = valid.nonzero()[:, 0]
+    seg_v = segment[vpos]
+    boundary = torch.zeros(n, dtype=torch.bool)
+    boundary[vpos] = torch.cat([seg_v[1:] != seg_v[:-1], torch.tensor([True])])
+    sep_t = special & valid & ~cls_t & (pos != first) & (boundary | named_sep)
+    return {
+        "cls": cls_t,
+        "sep": sep_t,
+        "first_valid": first,
+        "has_pair": bool(seg_v.unique().numel() >= 2),
+    }
+
+
+def _same_sentence_chance(ctx: PatternContext) -> float:
+    """`same_sentence` of a head that ignores sentences: the share of same-sentence keys."""
+    rows = ctx.query_rows
+    same = (ctx.visible & ctx.same_segment).sum(-1) / ctx.visible.sum(-1).clamp_min(1)
+    return float(same[rows].mean()) if bool(rows.any()) else math.nan
+
+
+def _queries_keys(queries: Any, keys: Any, n: int) -> tuple[Any, Any]:
+    """Checked [L, H, n, d] q and k as tensors, or (None, None) unless both are given."""
+    for name, value in (("queries", queries), ("keys", keys)):
+        if value is not None:
+            shape = tuple(torch.as_tensor(value).shape)
+            if len(shape) != 4 or shape[2] != n:
+                raise ValueError(f"{name} has shape {shape}; expected [L, H, {n}, d]")
+    if queries is None or keys is None:
+        return None, None  # one without the other gives no logits
+    return torch.as_tensor(queries), torch.as_tensor(keys)
 
 
 PatternFn = Callable[[Any, PatternContext], torch.Tensor]
