@@ -638,44 +638,58 @@ class Capturer:
         return {k: v.to(device) for k, v in inputs.items()}
 
     def _forward(self, model, chunk: Sequence[EncodedProbe], sharded: bool, **options):
-        # Sharded models run from their root, whose forward gathers the root's own parameters;
-        # unsharded ones from the body, so no logits over a large vocabulary are computed.
+        return self._call(*self._inputs(model, chunk, sharded), **options)
+
+    def _inputs(self, model, chunk: Sequence[EncodedProbe], sharded: bool):
+        """(module to call, its inputs). Sharded models run from their root, whose forward
+        gathers the root's own parameters; others from the body, so no logits over a large
+        vocabulary are computed."""
         body = model if sharded else _body(model)
         inputs = self._batch_inputs(chunk, _model_device(model))
         if "token_type_ids" in inputs and not _accepts(body, "token_type_ids"):
             del inputs["token_type_ids"]
         if _accepts(body, "use_cache"):
-            options["use_cache"] = False
+            inputs["use_cache"] = False
+        return body, inputs
+
+    @staticmethod
+    def _call(body, inputs, **options):
         return body(**inputs, return_dict=True, **options)
 
     def _run_stream(self, model, chunk, current: _Pass, patterns, scores: bool, sharded: bool):
         """One batch forward through attnlog's attention → (probes, ScoreTable or None).
 
         None when the model's attention never called attnlog's function (then the caller takes
-        the output_attentions path).
+        the output_attentions path). Sharded: all ranks agree before the forward (a rank that
+        could not prepare must not leave the others waiting in its all-gathers) and after it.
         """
-        lengths = [len(p) for p in chunk]
         device = _model_device(model)
-        long = any(n > self.full_attention_limit for n in lengths)
-        accumulator = None
-        if scores or long:
-            accumulator = self._accumulator(model, chunk, patterns, device)
-        stream = _Stream(
-            lengths,
-            accumulator,
-            full_limit=self.full_attention_limit,
-            pooled_size=self.pooled_size,
-            chunked_above=self.chunked_above,
-            records_qk=self.record_qk and current.records_qk,
-            wants_logits=patterns is None or "max_logit" in patterns,
-        )
+        error = stream = call = None
+        try:
+            lengths = [len(p) for p in chunk]
+            long = any(n > self.full_attention_limit for n in lengths)
+            accumulator = None
+            if scores or long:
+                accumulator = self._accumulator(model, chunk, patterns, device)
+            stream = _Stream(
+                lengths,
+                accumulator,
+                full_limit=self.full_attention_limit,
+                pooled_size=self.pooled_size,
+                chunked_above=self.chunked_above,
+                records_qk=self.record_qk and current.records_qk,
+                wants_logits=patterns is None or "max_logit" in patterns,
+            )
+            call = self._inputs(model, chunk, sharded)
+        except Exception as ex:
+            error = ex
+        _settle(error, sharded, device)
         current.stream = stream
         try:
-            self._forward(model, chunk, sharded)
+            self._call(*call)
         finally:
             current.stream = None
-        if stream.error is not None:
-            raise stream.error
+        _settle(stream.error, sharded, device)
         if stream.layers == 0:
             return None
         probes = [self._probe(p, **stream.probe_arrays(b)) for b, p in enumerate(chunk)]
@@ -812,6 +826,14 @@ def capture(
 def _rank() -> int:
     dist = torch.distributed
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _settle(error: BaseException | None, sharded: bool, device: Any) -> None:
+    """Raise `error`; sharded, on every rank if any rank had one."""
+    if sharded:
+        _agree(error, device)
+    elif error is not None:
+        raise error
 
 
 def _agree(error: BaseException | None, device: Any) -> None:
