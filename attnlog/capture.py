@@ -815,9 +815,11 @@ def capture(
 ) -> Snapshot:
     """One-shot capture: `capture(model, tokenizer, ["The cat sat."])` → Snapshot.
 
-    For repeated captures (a logger), build a `Capturer` once and call it.
+    For repeated captures (a logger), build a `Capturer` once and call it. Only the given
+    probes are captured (pass `induction_probe=True` to add the built-in one).
     """
-    return Capturer(model, tokenizer, probes, induction_probe=False, **options)(step)
+    options.setdefault("induction_probe", False)
+    return Capturer(model, tokenizer, probes, **options)(step)
 
 
 # -- helpers ---------------------------------------------------------------------------------

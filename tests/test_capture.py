@@ -408,3 +408,18 @@ def test_pooled_snapshot_round_trips_and_version_1_archives_still_load(minilm, t
     np.savez_compressed(tmp_path / "v1.npz", **arrays)
     old, _ = load(tmp_path / "v1.npz")
     assert old.step == 2 and not old.probes[0].pooled and old.probes[0].labels is None
+
+
+def test_causal_models_get_the_induction_probe_unless_opted_out(minilm):
+    from attnlog.probes import induction_probe
+
+    model, tokenizer = minilm
+    llama = _tiny("llama")
+    expected = induction_probe(tokenizer)
+    cap = Capturer(llama, tokenizer, ["The cat sat."])
+    assert [p.name for p in cap.probe_set] == [cap.probe_set[0].name, expected.name]
+    assert list(cap.encoded[-1].input_ids) == list(expected.ids)
+    snapshot, table = cap.measure(0)
+    assert np.isfinite(table.per_probe[expected.name]["induction"]).all()
+    assert len(Capturer(llama, tokenizer, ["The cat sat."], induction_probe=False).encoded) == 1
+    assert len(Capturer(model, tokenizer, ["The cat sat."]).encoded) == 1  # not causal
