@@ -44,7 +44,6 @@ __all__ = [
     "scores_path",
     "tb_attention_tag",
     "tb_pattern_tag",
-    "text_path",
     "warn_once",
 ]
 
@@ -112,11 +111,6 @@ def html_path(step: int, probe: str, view: str) -> str:
 def scores_path(step: int) -> str:
     """`attention/step_<8 digits>/scores.json` (an MLflow artifact)."""
     return f"{_step_dir(step)}/scores.json"
-
-
-def text_path(step: int, tag: str) -> str:
-    """`attention/step_<8 digits>/text/<tag>.md`: texts stored as files (MLflow artifacts)."""
-    return f"{_step_dir(step)}/text/{safe_name(tag)}.md"
 
 
 # ---- folders --------------------------------------------------------------------------------

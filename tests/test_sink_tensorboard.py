@@ -13,7 +13,8 @@ pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 import attnlog.sinks.tensorboard as tb_module  # noqa: E402
-from attnlog.sinks.base import TB_ALERTS_TAG, TB_SETTINGS_TAG, pattern_scalars  # noqa: E402
+from attnlog.layout import TB_ALERTS_TAG, TB_SETTINGS_TAG  # noqa: E402
+from attnlog.sinks.base import pattern_scalars  # noqa: E402
 from attnlog.sinks.tensorboard import TensorBoardSink  # noqa: E402
 
 

@@ -11,7 +11,7 @@ import pytest
 from servers import free_port, get_json, start_tensorboard
 
 from attnlog.cli import BROWSE_HINT
-from attnlog.sinks.base import tb_attention_tag
+from attnlog.layout import tb_attention_tag
 
 
 @pytest.mark.slow

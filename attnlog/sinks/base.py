@@ -14,22 +14,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-# Re-exported for code written before `attnlog.layout` existed; import them from there.
-from attnlog.layout import (  # noqa: F401
-    INDEX,
-    TB_ALERTS_TAG,
-    TB_SETTINGS_TAG,
-    archive_name,
-    html_path,
-    mlflow_metric,
-    plugin_dir,
-    read_index,
-    safe_name,
-    scores_path,
-    tb_attention_tag,
-    tb_pattern_tag,
-    text_path,
-)
+# html_path and plugin_dir are re-exported only for tests that still import them from here.
+from attnlog.layout import html_path, mlflow_metric, plugin_dir, tb_pattern_tag  # noqa: F401
 
 if TYPE_CHECKING:
     import numpy as np
