@@ -45,6 +45,7 @@ __all__ = [
     "ScoreTable",
     "head_redundancy",
     "label_heads",
+    "merge_tables",
     "register_pattern",
     "rollout",
     "score",
@@ -1185,6 +1186,26 @@ def score(
         results.append(torch.stack([done[n] for n in names]))
     host = torch.stack(results).cpu().numpy()  # [P, K, L, H]: the one device->host copy
     return _table(host, names, _unique([p.name for p in probes]), contexts, step)
+
+
+def merge_tables(
+    tables: Sequence[ScoreTable], step: int, contexts: Sequence[PatternContext] = ()
+) -> ScoreTable:
+    """One table from tables of disjoint probe sets (e.g. several forward batches).
+
+    Per-probe scores side by side; `scores` and `labels` combined over all probes exactly as one
+    accumulator over all of them would. `contexts` (all probes') give the labels' same-sentence
+    chance level.
+    """
+    if not tables:
+        raise ValueError("merge_tables needs at least one ScoreTable")
+    patterns = list(tables[0].scores)
+    names = [name for t in tables for name in t.per_probe]
+    host = np.asarray(  # [P, K, L, H]
+        [[t.per_probe[name][k] for k in patterns] for t in tables for name in t.per_probe],
+        dtype=np.float32,
+    )
+    return _table(host, patterns, names, contexts, step)
 
 
 def _length_groups(lengths: Sequence[int], device: Any) -> list[list[int]]:

@@ -523,6 +523,26 @@ def test_add_layers_feeds_several_layers_at_once():
         np.testing.assert_allclose(table.scores[name], want.scores[name], atol=1e-5, equal_nan=True)
 
 
+def test_merge_tables_equals_one_table_over_all_probes():
+    seg = torch.tensor(PAIR_SEGMENT)
+    pair = probe(
+        PAIR,
+        uniform_over(seg[:, None] == seg[None, :]),
+        name="pair",
+        segment=PAIR_SEGMENT,
+        is_pair=True,
+    )
+    single = probe(SENTENCE, torch.eye(len(SENTENCE)), name="single")
+    whole = score([pair, single])
+    merged = patterns.merge_tables(
+        [score(pair), score(single)], 5, [PatternContext.from_probe(p) for p in (pair, single)]
+    )
+    assert merged.step == 5 and list(merged.per_probe) == ["pair", "single"]
+    for name in whole.scores:
+        np.testing.assert_allclose(merged.scores[name], whole.scores[name], equal_nan=True)
+    assert (merged.labels == whole.labels).all()
+
+
 def test_accumulator_without_logits_and_with_wide_padding():
     """No logits: max_logit undefined. Keys padded past the longest probe are ignored."""
     n = len(SENTENCE)
