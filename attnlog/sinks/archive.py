@@ -91,8 +91,11 @@ class ArchiveSink(Sink):
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         """An exclusive lock on `index.lock` (advisory: readers never need it)."""
-        import fcntl
-
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; one writer per logdir there
+            yield
+            return
         fd = os.open(self.folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
