@@ -321,16 +321,8 @@ def encode_probe(
         return _encode_ids(probe, tokenizer, max_length=max_length, on_long=on_long)
     kwargs: dict[str, Any] = {"return_special_tokens_mask": True}
     full = tokenizer(probe.text, probe.pair, **kwargs)
-    n_full = len(full["input_ids"])
-    truncated = bool(max_length and n_full > max_length)
+    truncated = _too_long(probe, len(full["input_ids"]), max_length, on_long)
     if truncated:
-        message = (
-            f"probe {probe.name!r} has {n_full} tokens, more than the model's maximum of "
-            f"{max_length}"
-        )
-        if on_long == "error":
-            raise ValueError(message + "; shorten it or pass on_long='truncate'")
-        warnings.warn(message + "; it is truncated", stacklevel=3)
         full = tokenizer(
             probe.text, probe.pair, truncation="longest_first", max_length=max_length, **kwargs
         )
@@ -367,6 +359,17 @@ def encode_probe(
     )
 
 
+def _too_long(probe: Probe, n: int, max_length: int | None, on_long: str) -> bool:
+    """Whether an `n`-token probe must be truncated (warned), or raise with on_long="error"."""
+    if not (max_length and n > max_length):
+        return False
+    message = f"probe {probe.name!r} has {n} tokens, more than the model's maximum of {max_length}"
+    if on_long == "error":
+        raise ValueError(message + "; shorten it or pass on_long='truncate'")
+    warnings.warn(message + "; it is truncated", stacklevel=4)
+    return True
+
+
 def _encode_ids(
     probe: Probe, tokenizer: Any, *, max_length: int | None, on_long: str
 ) -> EncodedProbe:
@@ -378,15 +381,8 @@ def _encode_ids(
             f"probe {probe.name!r} has token id {int(ids.max())} but the tokenizer has only "
             f"{size} tokens; build it with this model's tokenizer"
         )
-    truncated = bool(max_length and len(ids) > max_length)
+    truncated = _too_long(probe, len(ids), max_length, on_long)
     if truncated:
-        message = (
-            f"probe {probe.name!r} has {len(ids)} tokens, more than the model's maximum of "
-            f"{max_length}"
-        )
-        if on_long == "error":
-            raise ValueError(message + "; shorten it or pass on_long='truncate'")
-        warnings.warn(message + "; it is truncated", stacklevel=4)
         ids = ids[:max_length]
     tokens = list(tokenizer.convert_ids_to_tokens(ids.tolist()))
     special = np.isin(ids, sorted(getattr(tokenizer, "all_special_ids", []) or []))
