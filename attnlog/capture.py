@@ -53,10 +53,13 @@ _IMPL_NAME = "attnlog_eager"
 FULL_ATTENTION_LIMIT = 256
 #: Pooled attention of a longer probe has at most this many blocks per axis.
 POOLED_SIZE = 256
+#: MiB the pooled maps of one event may take (float16, before compression): bounds the archive.
+ARCHIVE_MB = 16
 #: Batches wider than this many tokens are reduced from q/k in chunks of query rows.
 CHUNKED_ABOVE = 1024
-#: float32 bytes of attention rows reduced at once (bounds the chunked path's memory).
-CHUNK_BYTES = 16 * 2**20
+#: float32 bytes of attention rows reduced at once, on the CPU and on an accelerator: bounds a
+#: layer's memory; larger on a GPU, where each chunk costs ~100 kernel launches.
+CHUNK_BYTES = {"cpu": 8 * 2**20, "cuda": 128 * 2**20}
 
 # One probe pass at a time in the whole process. A pass switches the model's attention
 # implementation and its train/eval modes, and saves and restores the process-wide RNG state:
@@ -282,7 +285,7 @@ class _Stream:
     layer up to `full_limit` tokens (plus q/k when recorded), a `_Pooler` beyond; every chunk of
     query rows goes to the score accumulator. Up to `chunked_above` tokens the model's own eager
     attention runs on chunks of query rows (exact: each row is its own softmax), so a layer never
-    holds more than `CHUNK_BYTES` of attention; above it `sdpa` gives the output and the rows
+    holds more than `CHUNK_BYTES` of attention rows; above it `sdpa` gives the output and the rows
     come from q/k. A failure is kept in `error` and raised after the forward, so the forward (a
     collective under sharded training) runs to its end on every rank.
     """
@@ -325,7 +328,8 @@ class _Stream:
             keys = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
         self._guard(self._start_layer, query, keys, scaling)
         batch, heads, width, _ = query.shape
-        rows = max(1, CHUNK_BYTES // (4 * batch * heads * width))
+        budget = CHUNK_BYTES.get(query.device.type, CHUNK_BYTES["cuda"])
+        rows = max(1, budget // (4 * batch * heads * width))
         if self.chunked:
             from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -439,7 +443,9 @@ class Capturer:
         record_qk: keep query/key vectors (for the neuron view) of probes with whole attention.
         full_attention_limit: probes up to this many tokens keep their whole attention; longer
             ones keep it pooled by blocks (the scores stay exact).
-        pooled_size: blocks per axis of a pooled attention map.
+        pooled_size: most blocks per axis of a pooled attention map; fewer when the pooled
+            maps of all long probes would pass `archive_mb` (float16, before compression).
+        archive_mb: what the stored attention of one event may take, in MiB (default 16).
         chunked_above: batches wider than this many tokens are reduced in chunks of query rows
             from q/k, with `sdpa` computing the model's output (no n x n in memory).
         induction_probe: add the built-in induction probe for causal models.
@@ -457,6 +463,7 @@ class Capturer:
         record_qk: bool = True,
         full_attention_limit: int = FULL_ATTENTION_LIMIT,
         pooled_size: int = POOLED_SIZE,
+        archive_mb: float = ARCHIVE_MB,
         chunked_above: int = CHUNKED_ABOVE,
         induction_probe: bool = True,
     ) -> None:
@@ -496,7 +503,14 @@ class Capturer:
         self.batch_size = batch_size or len(self.encoded)
         self.record_qk = record_qk
         self.full_attention_limit = full_attention_limit
-        self.pooled_size = pooled_size
+        if not archive_mb > 0:
+            raise ValueError(f"archive_mb must be more than 0, got {archive_mb!r}")
+        self.pooled_size = _pooled_size(
+            pooled_size,
+            archive_mb,
+            config,
+            sum(len(p) > full_attention_limit for p in self.encoded),
+        )
         self.chunked_above = chunked_above
         self._streams = True  # False once a model's attention is seen not to use our function
         self._contexts: dict[str, list[Any]] = {}
@@ -900,6 +914,18 @@ def _context(p: EncodedProbe, causal: bool, device: Any) -> Any:
         is_pair=p.is_pair,
         device=device,
     )
+
+
+def _pooled_size(size: int, archive_mb: float, config: Any, long_probes: int) -> int:
+    """Blocks per axis: at most `size`, and small enough that the float16 pooled maps of all
+    long probes, `[L, H, m, m]` each, fit in `archive_mb`."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None)
+    heads = getattr(text, "num_attention_heads", None)
+    if not (long_probes and isinstance(layers, int) and isinstance(heads, int)):
+        return size
+    fit = int((archive_mb * 2**20 / (2 * layers * heads * long_probes)) ** 0.5)
+    return max(1, min(size, fit))
 
 
 def _with_induction_probe(probe_set: ProbeSet, tokenizer: Any) -> ProbeSet:

@@ -189,6 +189,20 @@ def test_sizes_below_one_fail_at_construction(minilm, option):
             Capturer(model, tokenizer, ["fine"], **{option: bad})
     with pytest.raises(TypeError, match=f"{option} must be a whole number"):
         Capturer(model, tokenizer, ["fine"], **{option: 2.5})
+    with pytest.raises(ValueError, match="archive_mb must be more than 0"):
+        Capturer(model, tokenizer, ["fine"], archive_mb=0)
+
+
+def test_pooled_maps_shrink_to_fit_the_archive_budget(minilm):
+    _, tokenizer = minilm
+    probes = [_ids_probe(120, seed, f"long{seed}") for seed in range(2)]
+    options = dict(induction_probe=False, full_attention_limit=100)
+    # 2 layers x 4 heads x 2 long probes, float16: m = sqrt(budget / 32 bytes)
+    cap = Capturer(_tiny("llama"), tokenizer, probes, archive_mb=32 * 40**2 / 2**20, **options)
+    assert cap.pooled_size == 40
+    snapshot = cap(0)
+    assert all(p.attention.shape == (2, 4, 40, 40) for p in snapshot.probes)
+    assert Capturer(_tiny("llama"), tokenizer, probes, **options).pooled_size == 256
 
 
 def test_vocabulary_mismatch_names_the_fix(minilm):

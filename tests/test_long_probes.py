@@ -100,7 +100,7 @@ def test_eager_attention_in_row_chunks_equals_the_whole_layer(minilm, monkeypatc
     probes = [Probe("The cat sat on the mat.", "The cat was very happy.", name="pair"),
               Probe("Short one.", name="short")]  # fmt: skip
     whole, whole_table = Capturer(model, tokenizer, probes).measure(0)
-    monkeypatch.setattr(capture_module, "CHUNK_BYTES", 4 * 2 * 12 * 20 * 3)  # 3 rows a chunk
+    monkeypatch.setitem(capture_module.CHUNK_BYTES, "cpu", 4 * 2 * 12 * 20 * 3)  # 3 rows a chunk
     rows, table = Capturer(model, tokenizer, probes).measure(0)
     _assert_same(table, whole_table, atol=1e-5)
     for got, want in zip(rows.probes, whole.probes):
