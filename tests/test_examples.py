@@ -19,6 +19,7 @@ SCRIPTS = {
     "custom_loop_accelerate.py": "accelerate",
     "chinese_bert.py": None,
     "lightning_module.py": "lightning",
+    "induction_heads.py": "tokenizers",
 }
 
 
