@@ -420,6 +420,13 @@ class _Probes:
         self.any_causal = any(f[0] for f in flags)
 
 
+# Row masks kept per accumulator (about 20 bytes per query-key pair of all probes: some bool
+# [P, r, N] masks and one float32): at most a quarter of one layer's float32 attention (16 MiB
+# at least, 256 MiB at most), so long probes never pay more than a fraction of a layer.
+_ROWS_CACHE_BYTES = (1 << 24, 1 << 28)
+_ROWS_BYTES_PER_ENTRY = 20
+
+
 class _Rows:
     """Query rows `start .. start + r - 1` of every probe: masks `[P, r]` and `[P, r, N]`.
 
@@ -497,9 +504,13 @@ class _Rows:
 
     def eligible(self, name: str, fn: Callable[[_Rows], torch.Tensor]) -> torch.Tensor:
         """[P, r] bool: the rows pattern `name` averages over (built once per rows)."""
-        if name not in self._memo:
-            self._memo[name] = fn(self)
-        return self._memo[name]
+        return self.cached(f"eligible:{name}", fn)
+
+    def cached(self, key: str, fn: Callable[[_Rows], torch.Tensor]) -> torch.Tensor:
+        """fn(self), a mask of these rows, built once: every layer fed these rows reuses it."""
+        if key not in self._memo:
+            self._memo[key] = fn(self)
+        return self._memo[key]
 
     def counts(self, kernels: dict[str, tuple[Any, RowsFn]]) -> torch.Tensor:
         """[K, P] float32: eligible rows per pattern and probe (built once per rows)."""
@@ -571,7 +582,7 @@ def next_token(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
 
 
 def _near(rc: _Rows) -> torch.Tensor:
-    return (rc.i[:, None] - rc.j[None, :]).abs() == 1  # [r, N]
+    return rc.cached("near", lambda rc: (rc.i[:, None] - rc.j[None, :]).abs() == 1)  # [r, N]
 
 
 @_rowwise(lambda rc: rc.query_rows & (_near(rc) & rc.visible).any(-1))
@@ -627,15 +638,19 @@ def confidence(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
 
 
 def _own_sentence(rc: _Rows) -> torch.Tensor:
-    return rc.visible & rc.same_segment & ~rc.p.special[:, None, :]  # [P, r, N]
+    """[P, r, N] float: uniform over the visible non-special keys of the query's sentence."""
+
+    def uniform(rc: _Rows) -> torch.Tensor:
+        own = (rc.visible & rc.same_segment & ~rc.p.special[:, None, :]).float()
+        return own / own.sum(-1, keepdim=True).clamp_min(1)
+
+    return rc.cached("own_sentence", uniform)
 
 
-@_rowwise(lambda rc: rc.query_rows & _own_sentence(rc).any(-1))
+@_rowwise(lambda rc: rc.query_rows & (_own_sentence(rc) > 0).any(-1))
 def sentence_bow(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
     """1 - total variation distance to uniform over the row's own-sentence visible words."""
-    own = _own_sentence(rc).to(a.dtype)
-    uniform = own / own.sum(-1, keepdim=True).clamp_min(1)
-    return 1 - 0.5 * (a - uniform[:, None]).abs().sum(-1)
+    return 1 - 0.5 * (a - _own_sentence(rc)[:, None]).abs().sum(-1)
 
 
 @_rowwise(lambda rc: rc.query_rows & (rc.p.has_pair & ~rc.p.causal)[:, None])
@@ -645,10 +660,13 @@ def same_sentence(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
 
 
 def _identical_keys(rc: _Rows, segment: str) -> torch.Tensor:
-    match = rc.same_token & ~rc.p.skip[:, None, :]  # [P, r, N]
-    if segment == "same":
-        return match & rc.same_segment
-    return match & ~rc.same_segment if segment == "other" else match
+    def keys(rc: _Rows) -> torch.Tensor:
+        match = rc.same_token & ~rc.p.skip[:, None, :]  # [P, r, N]
+        if segment == "same":
+            return match & rc.same_segment
+        return match & ~rc.same_segment if segment == "other" else match
+
+    return rc.cached(f"identical:{segment}", keys)
 
 
 def _identical(segment: str) -> tuple[RowsFn, RowValues]:
@@ -674,9 +692,13 @@ def identical_token_other(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
 
 
 def _word_keys(rc: _Rows) -> torch.Tensor:
-    w = rc.p.word_ids  # [P, N], -1 = none (all -1 without word ids: undefined)
-    own = rc.rows(w)
-    return (own[:, :, None] == w[:, None, :]) & (own >= 0)[..., None] & rc.off_diagonal & rc.visible
+    def keys(rc: _Rows) -> torch.Tensor:
+        w = rc.p.word_ids  # [P, N], -1 = none (all -1 without word ids: undefined)
+        own = rc.rows(w)
+        same = (own[:, :, None] == w[:, None, :]) & (own >= 0)[..., None]
+        return same & rc.off_diagonal & rc.visible
+
+    return rc.cached("word", keys)
 
 
 @_rowwise(lambda rc: rc.query_rows & _word_keys(rc).any(-1))
@@ -861,7 +883,8 @@ class ScoreAccumulator:
         self._full: dict[int, torch.Tensor] = {}  # layer -> prepared [P, H, N, N], user patterns
         self._user_scores: dict[str, torch.Tensor] = {}  # name -> [P, L, H], set by score()
         self._chunked = False
-        self._rows: _Rows | None = None
+        self._rows: dict[tuple[int, int], _Rows] = {}
+        self._rows_bytes = 0
 
     @property
     def N(self) -> int:
@@ -949,9 +972,18 @@ class ScoreAccumulator:
             self._logit_seen[span] = True
 
     def _rows_of(self, start: int, r: int) -> _Rows:
-        if self._rows is None or (self._rows.start, self._rows.r) != (start, r):
-            self._rows = _Rows(self.probes, start, r)  # one kept: whole layers reuse it
-        return self._rows
+        """The masks of these rows: kept while they fit (`_ROWS_CACHE_BYTES`), so that every layer
+        fed the same chunks reuses them (the first chunks that fit stay; later ones are rebuilt)."""
+        rows = self._rows.get((start, r))
+        if rows is None:
+            rows = _Rows(self.probes, start, r)
+            size = len(self.contexts) * r * self.N * _ROWS_BYTES_PER_ENTRY
+            low, high = _ROWS_CACHE_BYTES
+            budget = max(low, min(high, len(self.contexts) * self.num_heads * self.N**2))
+            if self._rows_bytes + size <= budget:
+                self._rows[(start, r)] = rows
+                self._rows_bytes += size
+        return rows
 
     def results(self) -> torch.Tensor:
         """[P, K, L, H] float32 per-probe scores on the device, in `patterns` order."""
