@@ -87,3 +87,19 @@ def test_disk_error_while_logging_raises(tmp_path):
     (tmp_path / "run").write_text("the log folder became a file")
     with pytest.raises(OSError):
         sink.log_archive(make_snapshot(0), make_table(0), 0)
+
+
+def test_attnlog_load_returns_a_snapshot_with_its_scores(tmp_path):
+    import attnlog
+
+    sink = ArchiveSink(tmp_path)
+    for step in (0, 100):
+        sink.log_archive(make_snapshot(step), make_table(step), step)
+    last = attnlog.load(tmp_path)  # a logdir: its last step
+    assert last.step == 100 and [p.name for p in last.probes] == ["cat", "pair"]
+    np.testing.assert_array_equal(last.scores["cls"], make_table(100).scores["cls"])
+    first = attnlog.load(plugin_dir(tmp_path) / "step_00000000.npz")  # one step's file
+    assert first.step == 0 and set(first.scores) == set(make_table(0).scores)
+    assert attnlog.load(tmp_path, step=0).step == 0
+    with pytest.raises(ValueError, match="step 5"):
+        attnlog.load(tmp_path, step=5)
