@@ -28,6 +28,7 @@ from attnlog.snapshot import ProbeAttention
 __all__ = ["aggregate", "pool_probe", "unit_probe", "word_probe", "word_units"]
 
 Segmenter = Callable[[str], Sequence[str]]
+_ELLIPSIS = "\u2026"
 
 
 def aggregate(attn: Any, units: Any) -> np.ndarray:
@@ -236,5 +237,8 @@ def _span_labels(tokens: Sequence[str], units: np.ndarray) -> list[str]:
 
 
 def _span_label(tokens: Sequence[str]) -> str:
+    """ "first…last" (a block of blocks keeps the outer ends of their labels)."""
     tokens = [bare_token(str(t)) or str(t) for t in tokens]
-    return tokens[0] if len(tokens) == 1 else f"{tokens[0]}\u2026{tokens[-1]}"
+    if len(tokens) == 1:
+        return tokens[0]
+    return f"{tokens[0].split(_ELLIPSIS)[0]}{_ELLIPSIS}{tokens[-1].split(_ELLIPSIS)[-1]}"

@@ -382,7 +382,7 @@ def test_512_token_probe_views_stay_under_the_cap_and_draw(browser, tmp_path, ca
     sizes = [len(page.encode()) for page in files.values()]
     assert max(sizes) <= MAX_HTML_BYTES
     warnings = [r.getMessage() for r in caplog.records if "ATTNLOG_MAX_HTML_MB" in r.getMessage()]
-    assert len(warnings) == 1 and "512 tokens" in warnings[0]  # once, naming the fix
+    assert len(warnings) == 1 and "512 positions" in warnings[0]  # once, naming the fix
     head = next(page for path, page in files.items() if path.endswith("head_view.html"))
     labels = wait_tokens_in(browser, tmp_path, head)
     assert labels[0] == "w0\u2026w3" and labels[-1] == "w508\u2026w511"  # pooled, every token
@@ -413,3 +413,24 @@ def test_cap_is_configurable(monkeypatch):
     monkeypatch.setenv("ATTNLOG_MAX_HTML_MB", "lots")
     with pytest.raises(ValueError, match="ATTNLOG_MAX_HTML_MB"):
         probe_views(probe, 0, ("head",))
+
+
+def test_probe_pooled_at_capture_renders_with_its_span_labels(minilm, monkeypatch):
+    """A probe over the capture's full-attention limit arrives pooled (`spans`, `labels`):
+    heatmaps and views show its blocks, labelled as the capture labelled them."""
+    from attnlog.capture import capture
+    from attnlog.render.event import MAX_HTML_BYTES, probe_images, probe_views
+
+    model, tokenizer = minilm
+    text = " ".join(f"word{i % 50}" for i in range(150))  # ~300 word pieces
+    probe = capture(model, tokenizer, [text]).to_host().probes[0]
+    assert probe.spans is not None and len(probe.labels) == probe.attention.shape[-1]
+    monkeypatch.setenv("ATTNLOG_MAX_HTML_MB", "50")
+    files = probe_views(probe, 0, ("head", "neuron"))
+    (path,) = files  # no neuron view: pooled attention has no per-token query/key vectors
+    assert path.endswith("head_view.html") and _script_json(probe.labels[1])[1:-1] in files[path]
+    monkeypatch.delenv("ATTNLOG_MAX_HTML_MB")
+    capped = probe_views(probe, 0, ("head",))[path]  # 6 x 12 heads x 256 blocks: over 10 MiB
+    assert len(capped.encode()) <= MAX_HTML_BYTES
+    images = probe_images(probe, 0, layers=False)
+    assert images[f"attention/{probe.name}/model"].ndim == 3

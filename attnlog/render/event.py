@@ -212,7 +212,7 @@ def _fit(probe: ProbeAttention, cap: int) -> ProbeAttention | None:
 def _warn_cap(probe: ProbeAttention, size: int, cap: int, outcome: str) -> None:
     warn_once(
         f"html-cap/{probe.name}/{cap}",  # once per probe, not at every event
-        f"attnlog: the HTML views of probe {probe.name!r} ({len(probe.tokens)} tokens) would "
+        f"attnlog: the HTML views of probe {probe.name!r} ({len(probe.tokens)} positions) would "
         f"take about {size / 2**20:.0f} MB, over the {cap / 2**20:.0f} MiB cap per view; they "
         f"are {outcome}. Raise the cap with the environment variable ATTNLOG_MAX_HTML_MB "
         "(e.g. ATTNLOG_MAX_HTML_MB=100), or use shorter probes. (Shown once per probe.)",
