@@ -230,44 +230,51 @@ def probe_pass(model: torch.nn.Module, *, record_qk: bool = True) -> Iterator[_P
 # -- streaming reduction ----------------------------------------------------------------------
 
 
-class _Pooler:
-    """Attention of one long probe pooled by blocks of tokens, fed rows at a time.
+class _Blocks:
+    """How `n` tokens split into at most `size` blocks: block b covers tokens
+    `spans[b, 0] <= i < spans[b, 1]`. Made once per probe and pass (on the CPU, then moved once:
+    building it on a GPU would synchronise at every layer)."""
 
-    Block b covers tokens `spans[b, 0] <= i < spans[b, 1]`; pooled[b, c] is the mean over the
-    block's query rows of the summed attention on block c's keys, so pooled rows sum to 1.
-    """
-
-    def __init__(self, n: int, size: int, heads: int, device: Any) -> None:
+    def __init__(self, n: int, size: int, device: Any) -> None:
         m = min(n, size)
-        self.n = n
-        self.block = torch.arange(n, device=device) * m // n  # [n] block of each token
-        counts = torch.bincount(self.block, minlength=m)
-        self.counts = counts.to(torch.float32)
+        block = torch.arange(n) * m // n  # [n] block of each token
+        counts = torch.bincount(block, minlength=m)
         ends = torch.cumsum(counts, 0)
-        self.spans = torch.stack([ends - counts, ends], 1)  # [m, 2]
-        self.sum = torch.zeros(heads, m, m, device=device)
+        self.spans = torch.stack([ends - counts, ends], 1)  # [m, 2], on the CPU
+        self.block = block.to(device)
+        self.counts = counts.to(device, torch.float32)
+
+
+class _Pooler:
+    """Attention of one long probe pooled by `_Blocks`, fed rows at a time: pooled[b, c] is the
+    mean over block b's query rows of the summed attention on block c's keys (rows sum to 1)."""
+
+    def __init__(self, blocks: _Blocks, heads: int) -> None:
+        self.blocks = blocks
+        m = len(blocks.counts)
+        self.sum = torch.zeros(heads, m, m, device=blocks.block.device)
 
     def add(self, rows: torch.Tensor, row_start: int) -> None:
         """rows: [H, r, n] attention of query rows row_start .. row_start + r - 1."""
-        m = self.sum.shape[-1]
-        by_key = torch.zeros(rows.shape[0], rows.shape[1], m, device=rows.device)
-        by_key.index_add_(2, self.block, rows.to(torch.float32))
-        self.sum.index_add_(1, self.block[row_start : row_start + rows.shape[1]], by_key)
+        block = self.blocks.block
+        by_key = torch.zeros(rows.shape[0], rows.shape[1], self.sum.shape[-1], device=rows.device)
+        by_key.index_add_(2, block, rows.to(torch.float32))
+        self.sum.index_add_(1, block[row_start : row_start + rows.shape[1]], by_key)
 
     def result(self) -> torch.Tensor:
         """[H, m, m] float32."""
-        return self.sum / self.counts[None, :, None]
+        return self.sum / self.blocks.counts[None, :, None]
 
 
 def pool_attention(attention: torch.Tensor, size: int = POOLED_SIZE) -> tuple[Any, Any]:
     """Whole attention `[L, H, n, n]` pooled to `[L, H, m, m]`; returns (pooled, spans [m, 2])."""
+    blocks = _Blocks(attention.shape[-1], size, attention.device)
     layers = []
-    pooler = None
     for layer in attention:
-        pooler = _Pooler(attention.shape[-1], size, layer.shape[0], layer.device)
+        pooler = _Pooler(blocks, layer.shape[0])
         pooler.add(layer, 0)
         layers.append(pooler.result())
-    return torch.stack(layers), pooler.spans
+    return torch.stack(layers), blocks.spans
 
 
 def span_labels(tokens: Sequence[str], spans: Any) -> list[str]:
@@ -314,6 +321,7 @@ class _Stream:
         self.queries: list[list[torch.Tensor]] = [[] for _ in self.lengths]
         self.keys: list[list[torch.Tensor]] = [[] for _ in self.lengths]
         self.spans: list[Any] = [None for _ in self.lengths]
+        self.blocks: list[_Blocks | None] = [None for _ in self.lengths]
         self.scaling: float | None = None
         self.error: BaseException | None = None
 
@@ -373,9 +381,10 @@ class _Stream:
                     self.queries[b].append(query[b, :, :n].detach().clone())
                     self.keys[b].append(keys[b, :, :n].detach().clone())
             else:
-                pooler = _Pooler(n, self.pooled_size, heads, query.device)
-                self.pooled[b].append(pooler)
-                self.spans[b] = pooler.spans
+                if self.spans[b] is None:
+                    self.blocks[b] = _Blocks(n, self.pooled_size, query.device)
+                    self.spans[b] = self.blocks[b].spans
+                self.pooled[b].append(_Pooler(self.blocks[b], heads))
 
     def _take(self, layer: int, start: int, probs: torch.Tensor, logits: Any) -> None:
         """Rows start.. of every probe ([B, H, r, N]): to the accumulator, then kept as stored."""
