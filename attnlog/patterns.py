@@ -512,11 +512,17 @@ class _Rows:
             self._memo[key] = fn(self)
         return self._memo[key]
 
+    def eligible_all(self, kernels: dict[str, tuple[Any, RowsFn]]) -> torch.Tensor:
+        """[K, P, r] bool: `eligible` of every pattern, stacked (built once per rows)."""
+        if "eligible_all" not in self._memo:
+            stack = [self.eligible(name, fn) for name, (_, fn) in kernels.items()]
+            self._memo["eligible_all"] = torch.stack(stack)
+        return self._memo["eligible_all"]
+
     def counts(self, kernels: dict[str, tuple[Any, RowsFn]]) -> torch.Tensor:
         """[K, P] float32: eligible rows per pattern and probe (built once per rows)."""
         if "counts" not in self._memo:
-            eligible = [self.eligible(name, fn) for name, (_, fn) in kernels.items()]
-            self._memo["counts"] = torch.stack(eligible).sum(-1).to(torch.float32)
+            self._memo["counts"] = self.eligible_all(kernels).sum(-1).to(torch.float32)
         return self._memo["counts"]
 
     def entropy(self, a: torch.Tensor) -> torch.Tensor:
@@ -627,7 +633,7 @@ def punctuation(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
 @_rowwise(lambda rc: rc.n_visible >= 2)
 def broad(a: torch.Tensor, rc: _Rows) -> torch.Tensor:
     """Normalised entropy H_i / log n_i over valid rows with n_i >= 2."""
-    log_n = torch.log(rc.n_visible.clamp_min(2).to(a.dtype))[:, None, :]
+    log_n = rc.cached("log_n", lambda rc: torch.log(rc.n_visible.clamp_min(2).float()))[:, None]
     return (rc.entropy(a) / log_n).clamp(0, 1)  # clamp: float noise on uniform rows
 
 
@@ -958,11 +964,10 @@ class ScoreAccumulator:
         self._last_prepared = a.view(P, G, H, r, self.N) if self._user else None
         span = slice(layer, layer + G)
         if self._rows_fns:
-            totals = [
-                torch.where(rows.eligible(name, rows_fn)[:, None], values(a, rows), 0.0).sum(-1)
-                for name, (values, rows_fn) in self._rows_fns.items()
-            ]  # K x [P, G * H]
-            self._total[:, :, span] += torch.stack(totals).view(-1, P, G, H)
+            values = torch.stack([v(a, rows) for v, _ in self._rows_fns.values()])  # [K, P, X, r]
+            eligible = rows.eligible_all(self._rows_fns)  # [K, P, r]
+            totals = torch.where(eligible[:, :, None], values, 0.0).sum(-1)  # [K, P, G * H]
+            self._total[:, :, span] += totals.view(-1, P, G, H)
             self._count[:, :, span] += rows.counts(self._rows_fns)[:, :, None, None]
             rows._entropy_of = rows._entropy = None  # do not keep this block alive
         if logits is not None and self._logit_names:
