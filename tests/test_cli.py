@@ -125,6 +125,19 @@ def test_snapshot_writes_views_heatmaps_scores_and_prints_strongest_heads(snapsh
     assert any(line.split()[0] == "delimiter" for line in table if line.strip())
 
 
+def test_snapshot_of_a_long_probe_stays_under_the_html_cap(minilm_path, tmp_path, capsys):
+    from attnlog.render.event import MAX_HTML_BYTES
+
+    # 242 word pieces: full attention (under the capture's 256), but 6 x 12 heads of it make
+    # an 11 MB view: the snapshot's views come out pooled, under the cap.
+    text = " ".join(f"word{i % 50}" for i in range(120))
+    out = tmp_path / "long"
+    assert main(["snapshot", minilm_path, "--probe", text, "--out", str(out)]) == 0
+    pages = list(out.rglob("*_view.html"))
+    assert sorted(p.name for p in pages) == ["head_view.html", "model_view.html"]  # no neuron
+    assert all(0 < p.stat().st_size <= MAX_HTML_BYTES for p in pages)
+
+
 def test_snapshot_rejects_a_folder_that_is_not_a_model(tmp_path, capsys):
     assert main(["snapshot", str(tmp_path), "--probe", "x", "--out", str(tmp_path / "o")]) == 1
     assert "not a model folder" in capsys.readouterr().err
