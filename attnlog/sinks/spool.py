@@ -254,19 +254,29 @@ class Spool:
 def send(client: Any, event: dict[str, Any], folder: Path | None, progress: Callable) -> None:
     """Send what is left of `event`, dropping each part from it once sent, then `progress()`.
 
-    Metrics, params and tags go together in `log_batch` calls within MLflow's own limits.
+    Order: metrics, params and tags (together in `log_batch` calls within MLflow's limits),
+    artifacts, images, the end of the run.
     """
+    _send_batches(client, event, progress)
+    _send_artifacts(client, event, folder, progress)
+    _send_images(client, event, folder, progress)
+    if event.get("end_run"):
+        client.set_terminated(event["run_id"], event["end_run"])
+        event["end_run"] = None
+        progress()
+
+
+def _send_batches(client: Any, event: dict[str, Any], progress: Callable) -> None:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.utils import validation
 
-    run_id = event["run_id"]
     while event["metrics"] or event["params"] or event["tags"]:
         params = list(event["params"])[: validation.MAX_PARAMS_TAGS_PER_BATCH]
         tags = list(event["tags"])[: validation.MAX_PARAMS_TAGS_PER_BATCH - len(params)]
         room = validation.MAX_ENTITIES_PER_BATCH - len(params) - len(tags)
         metrics = event["metrics"][: min(validation.MAX_METRICS_PER_BATCH, room)]
         client.log_batch(
-            run_id,
+            event["run_id"],
             metrics=[Metric(k, v, ts, s) for k, v, ts, s in metrics],
             params=[Param(k, event["params"][k]) for k in params],
             tags=[RunTag(k, event["tags"][k]) for k in tags],
@@ -278,17 +288,23 @@ def send(client: Any, event: dict[str, Any], folder: Path | None, progress: Call
         for k in tags:
             del event["tags"][k]
         progress()
+
+
+def _send_artifacts(client: Any, event: dict[str, Any], folder: Path | None, progress) -> None:
     while event["artifacts"]:
         art = event["artifacts"][0]
         if "text" in art:
-            client.log_text(run_id, art["text"], art["path"])
+            client.log_text(event["run_id"], art["text"], art["path"])
         else:
             local = folder / art["file"]
             if posixpath.basename(art["path"]) != local.name:
                 raise ValueError(f"spool file {local} does not match artifact {art['path']}")
-            client.log_artifact(run_id, str(local), posixpath.dirname(art["path"]) or None)
+            client.log_artifact(event["run_id"], str(local), posixpath.dirname(art["path"]) or None)
         event["artifacts"].pop(0)
         progress()
+
+
+def _send_images(client: Any, event: dict[str, Any], folder: Path | None, progress) -> None:
     while event["images"]:
         img = event["images"][0]
         if "array" in img:
@@ -299,14 +315,10 @@ def send(client: Any, event: dict[str, Any], folder: Path | None, progress: Call
             with Image.open(folder / img["file"]) as opened:
                 image = opened.convert("RGB")
         client.log_image(
-            run_id, image, key=img["key"], step=img["step"], timestamp=img["timestamp"],
+            event["run_id"], image, key=img["key"], step=img["step"], timestamp=img["timestamp"],
             synchronous=True,
         )  # fmt: skip
         event["images"].pop(0)
-        progress()
-    if event.get("end_run"):
-        client.set_terminated(run_id, event["end_run"])
-        event["end_run"] = None
         progress()
 
 
