@@ -4,7 +4,9 @@
 
 Prints: render_model (12 layers x 12 heads x 32 tokens) vs a matplotlib subplot grid saved to
 PNG, and the bytes of attnlog's head/model view per probe vs bertviz's `html_action='return'`
-output for the same attention. Needs matplotlib and bertviz (test extras); runs in < 1 minute.
+output for the same attention, and the size cap on a 512-token probe (what an uncapped page
+would weigh, what the capped one weighs, how long it takes). Needs matplotlib and bertviz (test
+extras); runs in about a minute.
 """
 
 from __future__ import annotations
@@ -94,6 +96,21 @@ def main() -> None:
             b = len(theirs(attentions, p.tokens, html_action="return").data.encode())
             shape = f"{layers}x{heads}x{n}"
             print(f"  {shape:14s} {name:6s} {a:11,d} {b:12,d} {a / b:7.3f}")
+
+    from attnlog.render.event import MAX_HTML_BYTES, probe_views
+
+    print("\nHTML size cap (12 x 12 heads x 512 tokens, head + model view)")
+    p = probe(rng, 12, 12, 512)
+    uncapped = 300_000 + 8 / 3 * p.attention.size
+    start = time.perf_counter()
+    files = probe_views(p, 0, ("head", "model"))
+    took = time.perf_counter() - start
+    biggest = max(len(page.encode()) for page in files.values())
+    print(f"  {'uncapped view (estimate)':34s} {uncapped / 2**20:8.1f} MiB")
+    print(
+        f"  {'capped view':34s} {biggest / 2**20:8.1f} MiB (cap {MAX_HTML_BYTES / 2**20:.0f} MiB)"
+    )
+    print(f"  {'time for both views':34s} {took * 1e3:8.1f} ms")
 
 
 if __name__ == "__main__":
