@@ -100,7 +100,14 @@ def induction_by_step(logdir: str) -> dict[int, float]:
     return scores
 
 
-def train(steps: int, every: int, logdir: str, seed: int = 0, lr: float = 3e-3) -> dict[int, float]:
+def train(
+    steps: int,
+    every: int,
+    logdir: str,
+    seed: int = 0,
+    lr: float = 3e-3,
+    sinks: tuple[str, ...] = ("tensorboard",),
+) -> dict[int, float]:
     """Train with the logger attached; returns {step: best induction score}."""
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, seed)
@@ -111,10 +118,11 @@ def train(steps: int, every: int, logdir: str, seed: int = 0, lr: float = 3e-3) 
         model,
         tokenizer,
         [probe],
-        sinks=["tensorboard"],
+        sinks=list(sinks),
         logdir=logdir,
         patterns=["induction", "duplicate_token", "prev_token"],
         views=("head",),
+        queue_size=64,  # tiny events: keep every one even when the machine is busy
     ) as attn_log:
         attn_log.log(0)
         model.train()
@@ -135,10 +143,14 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=20)
     parser.add_argument("--logdir", default="runs/induction")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--mlflow", action="store_true", help="also log to MLflow (MLFLOW_TRACKING_URI)"
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(1)  # a 42k-parameter model: more threads only add overhead
-    scores = train(args.steps, args.every, args.logdir, args.seed)
+    sinks = ("tensorboard", "mlflow") if args.mlflow else ("tensorboard",)
+    scores = train(args.steps, args.every, args.logdir, args.seed, sinks=sinks)
     print("step  best induction score")
     for step, value in scores.items():
         print(f"{step:>4}  {value:.2f}  " + "#" * round(40 * value))
