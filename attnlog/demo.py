@@ -128,17 +128,12 @@ def run_demo(
     run_name = f"attnlog-demo-{os.getpid()}"
     tb_dir = Path(logdir) / run_name
     model, tokenizer = _load_minilm(seed)
-    trainer = _trainer(
-        model,
-        tokenizer,
-        _training_args(
-            steps, every, output_dir or str(tb_dir / "trainer"), run_name, use_cpu, seed
-        ),
-        steps,
-        every,
-        seed,
+    args = _training_args(
+        steps, every, output_dir or str(tb_dir / "trainer"), run_name, use_cpu, seed
     )
+    # TensorBoardCallback reads its folder from the environment when the Trainer is built
     with _trainer_environment(tb_dir, tracking_uri):
+        trainer = _trainer(model, tokenizer, args, steps, every, seed)
         result = trainer.train()
     return {
         "logdir": str(tb_dir),

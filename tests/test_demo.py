@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,7 +37,11 @@ def test_demo_keeps_the_progress_bar_clean_and_the_environment_as_it_was(tmp_pat
     result = run_demo(steps=2, every=1, logdir=str(tmp_path / "runs"),
                       tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")  # fmt: skip
     err = capfd.readouterr().err
-    assert "10 images per tag" not in err  # the CLI prints that command after training
-    assert [e["step"] for e in read_index(result["logdir"])] == [0, 1, 2]
+    assert "10 images per tag" not in err, err[-3000:]  # the CLI prints it after training
+    assert [e["step"] for e in read_index(result["logdir"])] == [0, 1, 2], err[-3000:]
+    # one TensorBoard run: the Trainer's loss and attnlog's scores in the same folder
+    run = Path(result["logdir"])
+    files = sorted(p.relative_to(run) for p in run.rglob("events.out.tfevents.*"))
+    assert len(files) == 2 and all(len(f.parts) == 1 for f in files), files
     after = {k: os.environ.get(k) for k in before}
     assert after == before
