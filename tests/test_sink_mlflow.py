@@ -167,13 +167,23 @@ def test_takes_a_client_and_sends_metrics_and_tags_in_one_batch(store, tmp_path)
     assert run.data.tags["attnlog.alert.0"] == table.alerts[0]
 
 
-def test_experiments_open_in_the_model_training_view(store, tmp_path):
-    from attnlog.sinks.spool import EXPERIMENT_KIND_TAG
+def test_experiments_open_in_the_model_training_view(store, tmp_path, caplog):
+    from attnlog.sinks.spool import EXPERIMENT_KIND_TAG, ui_url
 
     uri, experiment = store
     sink = MLflowSink(uri, experiment_name="new-exp", spool_dir=tmp_path / "spool")
-    sink.log_scores(make_table(0), 0)
+    with caplog.at_level("INFO", logger="attnlog"):
+        sink.log_scores(make_table(0), 0)
     sink.close()
+    # MLflow 3.17's UI ignores the tag and follows the link's workflowType (checked by hand in
+    # Chromium: without it the experiment opens on the GenAI overview).
+    new_id = MlflowClient(uri).get_experiment_by_name("new-exp").experiment_id
+    link = f"http://127.0.0.1:5000/#/experiments/{new_id}/runs/{sink.run_id}"
+    assert ui_url(uri, new_id, sink.run_id) == link + "?workflowType=machine_learning"
+    assert any(link + "?workflowType=machine_learning" in r.getMessage() for r in caplog.records)
+    assert ui_url("http://mlflow:8080/", "3") == (
+        "http://mlflow:8080/#/experiments/3?workflowType=machine_learning"
+    )
     joined = MlflowClient(uri).get_experiment_by_name(experiment)  # one attnlog did not create
     run_id = MlflowClient(uri).create_run(joined.experiment_id).info.run_id
     sink = MLflowSink(uri, run_id=run_id, spool_dir=tmp_path / "spool")

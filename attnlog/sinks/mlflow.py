@@ -32,6 +32,7 @@ from attnlog.sinks.spool import (
     require_mlflow,
     send,
     start_run,
+    ui_url,
 )
 
 if TYPE_CHECKING:
@@ -287,13 +288,15 @@ class MLflowSink(Sink):
     def _ensure_run(self) -> str:
         if self.run_id is None:
             self.run_id = start_run(self._client, self.experiment_name)
-            self._marked = True
             self._alerts = 0
             self.spool.assign_run(self.run_id)
         if not self._marked:
-            self._marked = True  # once: a joined run's experiment (e.g. the Trainer's)
+            self._marked = True  # once per sink: say where the run is, in the training view
             try:
-                mark_experiment(self._client, self._client.get_run(self.run_id).info.experiment_id)
+                experiment_id = self._client.get_run(self.run_id).info.experiment_id
+                mark_experiment(self._client, experiment_id)  # a joined run's (the Trainer's)
+                url = ui_url(self.tracking_uri, experiment_id, self.run_id)
+                log.info("attnlog: logging to MLflow run %s", url)
             except Exception as exc:  # a view preference is not worth losing an event for
                 log.debug("attnlog: could not tag the MLflow experiment's kind: %s", exc)
         return self.run_id

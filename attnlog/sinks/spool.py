@@ -56,15 +56,30 @@ __all__ = [
     "send",
     "start_run",
     "sync",
+    "ui_url",
 ]
 
 log = logging.getLogger(__name__)
 
 SPOOL_VERSION = 1
 INSTALL_HINT = "install it with `pip install 'attnlog[mlflow]'`"
-# MLflow 3 opens an experiment without this tag on its GenAI overview; attnlog logs training
-# runs, so it asks for the model-training view (tag and value as in MLflow's own UI code).
+# MLflow 3 opens an experiment on its GenAI overview; attnlog logs training runs, so it asks for
+# the model-training view: the experiment-kind tag (tag and value as in MLflow's own UI code) for
+# UIs that read it, and `workflowType=machine_learning` in the links it prints, which the 3.17
+# UI follows instead (it keeps the last view chosen, GenAI by default, and ignores the tag).
 EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store
+
+
+def ui_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI link of an experiment (or run) that opens in the model-training view.
+
+    For a local store (sqlite, files) the link is to `mlflow ui`'s default address.
+    """
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else None
+    path = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base or DEFAULT_UI}/{path}?workflowType=machine_learning"
+
 
 # field -> type of a readable entry
 _FIELDS = {"metrics": list, "params": dict, "tags": dict, "artifacts": list, "images": list}
