@@ -12,12 +12,12 @@ from attnlog.capture import Capturer
 from attnlog.probes import Probe
 
 
-def _decoder(positions: int, heads: int = 4, kv_heads: int = 2):
+def _decoder(positions: int, heads: int = 4, kv_heads: int = 2, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=30522, hidden_size=8 * heads, intermediate_size=32,
-                         num_hidden_layers=2, num_attention_heads=heads,
+                         num_hidden_layers=layers, num_attention_heads=heads,
                          num_key_value_heads=kv_heads, max_position_embeddings=positions)  # fmt: skip
     return LlamaForCausalLM(config).eval()
 
@@ -74,7 +74,7 @@ def test_chunked_rows_give_what_eager_gives_in_a_padded_batch(minilm, family):
 def test_4k_token_probe_chunked_matches_the_full_computation(minilm):
     _, tokenizer = minilm
     n = 4096
-    model = _decoder(n, heads=2, kv_heads=1)
+    model = _decoder(n, heads=2, kv_heads=1, layers=1)
     tok = _long_tokenizer(tokenizer, n)
     probes = [_ids_probe(n, 0, "long")]
     full, full_table = Capturer(model, tok, probes, chunked_above=n, induction_probe=False).measure(
@@ -83,7 +83,7 @@ def test_4k_token_probe_chunked_matches_the_full_computation(minilm):
     chunked, table = Capturer(model, tok, probes, induction_probe=False).measure(0)
     _assert_same(table, full_table, atol=1e-4)
     assert np.isfinite(table.scores["max_logit"]).all()
-    assert chunked.probes[0].pooled and chunked.probes[0].attention.shape == (2, 2, 256, 256)
+    assert chunked.probes[0].pooled and chunked.probes[0].attention.shape == (1, 2, 256, 256)
     np.testing.assert_allclose(
         chunked.probes[0].attention.astype("float32"),
         full.probes[0].attention.astype("float32"),
