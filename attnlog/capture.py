@@ -579,6 +579,10 @@ class Capturer:
         snapshot, table = self._capture(step, patterns, scores=scores)
         if _rank() != 0:
             return None, None
+        if table is None:  # the writer scores it: float32, so scores are not rounded to float16
+            import numpy as np
+
+            return snapshot.to_host(np.float32), None
         return snapshot.to_host(), table
 
     # -- one pass ----------------------------------------------------------------------------

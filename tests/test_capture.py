@@ -437,3 +437,18 @@ def test_causal_models_get_the_induction_probe_unless_opted_out(minilm):
     assert np.isfinite(table.per_probe[expected.name]["induction"]).all()
     assert len(Capturer(llama, tokenizer, ["The cat sat."], induction_probe=False).encoded) == 1
     assert len(Capturer(model, tokenizer, ["The cat sat."]).encoded) == 1  # not causal
+
+
+def test_the_streamed_pass_never_asks_for_every_layers_attention(minilm):
+    """output_attentions would keep all layers' [H, n, n] until the forward ends."""
+    model, tokenizer = minilm
+    seen = []
+    handle = model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(dict(kwargs)), with_kwargs=True
+    )
+    try:
+        snapshot, table = Capturer(model, tokenizer, [PAIR]).measure(0, scores=False)
+    finally:
+        handle.remove()
+    assert seen and not any(k.get("output_attentions") for k in seen)
+    assert table is None and snapshot.probes[0].attention.dtype == np.float32  # writer scores it
