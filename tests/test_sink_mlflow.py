@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from servers import MlflowServer
 from test_sinks_contract import make_html, make_images, make_table
 
 pytest.importorskip("mlflow")
@@ -210,58 +204,9 @@ def test_unwritable_spool_fails_at_construction(tmp_path):
 # ---- a real tracking server -------------------------------------------------------------------
 
 
-class Server:
-    """`mlflow server` on 127.0.0.1 in its own process group, so the test kills only it."""
-
-    def __init__(self, tmp_path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.tmp = tmp_path
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        exe = shutil.which("mlflow") or pytest.skip("the `mlflow` command is not on PATH")
-        cmd = [
-            exe, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{self.tmp}/server.db",
-            "--artifacts-destination", str(self.tmp / "server-art"),
-        ]  # fmt: skip
-        env = {**os.environ, "MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "1"}
-        with open(self.tmp / "server.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
-        # Generous: a busy 2-core CI machine took over 40 s to import and start mlflow. A server
-        # that exits (a bad flag, a taken port) fails at once; only a live, silent one waits.
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        code = self.proc.poll()
-        self.stop()
-        what = f"exited with {code}" if code is not None else "was not healthy within 180 s"
-        log = (self.tmp / "server.log").read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"mlflow server {what}:\n{log}")
-
-    def stop(self) -> None:
-        """SIGKILL the server's process group: a crash, not a clean shutdown."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-
 @pytest.fixture
 def server(tmp_path):
-    srv = Server(tmp_path)
+    srv = MlflowServer(tmp_path)
     yield srv
     srv.stop()
 

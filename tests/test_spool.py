@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_sink_mlflow import Server, completes, log_event, runs_of
+from servers import MlflowServer
+from test_sink_mlflow import completes, log_event, runs_of
 from test_sinks_contract import make_table
 
 pytest.importorskip("mlflow")
@@ -23,12 +24,12 @@ from attnlog.sinks.spool import EXPERIMENT_KIND_TAG, CorruptEntry, Spool  # noqa
 
 @pytest.fixture
 def server(tmp_path):
-    srv = Server(tmp_path)
+    srv = MlflowServer(tmp_path)
     yield srv
     srv.stop()
 
 
-def spool_while_down(server: Server, logdir, steps=(0, 1, 2)) -> list:
+def spool_while_down(server: MlflowServer, logdir, steps=(0, 1, 2)) -> list:
     """A whole run logged while nothing listens: every entry waits without a run."""
     sink = MLflowSink(server.uri, experiment_name="offline", logdir=logdir)
     sink.log_settings({"every_n_steps": "1"})
