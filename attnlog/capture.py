@@ -30,7 +30,6 @@ import contextvars
 import functools
 import sys
 import threading
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -694,7 +693,8 @@ class Capturer:
         error = stream = call = None
         try:
             lengths = [len(p) for p in chunk]
-            long = any(n > self.full_attention_limit for n in lengths)
+            # One long probe anywhere: the event's table comes from the pass, for every batch.
+            long = any(len(p) > self.full_attention_limit for p in self.encoded)
             accumulator = None
             if scores or long:
                 accumulator = self._accumulator(model, chunk, patterns, device)
@@ -880,36 +880,16 @@ def _agree(error: BaseException | None, device: Any) -> None:
 
 
 def _merge_tables(tables: list[Any], step: int, contexts: Sequence[Any]) -> Any:
-    """One ScoreTable from the tables of several batches (`batch_size` < number of probes):
-    per-probe scores side by side, combined over probes as one table combines them."""
-    import numpy as np
-
-    from attnlog import patterns as pattern_registry
+    """One ScoreTable from the tables of several batches (`batch_size` < number of probes)."""
+    from attnlog.patterns import merge_tables
 
     tables = [t for t in tables if t is not None]
-    if len(tables) <= 1:
-        if tables:
-            tables[0].step = step
-        return tables[0] if tables else None
-    per_probe = {k: v for t in tables for k, v in t.per_probe.items()}
-    scores = {}
-    for name in tables[0].scores:
-        stack = np.stack([v[name] for v in per_probe.values()])  # [P, L, H]
-        how = pattern_registry._REDUCE.get(name, "mean")  # TODO(patterns): a public merge
-        with np.errstate(invalid="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN heads stay NaN
-            scores[name] = (np.nanmax if how == "max" else np.nanmean)(stack, 0).astype("float32")
-    labels = None
-    if tables[0].labels is not None:
-        chances = [
-            c.same_sentence_chance
-            for c in contexts
-            if c.same_sentence_chance == c.same_sentence_chance
-        ]
-        labels = pattern_registry.label_heads(
-            scores, chance=float(np.mean(chances)) if chances else None
-        )
-    return pattern_registry.ScoreTable(step=step, scores=scores, per_probe=per_probe, labels=labels)
+    if not tables:
+        return None
+    if len(tables) == 1:
+        tables[0].step = step
+        return tables[0]
+    return merge_tables(tables, step, contexts)
 
 
 def _context(p: EncodedProbe, causal: bool, device: Any) -> Any:
