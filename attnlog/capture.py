@@ -11,9 +11,10 @@ that layer at once, so memory grows with one layer, never with the whole model:
 - query/key vectors (after rotary embeddings; grouped-query keys expanded per head) only for the
   probes that keep whole attention: the neuron view needs them, nothing else does.
 
-Above `chunked_above` tokens the layer's output comes from `sdpa`, and the statistics from the
-queries and keys in chunks of query rows (each row's softmax over all keys, mask applied): no
-`[H, n, n]` is ever made. Encoder-decoder models (BART, T5), models whose attention does not go
+A layer is reduced in chunks of query rows (each row is its own softmax, so this is exact), at
+most `CHUNK_BYTES` of attention at a time: the model's eager attention runs on each chunk. Above
+`chunked_above` tokens the layer's output comes from `sdpa` instead, and the rows from the
+queries and keys, mask applied: no `[H, n, n]` and no float n x n mask is made. Encoder-decoder models (BART, T5), models whose attention does not go
 through `AttentionInterface`, and transformers before 4.48 take the older path: the model returns
 every layer's attention (`output_attentions`) and it is reduced afterwards.
 
