@@ -7,10 +7,8 @@ while the loss falls: the thing attnlog exists to show.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -219,27 +217,21 @@ def _trainer(model, tokenizer, args, steps: int, every: int, seed: int) -> Any:
     )
 
 
-@contextlib.contextmanager
-def _trainer_environment(tb_dir: Path, tracking_uri: str) -> Iterator[None]:
+def _trainer_environment(tb_dir: Path, tracking_uri: str) -> Any:
     """Where the Trainer's TensorBoard and MLflow callbacks write (they read the environment);
-    the caller's environment comes back afterwards."""
-    wanted = {
-        "TENSORBOARD_LOGGING_DIR": str(tb_dir),
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        "MLFLOW_EXPERIMENT_NAME": os.environ.get("MLFLOW_EXPERIMENT_NAME", "attnlog-demo"),
-        "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false"),
-        "MLFLOW_ENABLE_TELEMETRY": os.environ.get("MLFLOW_ENABLE_TELEMETRY", "false"),
-    }
-    saved = {name: os.environ.get(name) for name in wanted}
-    os.environ.update(wanted)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    the caller's environment comes back afterwards (`patch.dict` restores it)."""
+    from unittest import mock
+
+    return mock.patch.dict(
+        os.environ,
+        {
+            "TENSORBOARD_LOGGING_DIR": str(tb_dir),
+            "MLFLOW_TRACKING_URI": tracking_uri,
+            "MLFLOW_EXPERIMENT_NAME": os.environ.get("MLFLOW_EXPERIMENT_NAME", "attnlog-demo"),
+            "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false"),
+            "MLFLOW_ENABLE_TELEMETRY": os.environ.get("MLFLOW_ENABLE_TELEMETRY", "false"),
+        },
+    )
 
 
 def biggest_changes(
