@@ -52,10 +52,10 @@ def read_run(run: str, tracking_uri: str | None = None) -> RunScores:
         ValueError: neither a folder nor a run id, or an MLflow run with no attnlog metrics.
     """
     if Path(run).is_dir():
-        from attnlog.export import load_step
+        from attnlog.report import load
 
-        snapshot, scores = load_step(run)
-        return RunScores(str(run), dict(scores), snapshot.step)
+        snapshot = load(run)  # the last readable step
+        return RunScores(str(run), dict(snapshot.scores), snapshot.step)
     run_id = run[len("runs:/") :].strip("/").split("/")[0] if run.startswith("runs:/") else run
     if not re.fullmatch(r"[0-9a-zA-Z_-]{8,}", run_id):
         raise ValueError(
@@ -107,8 +107,12 @@ def compare_runs(
     """
     a, b = read_run(run_a, tracking_uri), read_run(run_b, tracking_uri)
     _check_shapes(a, b)
-    rows = score_differences(a.scores, b.scores)
-    text = _text(a, b, rows[:top])
+    if a.run_id is None and b.run_id is None:  # two logdirs: the archive report's table
+        from attnlog.report import compare
+
+        text = compare(run_a, run_b, top=top)
+    else:
+        text = _text(a, b, score_differences(a.scores, b.scores)[:top])
     written: list[str] = []
     if out is not None:
         out = Path(out)

@@ -18,11 +18,11 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 
-from attnlog.layout import archive_path, read_index
 from attnlog.render.heatmap import colorize, display_token
-from attnlog.snapshot import ProbeAttention, load
+from attnlog.report import load
+from attnlog.snapshot import ProbeAttention
 
-__all__ = ["Panel", "export", "figure_png", "figure_svg", "load_step"]
+__all__ = ["Panel", "export", "figure_png", "figure_svg"]
 
 _FONT_FAMILY = "DejaVu Sans, Noto Sans CJK SC, Source Han Sans SC, sans-serif"
 _LABEL = 8.0  # pt: token labels and ticks
@@ -42,25 +42,6 @@ class Panel:
     cols: list[str]
     title: str = ""
     numbers: bool = False  # write each cell's value in it
-
-
-def load_step(logdir: str | os.PathLike, step: int | None = None):
-    """(snapshot, scores) of `step` (default: the last) from the archive of `logdir`.
-
-    Raises:
-        FileNotFoundError: no archive in `logdir`.
-        ValueError: `step` was not logged.
-    """
-    index = read_index(logdir)
-    if not index:
-        raise FileNotFoundError(
-            f"no attnlog archive in {logdir}; log with AttentionLogger (archive on by default)"
-        )
-    steps = [e["step"] for e in index]
-    chosen = steps[-1] if step is None else step
-    if chosen not in steps:
-        raise ValueError(f"step {chosen} was not logged in {logdir}; logged steps: {steps}")
-    return load(archive_path(logdir, index[steps.index(chosen)]))
 
 
 def export(
@@ -87,7 +68,9 @@ def export(
         words: aggregate tokens to words first (`attnlog.words.word_probe`).
 
     Raises:
-        ValueError: an unknown probe, pattern, layer, head or output suffix, with the choices.
+        FileNotFoundError: no archive in `logdir`.
+        ValueError: an unknown step, probe, pattern, layer, head or output suffix, with the
+            choices.
     """
     out = Path(out)
     suffix = out.suffix.lower()
@@ -95,7 +78,8 @@ def export(
         raise ValueError(f"--out must end in .svg or .png, got {out.name!r}")
     if dpi < 10 or dpi > 2400:
         raise ValueError(f"dpi must be between 10 and 2400, got {dpi}")
-    snapshot, scores = load_step(logdir, step)
+    snapshot = load(logdir, step)  # the last readable step by default; damaged ones skipped
+    scores = snapshot.scores
     if pattern is not None:
         panels, title = _pattern_panels(scores, pattern, snapshot.step)
     else:

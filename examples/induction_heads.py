@@ -28,10 +28,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
-from attnlog import AttentionLogger  # noqa: E402
-from attnlog.layout import archive_path, read_index  # noqa: E402
+from attnlog import AttentionLogger, load  # noqa: E402
+from attnlog.layout import read_index  # noqa: E402
 from attnlog.probes import induction_probe  # noqa: E402
-from attnlog.snapshot import load  # noqa: E402
 
 VOCAB = 64  # ordinary tokens t0..t63
 HALF = 16  # longest repeated segment; sequences are 1 + 2 * HALF tokens
@@ -95,8 +94,8 @@ def induction_by_step(logdir: str) -> dict[int, float]:
     """The best head's `induction` score at every logged step, read back from the archive."""
     scores = {}
     for entry in read_index(logdir):
-        _, table = load(archive_path(logdir, entry))
-        scores[entry["step"]] = float(table["induction"].max())
+        step = entry["step"]
+        scores[step] = float(load(logdir, step).scores["induction"].max())
     return scores
 
 
