@@ -142,3 +142,17 @@ def test_word_head_view_draws_words(browser, tmp_path, english, chinese):  # noq
             "return t.length ? t : null;",
         )
         assert word in texts
+
+
+def test_logger_writes_word_views(minilm, tmp_path):
+    from attnlog import AttentionLogger
+
+    model, tokenizer = minilm
+    probes = [Probe("Tokenization is unbelievably hard.", name="en")]
+    with AttentionLogger(
+        model, tokenizer, probes, sinks=["tensorboard"], logdir=tmp_path, views=("head_words",)
+    ) as log:
+        log.log(0)
+    (page,) = (tmp_path / "plugins/attnlog/html").rglob("*.html")
+    assert page.name == "head_words_view.html" and page.parent.name == "en"
+    assert "unbelievably" in page.read_text(encoding="utf-8")
