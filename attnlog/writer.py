@@ -442,7 +442,16 @@ class ProcessWriter(_Writer):
         _write_frame(self._proc.stdin, sent.frame)
 
     def _spawn(self) -> None:
-        """Start a child and send it the configuration (`_pipe` held)."""
+        """Start a child and send it the configuration (`_pipe` held); give up if it cannot be."""
+        try:
+            self._start_child()
+        except Exception as ex:  # no executable, no file descriptors, no memory: say so once
+            self._gave_up = True
+            self._lose_pending(lambda sent: True)
+            self.report("writer.start", f"starting the writer process failed: {cause(ex)}; "
+                        "events are counted in stats['lost'] (writer='thread' avoids it)")  # fmt: skip
+
+    def _start_child(self) -> None:
         env = dict(os.environ)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
