@@ -69,12 +69,11 @@ class ScoreTable:
     alerts: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        """Plain JSON (NaN -> null) for `scores.json`."""
+        """Plain JSON (NaN -> null, 5 decimals) for `scores.json`."""
+        from attnlog.layout import json_matrix
 
         def clean(matrix: np.ndarray) -> list:
-            return [
-                [None if not np.isfinite(v) else round(float(v), 5) for v in row] for row in matrix
-            ]
+            return json_matrix(matrix, digits=5)
 
         return {
             "step": self.step,
