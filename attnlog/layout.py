@@ -15,11 +15,12 @@ Layout of a run folder (`logdir`)::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
-import re
+import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ __all__ = [
     "TB_SETTINGS_TAG",
     "archive_name",
     "archive_path",
+    "ascii_key",
     "clean_key",
     "default_spool_dir",
     "html_dir",
@@ -53,27 +55,56 @@ INDEX = "index.jsonl"
 TB_SETTINGS_TAG = "attnlog/settings"  # text: the logger's settings, once, at the first step
 TB_ALERTS_TAG = "attnlog/alerts"  # text: the alerts raised at this step
 
-# The characters both TensorBoard tags, MLflow keys (log_batch and log_image) and file names take.
-_UNSAFE = re.compile(r"[^0-9A-Za-z_\-./ ]")
+# The ASCII characters MLflow keys take (`log_image` checks `[a-zA-Z0-9_\-./ ]`; metric names
+# also take `:` on POSIX only). Non-ASCII characters are escaped (`ascii_key`), others become `_`.
+_KEY_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-./ ")
 
 
 # ---- names ----------------------------------------------------------------------------------
 
 
 def safe_name(text: str) -> str:
-    """A probe or pattern name usable as one tag part, MLflow key part and file name."""
-    cleaned = _UNSAFE.sub("_", text.strip()).replace(" ", "_").replace("/", "_")
+    """A probe name usable as one TensorBoard tag part and one file name.
+
+    Letters, marks and digits of any script stay (`猫` stays `猫`, in NFC form), as do `_`, `-`
+    and `.`; anything else (spaces, `/`, punctuation, symbols) becomes `_`, and a leading `.` too
+    (no hidden files, no `..`). MLflow keys take ASCII only: see `ascii_key`.
+    """
+    text = unicodedata.normalize("NFC", str(text).strip())
+    cleaned = "".join(c if c in "_-." or unicodedata.category(c)[0] in "LMN" else "_" for c in text)
+    if cleaned.startswith("."):
+        cleaned = "_" + cleaned[1:]
     return cleaned or "probe"
 
 
-def clean_key(text: str, max_length: int | None = None) -> str:
-    """A metric/param/tag/image key MLflow accepts: safe characters, no `.`/`..` path parts.
+def ascii_key(text: str) -> str:
+    """`text` in ASCII, one to one: a non-ASCII character `c` becomes `-u<4 hex>` (`-U<8 hex>`
+    beyond U+FFFF), so `猫` -> `-u732b` and `狗` -> `-u72d7`; a literal `-` before `u`/`U` becomes
+    `-u002d` so that no escape can be forged. ASCII text without `-u`/`-U` is unchanged."""
+    out = []
+    for i, c in enumerate(text):
+        if ord(c) > 0x7F or (c == "-" and text[i + 1 : i + 2] in ("u", "U")):
+            out.append(f"-u{ord(c):04x}" if ord(c) <= 0xFFFF else f"-U{ord(c):08x}")
+        else:
+            out.append(c)
+    return "".join(out)
 
-    `max_length` is MLflow's `MAX_ENTITY_KEY_LENGTH` (passed in: this module imports no mlflow).
+
+def clean_key(text: str, max_length: int | None = None) -> str:
+    """A metric/param/tag/image key MLflow accepts: ASCII (`ascii_key`), other characters it
+    refuses as `_`, no empty or `.`/`..` path parts.
+
+    Distinct `safe_name`s give distinct keys. A key over `max_length` (MLflow's
+    `MAX_ENTITY_KEY_LENGTH`, passed in: this module imports no mlflow) is cut and ends in 8 hex
+    digits of its hash, so long keys stay distinct too.
     """
-    parts = [p for p in _UNSAFE.sub("_", str(text)).split("/") if p.strip()]
+    escaped = "".join(c if c in _KEY_SAFE else "_" for c in ascii_key(str(text)))
+    parts = [p for p in escaped.split("/") if p.strip()]
     key = "/".join("_" if p in (".", "..") else p for p in parts) or "_"
-    return key if max_length is None else key[:max_length]
+    if max_length is None or len(key) <= max_length:
+        return key
+    digest = hashlib.sha1(key.encode("ascii")).hexdigest()[:8]
+    return f"{key[: max_length - 9]}-{digest}"
 
 
 def tb_attention_tag(probe: str, layer: int | None = None) -> str:

@@ -36,10 +36,9 @@ __all__ = [
 _MARKERS = ("##", "Ġ", "▁", "Ċ", "</w>", "@@")
 
 
-# Probe names end up in file names, TensorBoard tags and MLflow keys: letters and digits of any
-# script (CJK stays readable), `_`, `-` and `.`; everything else becomes `_`.
-_NAME_UNSAFE = re.compile(r"[^\w\-.]")
+# Probe names end up in file names, TensorBoard tags and MLflow keys (`layout.safe_name`).
 MAX_NAME_LENGTH = 100
+MAX_NAME_BYTES = 240  # UTF-8, a folder name: file systems allow 255 bytes
 
 
 @dataclass(frozen=True)
@@ -88,6 +87,12 @@ def _check_name(name: Any) -> None:
             f"probe name {name[:20]!r}... is {len(name)} characters; use at most "
             f"{MAX_NAME_LENGTH} (it becomes file and tag names)"
         )
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        raise ValueError(
+            f"probe name {name[:20]!r}... is {size} bytes in UTF-8; use at most {MAX_NAME_BYTES} "
+            f"(it becomes a folder name), e.g. {MAX_NAME_BYTES // 3} Chinese characters"
+        )
 
 
 def _check_ids(ids: Any, name: str | None) -> tuple[int, ...]:
@@ -110,9 +115,11 @@ def _sink_key(name: str) -> str:
 
 
 def safe_probe_name(name: str) -> str:
-    """`name` as it appears in file names, tags and keys: unsafe characters become `_`."""
-    safe = _NAME_UNSAFE.sub("_", unicodedata.normalize("NFC", name.strip()))
-    return "_" + safe[1:] if safe.startswith(".") else safe
+    """`name` as it appears in file names and tags (`layout.safe_name`): letters and digits of
+    any script stay, unsafe characters become `_`."""
+    from attnlog.layout import safe_name
+
+    return safe_name(name)
 
 
 ProbeLike = Probe | str | tuple | list | dict
@@ -179,8 +186,7 @@ class ProbeSet(Sequence[Probe]):
             if key in given:
                 raise ValueError(
                     f"probe names {given[key]!r} and {p.name!r} are the same once made safe for "
-                    f"file names, tags and keys ({key!r}); rename one (names in other scripts "
-                    "than Latin need a Latin letter or digit that tells them apart)"
+                    f"file names, tags and keys ({key!r}); rename one"
                 )
             given[key] = p.name
         named, seen = [], set(given)

@@ -190,9 +190,11 @@ def test_experiments_open_in_the_model_training_view(store, tmp_path, caplog):
 
 def test_keys_are_sanitised_in_one_place():
     assert mlflow_key("patterns/cls/layer_0") == "patterns/cls/layer_0"
-    assert mlflow_key("attn.句子.L0H1") == "attn.__.L0H1"
+    assert mlflow_key("attn.句子.L0H1") == "attn.-u53e5-u5b50.L0H1"  # one to one: no "__"
+    assert mlflow_key("attention/猫/model") != mlflow_key("attention/狗/model")
     assert mlflow_key("a//b/./c:d") == "a/b/_/c_d"
     assert len(mlflow_key("k" * 400)) == 250
+    assert mlflow_key("k" * 399 + "a") != mlflow_key("k" * 399 + "b")  # cut, then hashed
 
 
 def test_unwritable_spool_fails_at_construction(tmp_path):
