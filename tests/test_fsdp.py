@@ -1,4 +1,4 @@
-"""Sharded training (FSDP2, `fully_shard`): every rank joins the probe pass, rank 0 keeps it.
+"""Sharded training (FSDP2 `fully_shard`, FSDP1): every rank joins the probe pass, rank 0 keeps it.
 
 The ranks run under `torchrun` (2 CPU processes, gloo) in a subprocess with a time-out, so a
 deadlock fails the test instead of hanging the suite. This file is also the ranks' script.
@@ -90,6 +90,21 @@ def _rank_main(out: Path, tokenizer_dir: str) -> None:
             result["reduce_failure"] = str(ex)
         capture_module._Stream._take = original
 
+        # FSDP1 (the FullyShardedDataParallel wrapper) works the same way.
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        wrapped = FullyShardedDataParallel(
+            _tiny_llama(), device_id=torch.device("cpu"), use_orig_params=True
+        )
+        fsdp1 = Capturer(wrapped, tokenizer, PROBES, induction_probe=False)
+        snapshot, _ = fsdp1.measure(6)
+        result["fsdp1_sharded"] = fsdp1.sharded
+        if snapshot is not None:
+            result["fsdp1_attention_error"] = max(
+                float(np.abs(got.attention.astype("float32") - want.attention.numpy()).max())
+                for got, want in zip(snapshot.probes, reference.probes)
+            )
+
         # Training with the logger on every rank: rank 0 writes each logged step.
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         batch = tokenizer(["a b c d", "e f g h"], return_tensors="pt")
@@ -138,6 +153,7 @@ def test_fsdp2_ranks_capture_together_and_rank_zero_keeps_the_result(tmp_path, m
     assert zero["got_result"] and not one["got_result"]  # rank 0 keeps the result
     assert zero["max_attention_error"] < 1e-3  # float16 host copy of the same attention
     assert zero["max_score_error"] < 1e-5
+    assert zero["fsdp1_sharded"] and zero["fsdp1_attention_error"] < 1e-3
     assert "another rank" in zero["prepare_failure"] and "injected" in one["prepare_failure"]
     assert [e["step"] for e in read_index(tmp_path / "rank0")] == [0, 1]
     assert not (tmp_path / "rank1").exists()
