@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import os
 import time
+import urllib.parse
 
 import numpy as np
 import pytest
 from browser import browser, wait_for  # noqa: F401
 from servers import free_port, get_json, start_tensorboard
 from test_sinks_contract import HEADS, LAYERS, PROBES, make_snapshot, make_table
+from test_words import chinese, english  # noqa: F401  (module fixtures: real probes)
 
 from attnlog.layout import plugin_dir, read_index
 from attnlog.sinks.archive import ArchiveSink
@@ -151,6 +153,10 @@ def test_trend_equals_the_archived_scores(logdir, get):
                         "view": "cross_attention"}, 404, "no cross_attention"),
         ("/attention", {"run": "a", "step": "0", "probe": "cat", "layer": "0", "head": "0",
                         "view": "bogus"}, 400, "view must be one of"),
+        ("/attention", {"run": "a", "step": "0", "probe": "cat", "layer": "0", "head": "0",
+                        "words": "yes"}, 400, "words must be 0 or 1"),
+        ("/attention", {"run": "a", "step": "0", "probe": "cat", "layer": "0", "head": "0",
+                        "words": "1", "view": "cross_attention"}, 400, "self-attention only"),
         ("/trend", {"run": "a", "pattern": "sep", "layer": "0"}, 400, "'head'"),
         ("/trend", {"run": "a", "pattern": "nope", "layer": "0", "head": "0"}, 404, "'nope'"),
     ],
@@ -211,6 +217,8 @@ def test_a_pooled_probe_is_served_by_token_block(tmp_path):
     body = Client(apps["/attention"]).get("/attention", query_string=query).get_json()
     assert body["pooled"] and body["tokens"] == body["query_tokens"] == probe.labels
     assert body["matrix"] == [[0.5, 0.5], [0.5, 0.5]]
+    words = Client(apps["/attention"]).get("/attention", query_string={**query, "words": 1})
+    assert words.status_code == 404 and "no word view" in words.get_json()["error"]
 
 
 def test_a_rewritten_step_is_not_served_from_the_cache(tmp_path):
@@ -286,6 +294,94 @@ def test_tab_in_real_tensorboard_and_browser(logdir, browser):  # noqa: F811
         until("document.getElementById('heatmap').dataset.key.startsWith('group/b|')")
         assert texts("#heatmap text.row-token")[1] == MARKUP
         assert js("document.querySelector('#heatmap i')") is None
+    finally:
+        browser.switch_to.default_content()
+        server.terminate()
+        server.wait(timeout=20)
+
+
+# ---- the word view, on real probes, in a real TensorBoard --------------------------------------
+
+ZH_NAME = "中文"  # a CJK probe name: readable in the run's files and the tab's probe list
+
+
+@pytest.fixture(scope="module")
+def word_logdir(tmp_path_factory, english, chinese):  # noqa: F811
+    """Run "en": MiniLM's word pieces; run "zh": the Chinese example's characters (with its
+    added special token), its probe named in Chinese."""
+    from dataclasses import replace
+
+    from attnlog.snapshot import Snapshot
+
+    root = tmp_path_factory.mktemp("word_logs")
+    for run, probe in (("en", english), ("zh", replace(chinese, name=ZH_NAME))):
+        snapshot = Snapshot(step=0, probes=[probe], model_type="bert")
+        ArchiveSink(root / run).log_archive(snapshot, make_table(0), 0)
+    return root
+
+
+def expected_words(logdir, run: str, layer: int, head: int):
+    from attnlog.words import word_probe
+
+    words = word_probe(archived(logdir, run, 0)[0].probes[0])
+    return words.tokens, np.round(words.attention[layer, head].astype(np.float64), 4)
+
+
+@pytest.mark.slow
+def test_word_view_in_real_tensorboard_and_browser(word_logdir, browser):  # noqa: F811
+    from selenium.webdriver.common.by import By
+
+    pytest.importorskip("jieba", reason="pip install 'attnlog[zh]'")
+    port = free_port()
+    server = start_tensorboard(word_logdir, port)
+    base = f"http://127.0.0.1:{port}"
+    route = f"{base}/data/plugin/attnlog/attention?step=0&layer=1&head=1"
+    try:
+        deadline = time.monotonic() + 60
+        # English: word pieces become words (Clark et al.: keys summed, queries averaged)
+        en = get_json(f"{route}&run=en&probe=en&words=1", deadline)
+        tokens, matrix = expected_words(word_logdir, "en", 1, 1)
+        assert en["words"] and en["tokens"] == en["query_tokens"] == tokens
+        assert tokens == ["[CLS]", "tokenization", "is", "unbelievably", "hard", ".", "[SEP]"]
+        np.testing.assert_array_equal(np.array(en["matrix"]), matrix)
+        np.testing.assert_allclose(np.array(en["matrix"]).sum(-1), 1.0, atol=1e-3)
+        pieces = get_json(f"{route}&run=en&probe=en", deadline)
+        assert not pieces["words"] and "##ization" in pieces["tokens"]
+
+        # Chinese: characters joined into jieba's words; the added special token stays alone
+        zh = get_json(f"{route}&run=zh&probe={urllib.parse.quote(ZH_NAME)}&words=1", deadline)
+        tokens, matrix = expected_words(word_logdir, "zh", 1, 1)
+        assert zh["probe"] == ZH_NAME and zh["tokens"] == tokens
+        assert tokens[:3] == ["[CLS]", "华为", "发布"] and "[unused1]" in tokens
+        np.testing.assert_array_equal(np.array(zh["matrix"]), matrix)
+
+        # the tab's "Words" toggle redraws the heatmap by word
+        browser.get(f"{base}/#attnlog")
+        frame = wait_for(browser, "return document.querySelector('iframe[src*=plugin_entry]');", 30)
+        browser.switch_to.frame(frame)
+
+        def until(expression: str) -> None:
+            wait_for(browser, f"return {expression};")
+
+        def labels() -> list[str]:  # the heatmap's row and column labels, untruncated
+            found = browser.find_elements(By.CSS_SELECTOR, "#heatmap g > title")
+            return [node.get_attribute("textContent") for node in found]
+
+        browser.execute_script(
+            "(r => { r.value = 'zh'; r.dispatchEvent(new Event('change')); })(run)"
+        )
+        until(f"document.getElementById('heatmap').dataset.key.startsWith('zh|0|{ZH_NAME}|')")
+        until("document.getElementById('heatmap').dataset.words === '0'")
+        assert browser.find_element(By.ID, "probe").get_attribute("value") == ZH_NAME
+        assert "华" in labels() and "华为" not in labels()
+        browser.find_element(By.ID, "words").click()
+        until("document.getElementById('heatmap').dataset.words === '1'")
+        n = len(zh["tokens"])
+        until(f"document.querySelectorAll('#heatmap text.col-token').length == {n}")
+        assert "华为" in labels() and "发布" in labels()
+        assert "by word" in browser.find_element(By.CSS_SELECTOR, ".caption").text
+        browser.find_element(By.ID, "words").click()  # back to characters
+        until("document.getElementById('heatmap').dataset.words === '0'")
     finally:
         browser.switch_to.default_content()
         server.terminate()

@@ -4,7 +4,9 @@ The archive (`<run>/plugins/attnlog/index.jsonl` + one `.npz` per step, see `att
 not an event file, so this plugin reads it from the log folder directly instead of through the
 data provider, with the archive's own readers (`attnlog.snapshot.load`, `load_scores`). Every route answers
 small JSON (one head's matrix at a time); the page is an ES module that TensorBoard loads into an
-iframe (see `FrontendMetadata.es_module_path`).
+iframe (see `FrontendMetadata.es_module_path`). `/attention?words=1` serves a probe's word view
+(`attnlog.words.word_probe`: Clark et al.'s word-to-word attention, jieba for Chinese when it is
+installed), computed from the archive once per step and probe.
 
 As in TensorBoard's `text_plugin.py`, each route is a plain `*_impl` function (arguments in,
 JSON-able dict out, `RequestError` for a client mistake) behind a thin werkzeug wrapper that
@@ -37,7 +39,8 @@ from attnlog.layout import (
     read_index,
     warn_once,
 )
-from attnlog.snapshot import Snapshot, load, load_scores
+from attnlog.snapshot import ProbeAttention, Snapshot, load, load_scores
+from attnlog.words import word_probe
 
 __all__ = [
     "PLUGIN_NAME",
@@ -115,15 +118,25 @@ def scores_impl(logdir: Path | None, run: str, step: int) -> dict[str, Any]:
 
 
 def attention_impl(
-    logdir: Path | None, run: str, step: int, probe: str, view: str, layer: int, head: int
+    logdir: Path | None,
+    run: str,
+    step: int,
+    probe: str,
+    view: str,
+    layer: int,
+    head: int,
+    words: bool = False,
 ) -> dict[str, Any]:
     """One head of one probe at one step: row/column tokens and the matrix (4 decimals).
 
     A pooled probe (longer than the capture's full-attention limit) is served by token block:
-    its row and column labels are the blocks' texts.
+    its row and column labels are the blocks' texts. `words`: attention between words instead
+    of tokens (self-attention of unpooled probes only); the labels are the words.
     """
     if view not in VIEWS:
         raise RequestError(400, f"view must be one of {', '.join(VIEWS)}, got {view!r}")
+    if words and view != "attention":
+        raise RequestError(400, f"the word view is of self-attention only, not {view}")
     folder = run_folder(logdir, run)
     entry = _entry(folder, step)
     snapshot = _snapshot(folder, entry)
@@ -133,6 +146,8 @@ def attention_impl(
     if found is None:
         names = ", ".join(p.name for p in snapshot.probes)
         raise RequestError(404, f"step {entry['step']} has no probe {probe!r} (it has {names})")
+    if words:
+        found = _word_view(folder, entry, found)
     weights = getattr(found, view)
     if weights is None:
         raise RequestError(404, f"probe {probe!r} has no {view} (not an encoder-decoder)")
@@ -150,6 +165,7 @@ def attention_impl(
         "layer": layer,
         "head": head,
         "pooled": pooled,
+        "words": words,
         "query_tokens": rows,
         "tokens": cols,
         "matrix": json_matrix(weights[layer, head], digits=4),
@@ -276,6 +292,27 @@ def _scores(path: str, mtime_ns: int) -> dict[str, np.ndarray]:
     return load_scores(path)
 
 
+def _word_view(folder: Path, entry: dict[str, Any], probe: ProbeAttention) -> ProbeAttention:
+    """The probe's word view, or a 404 for a pooled probe or one whose words cannot be told."""
+    if getattr(probe, "labels", None) is not None:
+        raise RequestError(
+            404, f"probe {probe.name!r} is stored by token block (a long probe): no word view"
+        )
+    key = _stat(folder, entry)
+    if key is None:
+        raise RequestError(404, f"the archive file of step {entry['step']} is missing or damaged")
+    try:
+        return _words(*key, probe.name)
+    except ValueError as exc:  # word ids that do not fit the tokens
+        raise RequestError(404, f"probe {probe.name!r} has no word view: {exc}") from exc
+
+
+@functools.lru_cache(maxsize=16)
+def _words(path: str, mtime_ns: int, name: str) -> ProbeAttention:
+    """(path, mtime, probe) keyed like `_load`: each step's word view is aggregated once."""
+    return word_probe(next(p for p in _load(path, mtime_ns).probes if p.name == name))
+
+
 def _in_range(name: str, value: int, limit: int, what: str) -> None:
     if value >= limit:
         raise RequestError(400, f"{name} {value} is out of range: there are {limit} {what}")
@@ -332,6 +369,7 @@ class AttentionPlugin(base_plugin.TBPlugin):
             request.args.get("view", "attention"),
             _int_arg(request, "layer"),
             _int_arg(request, "head"),
+            _flag_arg(request, "words"),
         )
 
     def _trend_route(self, request: wrappers.Request) -> dict[str, Any]:
@@ -383,3 +421,11 @@ def _int_arg(request: wrappers.Request, name: str) -> int:
     if not _ASCII_INT.fullmatch(text):
         raise RequestError(400, f"{name} must be a non-negative integer, got {text[:40]!r}")
     return int(text)
+
+
+def _flag_arg(request: wrappers.Request, name: str) -> bool:
+    """An optional on/off parameter: absent, "0" or "1"."""
+    text = request.args.get(name, "0")
+    if text not in ("0", "1"):
+        raise RequestError(400, f"{name} must be 0 or 1, got {text[:40]!r}")
+    return text == "1"

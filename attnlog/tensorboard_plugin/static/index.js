@@ -72,10 +72,20 @@ function current() {
   return steps()[Number(ui.step.value)] || null;
 }
 
-function probeShapes() {
+function currentProbe() {
   const entry = current();
-  const probe = entry && entry.probes.find((p) => p.name === ui.probe.value);
+  return (entry && entry.probes.find((p) => p.name === ui.probe.value)) || null;
+}
+
+function probeShapes() {
+  const probe = currentProbe();
   return probe ? probe.shapes : {}; // view -> [layers, heads, rows, cols]
+}
+
+// Words: attention between words (sum over a word's pieces as keys, mean as queries), computed
+// by the plugin from the archive. Only for self-attention of probes stored token by token.
+function wordsOn() {
+  return ui.words.checked && !ui.words.disabled;
 }
 
 function selection() {
@@ -85,6 +95,7 @@ function selection() {
     step: entry ? entry.step : null,
     probe: ui.probe.value,
     view: ui.view.value || "attention",
+    words: wordsOn(),
     pattern: ui.pattern.value,
     layer: Number(ui.layer.value),
     head: Number(ui.head.value),
@@ -142,6 +153,8 @@ function onProbe() {
 }
 
 function onView() {
+  const probe = currentProbe();
+  ui.words.disabled = ui.view.value !== "attention" || !probe || probe.pooled;
   const shape = probeShapes()[ui.view.value];
   if (!shape) return;
   const range = (n) => [...Array(n).keys()];
@@ -166,7 +179,7 @@ async function drawHeatmap() {
   try {
     data = await api("attention", {
       run: sel.run, step: sel.step, probe: sel.probe, view: sel.view, layer: sel.layer,
-      head: sel.head,
+      head: sel.head, words: sel.words ? 1 : 0,
     });
   } catch (err) {
     status(err.message);
@@ -185,6 +198,7 @@ async function drawHeatmap() {
   root.setAttribute("height", margin + rows.length * cell + 10);
   root.dataset.step = String(data.step);
   root.dataset.key = `${data.run}|${data.step}|${data.probe}|${data.view}|${data.layer}|${data.head}`;
+  root.dataset.words = data.words ? "1" : "0";
   const max = Math.max(1e-9, ...data.matrix.flat().filter((v) => v !== null));
   const grid = svg("g", { transform: `translate(${margin},${margin})` }, root);
   data.matrix.forEach((row, i) => {
@@ -217,7 +231,8 @@ async function drawHeatmap() {
   });
   colorBar(root, margin + cols.length * cell + 16, margin, Math.max(rows.length * cell, 80), max);
   ui.heatmapCaption.textContent =
-    `step ${data.step} · ${data.probe} · ${data.view.replace("_", " ")} · layer ${data.layer} head ${data.head} · ` +
+    `step ${data.step} · ${data.probe} · ${data.view.replace("_", " ")}${data.words ? " by word" : ""} · ` +
+    `layer ${data.layer} head ${data.head} · ` +
     `darkest = ${max.toFixed(3)} (rows: queries, columns: keys)`;
 }
 
@@ -413,6 +428,8 @@ function layout() {
   ui.view = field("View", html("select", { id: "view" }));
   ui.layer = field("Layer", html("select", { id: "layer" }));
   ui.head = field("Head", html("select", { id: "head" }));
+  ui.words = field("Words", html("input", { id: "words", type: "checkbox",
+    title: "attention between words instead of tokens" }));
   ui.pattern = field("Pattern", html("select", { id: "pattern" }));
   ui.status = html("div", { id: "status", role: "status" }, body);
   const main = html("div", { id: "main" }, body);
@@ -443,6 +460,7 @@ export async function render() {
   ui.view.addEventListener("change", onView);
   ui.layer.addEventListener("change", onHead);
   ui.head.addEventListener("change", onHead);
+  ui.words.addEventListener("change", drawHeatmap);
   ui.pattern.addEventListener("change", () => {
     drawScores();
     drawTrend();
