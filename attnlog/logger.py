@@ -79,8 +79,10 @@ class AttentionLogger:
             `SummaryWriter`), always run on the thread, with a one-time note; to move a custom
             sink into the writer process, `register_sink("name", MySink)` in an importable
             module and pass "name".
-        close_timeout: seconds that `close()`, the exit handler and `flush()` wait at most for
-            the writer before they give up and say which steps were left unwritten.
+        close_timeout: seconds that `flush()` waits at most, and that `close()` and the exit
+            handler wait without any event being written (a hung sink), before they give up
+            and say which steps were left unwritten. A slow writer that keeps writing is waited
+            for; a hung one is stopped.
         is_main_process: only the main process writes. Default: rank 0 of torch.distributed.
             Under sharded training (FSDP, ZeRO-3) every rank must call `log()`: all join the
             probe pass, rank 0 hands it off.
@@ -312,11 +314,12 @@ class AttentionLogger:
         """Write everything handed over, then close every sink. Safe to call twice.
 
         Args:
-            timeout: seconds to wait at most (default: `close_timeout`); when it runs out the
-                writer is stopped and the steps left unwritten are reported.
+            timeout: give up after this many seconds without an event written (default:
+                `close_timeout`); the writer is then stopped and the steps left unwritten are
+                reported.
 
         Returns:
-            False when the time ran out first.
+            False when it gave up.
         """
         if self._closed:
             return True

@@ -256,6 +256,7 @@ class _Writer:
         self.report = report
         self._outbox = _Outbox(queue_size)
         self._closed = False
+        self.progress = 0  # events and requests done so far: close() waits while it grows
 
     def submit(self, event: Event) -> Event | None:
         """Queue an event (never blocks); returns the event dropped to make room, if any."""
@@ -275,10 +276,12 @@ class _Writer:
         return marker.done.wait(timeout)
 
     def close(self, timeout: float | None = None) -> bool:
-        """Write what is queued and close the sinks; False when `timeout` ran out first.
+        """Write what is queued and close the sinks; False when the writer stalled.
 
-        On a time-out the writer is abandoned (a process is killed) and the steps left
-        unwritten are reported.
+        It waits while events keep being written, and gives up after `timeout` seconds in
+        which none was (a hung sink), so a slow but working writer on a busy machine finishes.
+        Then the writer is abandoned (a process is killed) and the steps left unwritten are
+        reported.
         """
         if self._closed:
             return True
@@ -288,14 +291,19 @@ class _Writer:
         self._ensure_started()
         marker = _Marker("close")
         self._outbox.put(marker)
-        if marker.done.wait(timeout):
+        seen = self.progress
+        while not marker.done.wait(timeout):
+            if timeout is not None and self.progress == seen:
+                break
+            seen = self.progress  # a busy machine slows the writer: wait while it moves
+        else:
             return True
         left = self.unwritten()
         self._abandon()
         self.report(
             "close",
-            f"closing did not finish within {timeout:g} s (a sink hangs?); left unwritten: "
-            f"steps {left}",
+            f"closing did not finish: nothing was written for {timeout:g} s (a sink hangs?); "
+            f"left unwritten: steps {left}",
         )
         return False
 
@@ -362,6 +370,7 @@ class ThreadWriter(_Writer):
                 self._current = item.step
                 writer.contained("writer", writer.write, item)
                 self._current = None
+                self.progress += 1
                 continue
             writer.contained("writer", writer.close if item.kind == "close" else writer.flush)
             item.done.set()
@@ -494,6 +503,7 @@ class ProcessWriter(_Writer):
         with self._books:
             sent = self._pending.pop(seq, None)
             self._acked_any = True
+        self.progress += 1
         if sent is not None and sent.marker is not None:
             sent.marker.done.set()
 

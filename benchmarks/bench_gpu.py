@@ -162,7 +162,7 @@ def bench_model(name: str, args, tokenizer, device, tmp: Path) -> dict:
                     logger.flush(timeout=300)  # its backlog stays out of the next run
                 step += args.steps
         stalls = []
-        for _ in range(5):
+        for _ in range(args.stalls):
             sync(device)
             start = time.perf_counter()
             logger.log(step)
@@ -183,7 +183,7 @@ def bench_model(name: str, args, tokenizer, device, tmp: Path) -> dict:
             "events": logger.stats["events"],
         }
         if writer == "process":
-            out["bare_s"] = bare_forward(model, logger.capturer, device)
+            out["bare_s"] = bare_forward(model, logger.capturer, device, repeats=2 * args.stalls)
     return out
 
 
@@ -247,6 +247,7 @@ def main() -> None:
     args.warmup = args.warmup or (3 if small else 20)
     args.batch = args.batch or (4 if small else 32)
     args.tokens = args.tokens or (32 if small else 128)
+    args.stalls = 2 if small else 5  # each waits for the writer: slow on a busy CPU
     tokenizer_dir = args.tokenizer
     if tokenizer_dir is None:
         try:
