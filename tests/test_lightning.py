@@ -119,7 +119,7 @@ def test_options_are_checked_when_the_callback_is_built():
 @pytest.mark.slow
 def test_mlflow_logger_run_is_joined_through_its_public_client(tmp_path, minilm_path):
     """No private `_tracking_uri`: the URI comes from MLFlowLogger.experiment (an MlflowClient)."""
-    pytest.importorskip("mlflow")
+    mlflow = pytest.importorskip("mlflow")
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow import MlflowClient
 
@@ -133,7 +133,12 @@ def test_mlflow_logger_run_is_joined_through_its_public_client(tmp_path, minilm_
     trainer = Trainer(max_steps=2, accelerator="cpu", logger=mlflow_logger,
                       enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, default_root_dir=tmp_path, callbacks=[callback])  # fmt: skip
-    trainer.fit(PairClassifier(minilm_path))
+    try:
+        trainer.fit(PairClassifier(minilm_path))
+    finally:
+        # MLFlowLogger calls mlflow.set_tracking_uri, which outlives this test (and sets
+        # MLFLOW_TRACKING_URI): later Trainer runs would log into this test's store.
+        mlflow.set_tracking_uri(None)
 
     client = MlflowClient(uri)
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
