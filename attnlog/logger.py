@@ -210,6 +210,8 @@ class AttentionLogger:
         if measured is None or self._writer is None:  # other ranks only join the probe pass
             return False
         snapshot, table = measured
+        if snapshot is None:  # not rank 0 of a sharded pass
+            return False
         dropped = self._writer.submit(Event(step, snapshot, table))
         if dropped is not None:
             self.stats["dropped"] += 1

@@ -174,6 +174,8 @@ def bench_model(name: str, args, tokenizer, device, tmp: Path) -> dict:
         if not logger.close():
             raise Failed(f"{name}: closing the logger timed out")
         check(logger, logged, f"{name} ({writer} writer)")
+        if writer == "process":  # the step time of the timed runs, not of the warm-up
+            out["step_s"] = min(runs["without"]) / args.steps
         out[writer] = {
             "slowdown_pct": (min(runs["with"]) / min(runs["without"]) - 1) * 100,
             "runs": runs,
