@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_overhead import bare_forward  # benchmarks/ is on sys.path: this script's folder
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -90,31 +92,6 @@ class Training:
             self.step()
         sync(self.device)
         return time.perf_counter() - start
-
-
-def bare_forward(model, capturer, device, repeats: int = 10) -> float:
-    """Minimum wall s of one batched eager forward of the probes, output_attentions, no_grad."""
-    import torch
-
-    inputs = capturer._batch_inputs(capturer.encoded, device)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    model.eval()
-    times = []
-    try:
-        with torch.no_grad():
-            for _ in range(repeats + 2):
-                sync(device)
-                start = time.perf_counter()
-                out = model(**inputs, output_attentions=True)
-                sync(device)
-                times.append(time.perf_counter() - start)
-        if not out.attentions or out.attentions[0] is None:
-            raise Failed("the bare eager forward returned no attention")
-    finally:
-        model.set_attn_implementation(previous)
-        model.train()
-    return min(times[2:])  # the first two warm up
 
 
 def check(logger, steps: set[int], where: str) -> None:
@@ -185,7 +162,7 @@ def bench_model(name: str, args, tokenizer, device, tmp: Path) -> dict:
             "events": logger.stats["events"],
         }
         if writer == "process":
-            out["bare_s"] = bare_forward(model, logger.capturer, device, repeats=2 * args.stalls)
+            out["bare_s"] = bare_forward(model, logger.capturer, 2 * args.stalls, device)
     return out
 
 

@@ -141,27 +141,36 @@ def make_logger(model, tokenizer, logdir: Path, probes=None, **options):
     )  # fmt: skip
 
 
-def bare_forward(model, capturer, repeats: int) -> float:
-    """Median wall s of one batched eager forward of the probes, output_attentions, no_grad."""
+def bare_forward(model, capturer, repeats: int, device="cpu") -> float:
+    """Minimum wall s of one batched eager forward of the probes, output_attentions, no_grad.
+
+    The minimum: the least disturbed repeat (see per_event). Shared with bench_gpu.py.
+    """
     import torch
 
-    inputs = capturer._batch_inputs(capturer.encoded, "cpu")
+    def sync() -> None:
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+
+    inputs = capturer._batch_inputs(capturer.encoded, device)
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     model.eval()
     times = []
     try:
         with torch.no_grad():
-            model(**inputs, output_attentions=True)  # warm-up
-            for _ in range(repeats):
+            for _ in range(repeats + 2):  # two warm-ups
+                sync()
                 start = time.perf_counter()
                 out = model(**inputs, output_attentions=True)
+                sync()
                 times.append(time.perf_counter() - start)
-        assert out.attentions and out.attentions[0] is not None
+        if not out.attentions or out.attentions[0] is None:
+            raise RuntimeError("the bare eager forward returned no attention")
     finally:
         model.set_attn_implementation(previous)
         model.train()
-    return min(times)  # see per_event: the least disturbed repeat
+    return min(times[2:])
 
 
 def thread_cpu(native_id: int) -> float:

@@ -32,3 +32,12 @@ def test_the_callback_is_importable_from_the_package():
         "print(AttentionLoggerCallback.__module__)"
     )
     assert name == "attnlog.callbacks.trainer"
+
+
+def test_the_writer_module_is_light_too():
+    """The writer process imports a sink's backend only when it builds that sink."""
+    loaded = run(
+        "import sys, attnlog.writer\n"
+        f"print(sorted(m for m in {(*HEAVY, 'torch')!r} if m in sys.modules))"
+    )
+    assert loaded == "[]"
