@@ -225,9 +225,11 @@ class AttentionLogger:
         return True
 
     def _measure(self, step: int) -> tuple[Any, Any]:
-        # On the CPU the writer scores a host copy: the training process pays only the forward.
-        on_device = _device_type(self.capturer.model) != "cpu"
-        return self.capturer.measure(step, self.patterns, scores=on_device)
+        # Probes kept whole are copied to the host anyway (archive, views): the writer scores that
+        # copy, so the training process pays only the forward and one copy, on any device. On an
+        # H200, scoring 8 short probes on the device cost 4-7x the probe forward itself in kernel
+        # launches. Pooled long probes are scored during the pass (their n x n never exists).
+        return self.capturer.measure(step, self.patterns, scores=False)
 
     def resume_at(self, step: int) -> None:
         """A run resumed from a checkpoint at `step` replays the steps the interrupted run logged
@@ -500,11 +502,6 @@ def _note_once(text: str, warn: bool = False) -> None:
     log.info(text)
     if warn:
         warnings.warn(text, UserWarning, stacklevel=4)
-
-
-def _device_type(model: Any) -> str:
-    parameter = next(unwrap_model(model).parameters(), None)
-    return "cpu" if parameter is None else parameter.device.type
 
 
 def _is_main_process() -> bool:
