@@ -88,7 +88,9 @@ class AttentionLogger:
             probe pass, rank 0 hands it off.
         strict: raise errors instead of containing them (for tests).
         check: run one probe pass now, so a model that cannot return attention fails here.
-        **capture_options: `max_length`, `on_long`, `batch_size`, `record_qk` (see Capturer).
+        **capture_options: `max_length`, `on_long`, `batch_size`, `record_qk`,
+            `full_attention_limit`, `pooled_size`, `archive_mb`, `chunked_above`,
+            `induction_probe` (see Capturer).
 
     Attributes:
         stats: counters: `events`, `dropped`, `lost`, `writer_restarts`, `errors.<where>`,
