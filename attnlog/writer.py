@@ -135,7 +135,7 @@ class EventWriter:
 
         step, snapshot = event.step, event.snapshot
         table = event.table
-        if table is None:  # captured on the CPU: scored here, off the training process
+        if table is None:  # probes kept whole: scored here, off the training process
             table = self.contained("score", _score, snapshot, self.config.patterns, step)
             if table is None:
                 return
@@ -145,9 +145,10 @@ class EventWriter:
             settings, self._settings = self._settings, None
             self.to_sinks("log_settings", settings)
         self.to_sinks("log_scores", table, step)
+        words = any(view.endswith("_words") for view in self.config.views)
         for probe in snapshot.probes:  # one probe's images and pages in memory at a time
             layers = self.config.layer_images
-            images = self.contained("render", probe_images, probe, step, layers=layers)
+            images = self.contained("render", probe_images, probe, step, layers=layers, words=words)
             if images:
                 self.to_sinks("log_images", images, step)
             files = self.contained("render", probe_views, probe, step, self.config.views)

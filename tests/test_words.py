@@ -156,3 +156,10 @@ def test_logger_writes_word_views(minilm, tmp_path):
     (page,) = (tmp_path / "plugins/attnlog/html").rglob("*.html")
     assert page.name == "head_words_view.html" and page.parent.name == "en"
     assert "unbelievably" in page.read_text(encoding="utf-8")
+    # A word view also logs the word-level heatmap next to the token one.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()["images"]
+    assert "attention/en/model" in tags and "attention/en_words/model" in tags
