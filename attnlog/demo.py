@@ -7,8 +7,10 @@ while the loss falls: the thing attnlog exists to show.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -217,21 +219,41 @@ def _trainer(model, tokenizer, args, steps: int, every: int, seed: int) -> Any:
     )
 
 
-def _trainer_environment(tb_dir: Path, tracking_uri: str) -> Any:
+@contextlib.contextmanager
+def _trainer_environment(tb_dir: Path, tracking_uri: str) -> Iterator[None]:
     """Where the Trainer's TensorBoard and MLflow callbacks write (they read the environment);
-    the caller's environment comes back afterwards (`patch.dict` restores it)."""
+    the caller's environment comes back afterwards (`patch.dict` restores it).
+
+    MLflow's process-wide state comes back too: the experiment goes by id, not by name (given a
+    name, the Trainer's MLflow callback calls `mlflow.set_experiment`, which would send the
+    caller's next run to an experiment id of the demo's store), and the tracking URI the
+    callback sets is put back as it was.
+    """
     from unittest import mock
 
-    return mock.patch.dict(
+    import mlflow
+    from mlflow import MlflowClient
+
+    from attnlog.sinks.spool import experiment_id
+
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "attnlog-demo"
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    with mock.patch.dict(
         os.environ,
         {
             "TENSORBOARD_LOGGING_DIR": str(tb_dir),
             "MLFLOW_TRACKING_URI": tracking_uri,
-            "MLFLOW_EXPERIMENT_NAME": os.environ.get("MLFLOW_EXPERIMENT_NAME", "attnlog-demo"),
+            "MLFLOW_EXPERIMENT_ID": experiment_id(MlflowClient(tracking_uri), name),
             "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false"),
             "MLFLOW_ENABLE_TELEMETRY": os.environ.get("MLFLOW_ENABLE_TELEMETRY", "false"),
         },
-    )
+    ):
+        os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
+        mlflow.set_tracking_uri(tracking_uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(previous)
 
 
 def biggest_changes(

@@ -206,6 +206,8 @@ class AttentionLogger:
         sharded = getattr(self.capturer, "sharded", False)
         if not self.is_main_process and not sharded:  # only rank 0 captures and writes
             return False
+        if sharded:  # every rank must make the same choice for this step, or the next pass hangs
+            self._logged_steps.add(step)
         started = time.perf_counter()
         measured = self._contained("capture", self._measure, step)
         self.stats["training_thread_ms"] += (time.perf_counter() - started) * 1000

@@ -75,8 +75,7 @@ def write_snapshot(
     """Capture `probes` once with the model in `model_dir` and write views, heatmaps and scores
     under `out`. Returns a printable summary: the strongest heads and where the files went.
     """
-    from attnlog.capture import capture
-    from attnlog.patterns import score
+    from attnlog.capture import Capturer
     from attnlog.render.event import render_images, render_views
     from attnlog.sinks.archive import ArchiveSink
     from attnlog.sinks.folder import FolderSink
@@ -84,9 +83,10 @@ def write_snapshot(
     out = Path(out)
     folder, archive = FolderSink(out), ArchiveSink(out)  # fail on an unwritable `out` first
     model, tokenizer = load_model(model_dir, special_tokens)
-    snapshot = capture(model, tokenizer, list(probes), step=0, max_length=max_length)
-    table = score(snapshot)
-    host = snapshot.to_host()
+    capturer = Capturer(
+        model, tokenizer, list(probes), max_length=max_length, induction_probe=False
+    )
+    host, table = capturer.measure(0)  # scored in the pass: long probes are pooled, not n x n
     images, views = render_images(host, table), render_views(host)
     for sink in (folder, archive):  # the calls the logger makes for one event
         sink.log_scores(table, 0)

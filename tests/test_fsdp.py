@@ -118,6 +118,9 @@ def _rank_main(out: Path, tokenizer_dir: str) -> None:
                 optimizer.step()
                 optimizer.zero_grad()
                 log.log(step)
+            # the callbacks' end-of-training check: a rank that thinks a step unlogged would
+            # enter the next pass alone and wait for the others forever
+            result["logged_steps"] = sorted(log.logged_steps)
         result["done"] = True
     finally:
         (out / f"rank{rank}.json").write_text(json.dumps(result))
@@ -156,6 +159,7 @@ def test_fsdp2_ranks_capture_together_and_rank_zero_keeps_the_result(tmp_path, m
     assert zero["fsdp1_sharded"] and zero["fsdp1_attention_error"] < 1e-3
     assert "another rank" in zero["prepare_failure"] and "injected" in one["prepare_failure"]
     assert [e["step"] for e in read_index(tmp_path / "rank0")] == [0, 1]
+    assert zero["logged_steps"] == one["logged_steps"] == [0, 1]
     assert not (tmp_path / "rank1").exists()
 
 

@@ -172,7 +172,6 @@ def test_the_trainers_mlflow_run_is_joined_by_the_writer_process(minilm, tmp_pat
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)  # in this process only: the writer must be told
     try:
         with mlflow.start_run() as run:
@@ -181,7 +180,9 @@ def test_the_trainers_mlflow_run_is_joined_by_the_writer_process(minilm, tmp_pat
                 logger.log(0)
             assert mlflow.active_run().info.run_id == run.info.run_id  # not ended by attnlog
     finally:
-        mlflow.set_tracking_uri(previous)
+        mlflow.set_tracking_uri(
+            None
+        )  # also unsets MLFLOW_TRACKING_URI, which set_tracking_uri sets
     client = MlflowClient(uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.info.run_id for r in runs] == [run.info.run_id]

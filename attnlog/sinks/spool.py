@@ -47,6 +47,7 @@ from attnlog.layout import default_spool_dir
 
 __all__ = [
     "EXPERIMENT_KIND_TAG",
+    "experiment_id",
     "SPOOL_VERSION",
     "CorruptEntry",
     "Spool",
@@ -337,19 +338,21 @@ def _send_images(client: Any, event: dict[str, Any], folder: Path | None, progre
         progress()
 
 
+def experiment_id(client: Any, experiment_name: str) -> str:
+    """The id of `experiment_name`, created (in the model-training view) if it does not exist."""
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(experiment_name, tags=dict([EXPERIMENT_KIND_TAG]))
+
+
 def start_run(client: Any, experiment_name: str | None) -> str:
     """A new run in `experiment_name` (created if needed), else `MLFLOW_EXPERIMENT_ID`, else 0."""
     if experiment_name:
-        experiment = client.get_experiment_by_name(experiment_name)
-        if experiment is None:
-            experiment_id = client.create_experiment(
-                experiment_name, tags=dict([EXPERIMENT_KIND_TAG])
-            )
-        else:
-            experiment_id = experiment.experiment_id
+        experiment = experiment_id(client, experiment_name)
     else:
-        experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or "0"
-    run = client.create_run(experiment_id, tags={"mlflow.source.name": "attnlog"})
+        experiment = os.environ.get("MLFLOW_EXPERIMENT_ID") or "0"
+    run = client.create_run(experiment, tags={"mlflow.source.name": "attnlog"})
     mark_experiment(client, run.info.experiment_id)
     return run.info.run_id
 
