@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+__all__ = ["FORMAT_VERSION", "ProbeAttention", "Snapshot", "load", "load_scores", "to_numpy"]
+
 FORMAT_VERSION = 2
 
 # Array-valued fields of ProbeAttention, in archive order. `None` means "not captured".
@@ -178,21 +180,24 @@ def _scores(data: Any) -> dict[str, np.ndarray]:
     return {k[len("scores/") :]: data[k] for k in data.files if k.startswith("scores/")}
 
 
+def to_numpy(value: Any, float_dtype: Any = None) -> np.ndarray:
+    """A torch tensor (any device; bfloat16, which numpy lacks, included) or an array-like as a
+    numpy array; floating values as `float_dtype` when given. Readers and renderers take either."""
+    if hasattr(value, "detach"):  # torch tensor; checked by attribute so torch is not imported
+        value = value.detach()
+        if value.is_floating_point():
+            value = value.float()
+        value = value.cpu().numpy()
+    array = np.asarray(value)
+    if float_dtype is not None and array.dtype.kind == "f":
+        array = array.astype(float_dtype, copy=False)
+    return array
+
+
 def _probe_to_numpy(probe: ProbeAttention, dtype: Any) -> ProbeAttention:
-    changes = {}
-    for f in fields(probe):
-        if f.name not in _ARRAY_FIELDS:
-            continue
-        value = getattr(probe, f.name)
-        if value is None:
-            continue
-        if hasattr(value, "detach"):  # torch tensor
-            value = value.detach()
-            if value.is_floating_point():
-                value = value.float()
-            value = value.cpu().numpy()
-        value = np.asarray(value)
-        if value.dtype.kind == "f":
-            value = value.astype(dtype, copy=False)
-        changes[f.name] = value
+    changes = {
+        f.name: to_numpy(getattr(probe, f.name), dtype)
+        for f in fields(probe)
+        if f.name in _ARRAY_FIELDS and getattr(probe, f.name) is not None
+    }
     return replace(probe, **changes)

@@ -96,7 +96,7 @@ class Training:
 
 def check(logger, steps: set[int], where: str) -> None:
     """Every handed-over step archived, no error, nothing lost; raise Failed otherwise."""
-    from attnlog.sinks.archive import read_index
+    from attnlog.layout import read_index
 
     errors = {k: v for k, v in logger.stats.items() if k.startswith("errors") or k == "lost"}
     if errors and any(errors.values()):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from attnlog.cli import build_parser, main
-from attnlog.sinks.archive import read_index
+from attnlog.layout import read_index
 
 SUBCOMMANDS = ("demo", "snapshot", "report", "compare", "export", "sync")
 

@@ -46,7 +46,7 @@ def _worker(rank: int, world: int, port: int, tokenizer_dir: str, logdir: str) -
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo test runs on Linux")
 def test_only_rank_zero_writes_under_ddp(tmp_path, minilm_path):
-    from attnlog.sinks.archive import read_index
+    from attnlog.layout import read_index
 
     mp.start_processes(
         _worker, args=(2, free_port(), minilm_path, str(tmp_path)), nprocs=2, start_method="spawn"

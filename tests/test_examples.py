@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from attnlog.sinks.archive import read_index
+from attnlog.layout import read_index
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -12,8 +12,8 @@ from lightning import LightningModule, Trainer  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from attnlog.callbacks.lightning import AttentionLoggerCallback  # noqa: E402
+from attnlog.layout import read_index  # noqa: E402
 from attnlog.probes import Probe  # noqa: E402
-from attnlog.sinks.archive import read_index  # noqa: E402
 
 PAIRS = [
     ("The cat sat on the mat.", "The cat was happy.", 1),

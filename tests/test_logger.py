@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from attnlog import AttentionLogger
-from attnlog.sinks.archive import read_index
-from attnlog.sinks.base import head_metrics, html_path, pattern_scalars, plugin_dir
+from attnlog.layout import html_path, plugin_dir, read_index
+from attnlog.sinks.base import head_metrics, pattern_scalars
 from attnlog.sinks.memory import MemorySink
 
 PROBES = ["The cat sat on the mat.", ("The cat sat.", "It was happy.")]

@@ -104,4 +104,5 @@ def test_eager_attention_in_row_chunks_equals_the_whole_layer(minilm, monkeypatc
     rows, table = Capturer(model, tokenizer, probes).measure(0)
     _assert_same(table, whole_table, atol=1e-5)
     for got, want in zip(rows.probes, whole.probes):
-        np.testing.assert_allclose(got.attention, want.attention, atol=2e-4)  # float16 copies
+        # float16 copies: two float32 values 1e-7 apart can round one float16 step apart
+        np.testing.assert_allclose(got.attention, want.attention, rtol=1e-3, atol=2e-4)

@@ -311,3 +311,60 @@ def test_refused_spool_entry_is_set_aside_and_the_rest_is_sent(store, tmp_path):
     (run,) = runs_of(uri, experiment)
     assert run.data.metrics == pytest.approx(head_metrics(make_table(2)), rel=1e-6)
     assert not list((tmp_path / "spool").glob("*.json"))
+
+
+_TRAINING = """
+import sys, torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from attnlog import AttentionLogger
+
+name, tokenizer_dir = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+model = BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=32,
+    num_hidden_layers=2, num_attention_heads=4, intermediate_size=64))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+batch = tok(["a b c", "d e f g"], padding=True, return_tensors="pt")
+probes = [{"name": name, "text": "The cat sat on the mat."}]
+with AttentionLogger(model, tok, probes, sinks=["mlflow"], logdir=name, views=("head",),
+                     strict=True) as log:
+    for step in range(3):
+        model(**batch, labels=torch.tensor([0, 1])).loss.backward()
+        opt.step(); opt.zero_grad()
+        log.log(step)
+"""
+
+
+@pytest.mark.slow
+def test_two_trainings_on_one_server_keep_their_runs_apart(server, tmp_path, minilm_path):
+    """Two trainings start together on one real server, in an experiment neither has created:
+    each gets its own run, with its own metrics and artifacts, and neither fails."""
+    import os
+    import subprocess
+    import sys
+
+    server.start()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri, "MLFLOW_EXPERIMENT_NAME": "shared",
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    names = ("alpha", "beta")
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _TRAINING, name, minilm_path], cwd=tmp_path,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name in names
+    ]  # fmt: skip
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+
+    runs = runs_of(server.uri, "shared")
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    client = MlflowClient(server.uri)
+    owners = []
+    for run in runs:
+        history = client.get_metric_history(run.info.run_id, "attn.cls.L0H0")
+        assert sorted(m.step for m in history) == [0, 1, 2]  # each step once, none from the other
+        files = artifact_files(client, run.info.run_id)
+        (owner,) = [name for name in names if any(f"/{name}/" in f for f in files)]
+        assert {html_path(step, owner, "head_view") for step in range(3)} <= files
+        owners.append(owner)
+    assert sorted(owners) == list(names)

@@ -27,7 +27,7 @@ from transformers import (  # noqa: E402
 )
 
 from attnlog import AttentionLoggerCallback  # noqa: E402
-from attnlog.sinks.archive import read_index  # noqa: E402
+from attnlog.layout import read_index  # noqa: E402
 from attnlog.sinks.base import Sink  # noqa: E402
 
 PROBES = ["The cat sat on the mat.", ("The cat sat.", "It was happy.")]

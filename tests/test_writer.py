@@ -90,7 +90,7 @@ def make_logger(minilm, logdir, sinks, **options):
 
 
 def test_the_writer_process_writes_tensorboard_and_the_archive(minilm, tmp_path):
-    from attnlog.sinks.archive import read_index
+    from attnlog.layout import read_index
 
     logdir = tmp_path / "run"
     with make_logger(minilm, logdir, ["tensorboard"]) as logger:
@@ -110,7 +110,7 @@ def test_the_writer_process_writes_tensorboard_and_the_archive(minilm, tmp_path)
 
 
 def test_a_killed_writer_is_restarted_and_the_event_it_held_is_written(minilm, tmp_path, gate):
-    from attnlog.sinks.archive import read_index
+    from attnlog.layout import read_index
 
     logdir = tmp_path / "run"
     logger = make_logger(minilm, logdir, ["tensorboard", "gate"],
@@ -198,7 +198,7 @@ def _run_script(code: str, cwd: Path, timeout: float = 240) -> subprocess.Comple
 
 def test_a_script_without_a_main_guard_trains_once(minilm_path, tmp_path):
     """spawn would re-run this script in the writer; `python -m attnlog.writer` does not."""
-    from attnlog.sinks.archive import read_index
+    from attnlog.layout import read_index
 
     script = textwrap.dedent(f"""
         import sys, torch
@@ -316,7 +316,7 @@ def test_only_rank_zero_starts_a_writer_process(tmp_path, minilm_path):
     import torch.multiprocessing as mp
     from servers import free_port
 
-    from attnlog.sinks.archive import read_index
+    from attnlog.layout import read_index
 
     args = (2, free_port(), minilm_path, str(tmp_path))
     mp.start_processes(_ddp_rank, args=args, nprocs=2, start_method="spawn")

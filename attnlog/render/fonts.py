@@ -17,6 +17,8 @@ from typing import Union
 
 from PIL import ImageFont
 
+__all__ = ["AUTO", "Font", "FontSpec", "cjk_font", "find_font", "font_for", "has_cjk", "latin_font"]
+
 Font = Union[ImageFont.FreeTypeFont, ImageFont.ImageFont]  # noqa: UP007 (runtime alias, py3.10)
 FontSpec = Union[str, "os.PathLike[str]", None]  # a path, None (no such font) or "auto"
 

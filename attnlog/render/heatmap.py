@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from attnlog.render.fonts import AUTO, FontSpec, font_for
+from attnlog.snapshot import to_numpy
 
 __all__ = ["VIRIDIS", "colorize", "display_token", "render_layer", "render_matrix", "render_model"]
 
@@ -468,9 +469,7 @@ def _title_height(title: str, cjk_font: FontSpec = AUTO) -> int:
 
 
 def _as_float(value: Any, ndim: int, func: str, shape: str) -> np.ndarray:
-    if hasattr(value, "detach"):  # torch tensor
-        value = value.detach().float().cpu().numpy()
-    array = np.asarray(value, dtype=np.float32)
+    array = np.asarray(to_numpy(value), dtype=np.float32)
     if array.ndim != ndim or 0 in array.shape:
         raise ValueError(f"{func}: expected a non-empty {shape} array, got shape {array.shape}")
     return array

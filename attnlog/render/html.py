@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from attnlog.snapshot import ProbeAttention
+from attnlog.snapshot import ProbeAttention, to_numpy
 
 __all__ = ["head_view", "model_view", "neuron_view"]
 
@@ -139,7 +139,7 @@ def model_view(
     if display_mode not in ("dark", "light"):
         raise ValueError(f"display_mode must be 'dark' or 'light', got {display_mode!r}")
     tensors, entries, layers = _attention_entries(probe, layers)
-    heads = list(range(_array(probe.attention).shape[1]))
+    heads = list(range(to_numpy(probe.attention).shape[1]))
     params = {
         "attention": entries,
         "default_filter": "0",
@@ -176,8 +176,8 @@ def neuron_view(
         return None
     if display_mode not in ("dark", "light"):
         raise ValueError(f"display_mode must be 'dark' or 'light', got {display_mode!r}")
-    attention = _array(probe.attention)
-    queries, keys = _array(probe.queries), _array(probe.keys)
+    attention = to_numpy(probe.attention)
+    queries, keys = to_numpy(probe.queries), to_numpy(probe.keys)
     num_layers, num_heads, n = _check_self(attention, probe.tokens, "attention", "tokens")
     for name, value in (("queries", queries), ("keys", keys)):
         if value.ndim != 4 or value.shape[:3] != (num_layers, num_heads, n):
@@ -264,7 +264,7 @@ def _attention_entries(
     probe: ProbeAttention, layers: Sequence[int] | None
 ) -> tuple[_Tensors, list[dict[str, Any]], list[int]]:
     """bertviz's `attn_data` list (head and model views), attention as tensor references."""
-    attention = _array(probe.attention)
+    attention = to_numpy(probe.attention)
     num_layers, _, n = _check_self(attention, probe.tokens, "attention", "tokens")
     layers = _layers(layers, num_layers)
     tensors = _Tensors()
@@ -275,14 +275,14 @@ def _attention_entries(
         m = len(probe.decoder_tokens)
         decoder_tokens = _pretty(probe.decoder_tokens)
         if probe.decoder_attention is not None:
-            dec = _array(probe.decoder_attention)
+            dec = to_numpy(probe.decoder_attention)
             _check_self(dec, probe.decoder_tokens, "decoder_attention", "decoder_tokens")
             _check_layers(dec, num_layers, "decoder_attention")
             entries.append(
                 _entry("Decoder", tensors.add(dec[layers]), decoder_tokens, decoder_tokens)
             )
         if probe.cross_attention is not None:
-            cross = _array(probe.cross_attention)
+            cross = to_numpy(probe.cross_attention)
             if cross.ndim != 4 or cross.shape[2:] != (m, n):
                 raise ValueError(
                     f"cross_attention has shape {cross.shape}; expected [L, H, m, n] with "
@@ -338,12 +338,6 @@ def _sentence_b_start(probe: ProbeAttention) -> int | None:
         )
     starts = np.flatnonzero(segment == 1)
     return int(starts[0]) if starts.size and 0 < starts[0] < len(probe.tokens) else None
-
-
-def _array(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor that was not moved to the host yet
-        value = value.detach().float().cpu().numpy()
-    return np.asarray(value)
 
 
 def _check_self(attn: np.ndarray, tokens: Sequence[str], name: str, what: str):

@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from attnlog.snapshot import Snapshot
 
 __all__ = ["ArchiveSink", "remove_stale_temporaries", "write_all"]
-# `read_index` stays importable from here for older code; it lives in attnlog.layout.
 
 LOCK = "index.lock"
 _TMP_GLOB = "step_*.npz*.tmp"  # ours: step_X.npz.<pid>.<hex>.tmp (+ Snapshot.save's own .tmp)

@@ -14,8 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-# html_path and plugin_dir are re-exported only for tests that still import them from here.
-from attnlog.layout import html_path, mlflow_metric, plugin_dir, tb_pattern_tag  # noqa: F401
+from attnlog.layout import mlflow_metric, tb_pattern_tag
 
 if TYPE_CHECKING:
     import numpy as np

@@ -339,11 +339,21 @@ def _send_images(client: Any, event: dict[str, Any], folder: Path | None, progre
 
 
 def experiment_id(client: Any, experiment_name: str) -> str:
-    """The id of `experiment_name`, created (in the model-training view) if it does not exist."""
+    """The id of `experiment_name`, created (in the model-training view) if it does not exist.
+
+    Two trainings that start together on one server may both find no experiment and both create
+    it: the second creation is refused, and the one the other made is used.
+    """
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(experiment_name, tags=dict([EXPERIMENT_KIND_TAG]))
+    try:
+        return client.create_experiment(experiment_name, tags=dict([EXPERIMENT_KIND_TAG]))
+    except Exception:
+        experiment = client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def start_run(client: Any, experiment_name: str | None) -> str:
