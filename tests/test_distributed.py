@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from servers import free_port
 
 
 def _worker(rank: int, world: int, port: int, tokenizer_dir: str, logdir: str) -> None:
+    import psutil
     import torch.distributed as dist
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
@@ -38,6 +40,10 @@ def _worker(rank: int, world: int, port: int, tokenizer_dir: str, logdir: str) -
                 optimizer.step()
                 optimizer.zero_grad()
                 assert log.log(step) == (rank == 0)
+            log.flush(timeout=120)
+            writers = [p.pid for p in psutil.Process().children(recursive=True)
+                       if "attnlog.writer" in " ".join(p.cmdline())]  # fmt: skip
+            Path(logdir, f"writers{rank}").write_text(f"{writers} {log.writer_pid}")
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -45,7 +51,7 @@ def _worker(rank: int, world: int, port: int, tokenizer_dir: str, logdir: str) -
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo test runs on Linux")
-def test_only_rank_zero_writes_under_ddp(tmp_path, minilm_path):
+def test_only_rank_zero_writes_and_starts_a_writer_process_under_ddp(tmp_path, minilm_path):
     from attnlog.layout import read_index
 
     mp.start_processes(
@@ -54,3 +60,6 @@ def test_only_rank_zero_writes_under_ddp(tmp_path, minilm_path):
     assert [e["step"] for e in read_index(tmp_path / "rank0")] == [0, 1, 2]
     assert list((tmp_path / "rank0").glob("events.out.tfevents.*"))
     assert not (tmp_path / "rank1").exists()  # rank 1 created no folder and wrote nothing
+    writers, pid = (tmp_path / "writers0").read_text().rsplit(" ", 1)
+    assert writers == f"[{pid}]"  # one writer process, the logger's own
+    assert (tmp_path / "writers1").read_text() == "[] None"  # none on rank 1
