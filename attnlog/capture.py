@@ -289,7 +289,10 @@ class _Stream:
     """Reduces each layer of one batch forward as the model computes it.
 
     Per probe `b` of the batch (right-padded to `width` tokens): whole attention `[H, n, n]` per
-    layer up to `full_limit` tokens (plus q/k when recorded), a `_Pooler` beyond; every chunk of
+    layer up to `full_limit` tokens (plus q/k when recorded), a `_Pooler` beyond. When every
+    probe is short and padding at most doubles the memory (the default probes), the whole
+    padded batch is kept per layer instead: a few kernel launches a layer rather than a few per
+    probe, which is what a small probe pass on a GPU costs. Every chunk of
     query rows goes to the score accumulator. Up to `chunked_above` tokens the model's own eager
     attention runs on chunks of query rows (exact: each row is its own softmax), so a layer never
     holds more than `CHUNK_BYTES` of attention rows; above it `sdpa` gives the output and the rows
@@ -322,6 +325,11 @@ class _Stream:
         self.keys: list[list[torch.Tensor]] = [[] for _ in self.lengths]
         self.spans: list[Any] = [None for _ in self.lengths]
         self.blocks: list[_Blocks | None] = [None for _ in self.lengths]
+        width = max(self.lengths)
+        padded_size = len(self.lengths) * width * width
+        self.padded = width <= full_limit and padded_size <= 2 * sum(n * n for n in self.lengths)
+        self.batch: dict[str, list[torch.Tensor]] = {"attention": [], "queries": [], "keys": []}
+        self._stacked: dict[str, torch.Tensor] = {}
         self.scaling: float | None = None
         self.error: BaseException | None = None
 
@@ -373,7 +381,15 @@ class _Stream:
     def _start_layer(self, query: torch.Tensor, keys: torch.Tensor, scaling: float) -> None:
         """Room for this layer's whole attention of short probes, a pooler for long ones."""
         self.scaling = scaling
-        heads = query.shape[1]
+        batch, heads, width, _ = query.shape
+        if self.padded:  # every row is written by `_take`
+            self.batch["attention"].append(
+                query.new_empty(batch, heads, width, width, dtype=torch.float32)
+            )
+            if self.records_qk:
+                self.batch["queries"].append(query.detach().clone())
+                self.batch["keys"].append(keys.detach().clone())
+            return
         for b, n in enumerate(self.lengths):
             if n <= self.full_limit:
                 self.full[b].append(torch.zeros(heads, n, n, device=query.device))
@@ -390,6 +406,9 @@ class _Stream:
         """Rows start.. of every probe ([B, H, r, N]): to the accumulator, then kept as stored."""
         if self.accumulator is not None:
             self.accumulator.add(layer, probs, row_start=start, logits=logits)
+        if self.padded:
+            self.batch["attention"][-1][:, :, start : start + probs.shape[2]] = probs
+            return
         for b, n in enumerate(self.lengths):
             r = min(probs.shape[2], n - start)
             if r <= 0:
@@ -402,7 +421,19 @@ class _Stream:
 
     def probe_arrays(self, b: int) -> dict[str, Any]:
         """Probe b's stored arrays: attention `[L, H, n, n]` or pooled `[L, H, m, m]` + spans."""
-        if self.lengths[b] <= self.full_limit:
+        n = self.lengths[b]
+        if self.padded:  # views of the layers stacked once: [L, B, H, width, ...]
+            for name, layers in self.batch.items():
+                if layers and name not in self._stacked:
+                    self._stacked[name] = torch.stack(layers)
+            qk = self.records_qk and "queries" in self._stacked
+            return {
+                "attention": self._stacked["attention"][:, b, :, :n, :n],
+                "queries": self._stacked["queries"][:, b, :, :n] if qk else None,
+                "keys": self._stacked["keys"][:, b, :, :n] if qk else None,
+                "scaling": self.scaling if qk else None,
+            }
+        if n <= self.full_limit:
             qk = self.records_qk and self.queries[b]
             return {
                 "attention": torch.stack(self.full[b]),
@@ -819,10 +850,10 @@ class Capturer:
         return torch.stack(queries), torch.stack(keys), calls[0][3]
 
     def _probe(self, p: EncodedProbe, **arrays) -> ProbeAttention:
-        device = arrays["attention"].device
-
+        # The token masks stay small CPU tensors: scoring derives its masks on the CPU anyway,
+        # and a host copy of them would cost a GPU one synchronisation each.
         def tensor(values):
-            return None if values is None else torch.from_numpy(values).to(device)
+            return None if values is None else torch.tensor(values)
 
         return ProbeAttention(
             name=p.name,

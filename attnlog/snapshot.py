@@ -96,8 +96,18 @@ class Snapshot:
     scores: dict[str, Any] = field(default_factory=dict)  # pattern -> [L, H], set by `load`
 
     def to_host(self, dtype: Any = np.float16) -> Snapshot:
-        """Small CPU copies: float attention/q/k as `dtype`, masks as numpy."""
-        return replace(self, probes=[_probe_to_numpy(p, dtype) for p in self.probes])
+        """Small CPU copies: float attention/q/k as `dtype`, masks as numpy.
+
+        The small arrays on an accelerator come over packed in one copy: each copy waits for the
+        device, and one per array (8 probes x 3 arrays) was a visible part of a GPU event.
+        """
+        packed = _packed_host_copies(self.probes)
+        return replace(
+            self,
+            probes=[
+                _probe_to_numpy(p, dtype, packed.get(i, {})) for i, p in enumerate(self.probes)
+            ],
+        )
 
     def save(self, path: str | Path, scores: dict[str, Any] | None = None) -> Path:
         """Write an `.npz` archive: arrays under `p<i>/<field>`, metadata as JSON in `meta`.
@@ -194,10 +204,40 @@ def to_numpy(value: Any, float_dtype: Any = None) -> np.ndarray:
     return array
 
 
-def _probe_to_numpy(probe: ProbeAttention, dtype: Any) -> ProbeAttention:
+def _probe_to_numpy(probe: ProbeAttention, dtype: Any, copied: dict[str, Any]) -> ProbeAttention:
     changes = {
-        f.name: to_numpy(getattr(probe, f.name), dtype)
+        f.name: to_numpy(copied.get(f.name, getattr(probe, f.name)), dtype)
         for f in fields(probe)
         if f.name in _ARRAY_FIELDS and getattr(probe, f.name) is not None
     }
     return replace(probe, **changes)
+
+
+#: Arrays up to this many elements travel packed (`_packed_host_copies`); larger ones alone,
+#: where the copy's bandwidth, not its wait, is the cost, and a packed duplicate would be large.
+PACKED_ELEMENTS = 2**20
+
+
+def _packed_host_copies(probes: list[ProbeAttention]) -> dict[int, dict[str, np.ndarray]]:
+    """{probe index: {field: float32 numpy}} for the small floating tensors, brought over in one
+    device->host copy per device (on the CPU, one copy too: the same path everywhere)."""
+    by_device: dict[Any, list[tuple[int, str, Any]]] = {}
+    for i, probe in enumerate(probes):
+        for name in _ARRAY_FIELDS:
+            value = getattr(probe, name)
+            if (
+                hasattr(value, "detach")
+                and value.is_floating_point()
+                and value.numel() <= PACKED_ELEMENTS
+            ):
+                by_device.setdefault(value.device, []).append((i, name, value))
+    out: dict[int, dict[str, np.ndarray]] = {}
+    for items in by_device.values():
+        import torch
+
+        flat = torch.cat([v.detach().reshape(-1).float() for _, _, v in items]).cpu().numpy()
+        offset = 0
+        for i, name, value in items:
+            out.setdefault(i, {})[name] = flat[offset : offset + value.numel()].reshape(value.shape)
+            offset += value.numel()
+    return out

@@ -29,20 +29,35 @@ def _eager_reference(model, tokenizer, *texts):
     return torch.stack([a[0] for a in out.attentions]), enc
 
 
-def test_minilm_matches_plain_eager_forward(minilm):
+LONG = "The quick brown fox jumps over the lazy dog while the cat sleeps on a warm mat " * 2
+
+
+# Similar lengths keep the padded batch per layer; one long probe among short ones keeps each
+# probe's own attention (padding would more than double the memory): both give the same arrays.
+@pytest.mark.parametrize(
+    "probes",
+    [[PAIR, "I like strawberries, but not raspberries!", "Short."], [LONG, "Short.", "Hi."]],
+    ids=["padded-batch", "per-probe"],
+)
+def test_minilm_matches_plain_eager_forward(minilm, probes):
     model, tokenizer = minilm
-    probes = [PAIR, "I like strawberries, but not raspberries!", "Short."]
     snapshot = capture(model, tokenizer, probes, step=7)
     assert snapshot.step == 7 and snapshot.model_type == "bert"
     assert [len(p) for p in snapshot.probes] != [len(snapshot.probes[0])] * 3  # padding was used
-    for probe, texts in zip(snapshot.probes, [PAIR, (probes[1],), (probes[2],)]):
-        reference, enc = _eager_reference(model, tokenizer, *texts)
+    texts = [p if isinstance(p, tuple) else (p,) for p in probes]
+    for probe, text in zip(snapshot.probes, texts):
+        reference, enc = _eager_reference(model, tokenizer, *text)
         assert probe.tokens == tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
         assert probe.attention.shape == (6, 12, len(probe), len(probe))
         torch.testing.assert_close(probe.attention, reference, atol=1e-5, rtol=0)
         torch.testing.assert_close(
             probe.attention.sum(-1), torch.ones(6, 12, len(probe)), atol=1e-5, rtol=0
         )
+        logits = probe.queries @ probe.keys.transpose(-1, -2) * probe.scaling
+        torch.testing.assert_close(logits.softmax(-1), probe.attention, atol=1e-5, rtol=0)
+        host = snapshot.to_host(np.float32).probes[texts.index(text)]
+        np.testing.assert_array_equal(host.attention, probe.attention.numpy())
+        np.testing.assert_array_equal(host.special, probe.special.numpy())
 
 
 def test_queries_and_keys_give_the_attention_logits(minilm):
