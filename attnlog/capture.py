@@ -422,15 +422,17 @@ class _Stream:
     def probe_arrays(self, b: int) -> dict[str, Any]:
         """Probe b's stored arrays: attention `[L, H, n, n]` or pooled `[L, H, m, m]` + spans."""
         n = self.lengths[b]
-        if self.padded:  # views of the layers stacked once: [L, B, H, width, ...]
+        if self.padded:  # the layers stacked once, [L, B, H, width, ...], then one copy each
             for name, layers in self.batch.items():
                 if layers and name not in self._stacked:
                     self._stacked[name] = torch.stack(layers)
             qk = self.records_qk and "queries" in self._stacked
+            # contiguous: a view would keep the whole batch alive, and pickling it to the writer
+            # would copy it again
             return {
-                "attention": self._stacked["attention"][:, b, :, :n, :n],
-                "queries": self._stacked["queries"][:, b, :, :n] if qk else None,
-                "keys": self._stacked["keys"][:, b, :, :n] if qk else None,
+                "attention": self._stacked["attention"][:, b, :, :n, :n].contiguous(),
+                "queries": self._stacked["queries"][:, b, :, :n].contiguous() if qk else None,
+                "keys": self._stacked["keys"][:, b, :, :n].contiguous() if qk else None,
                 "scaling": self.scaling if qk else None,
             }
         if n <= self.full_limit:

@@ -219,25 +219,32 @@ PACKED_ELEMENTS = 2**20
 
 
 def _packed_host_copies(probes: list[ProbeAttention]) -> dict[int, dict[str, np.ndarray]]:
-    """{probe index: {field: float32 numpy}} for the small floating tensors, brought over in one
-    device->host copy per device (on the CPU, one copy too: the same path everywhere)."""
+    """{probe index: {field: float32 numpy}} for the small floating tensors on an accelerator,
+    brought over in one copy per device. CPU tensors are left out: `.numpy()` shares their
+    memory, where packing would copy them twice."""
     by_device: dict[Any, list[tuple[int, str, Any]]] = {}
     for i, probe in enumerate(probes):
         for name in _ARRAY_FIELDS:
             value = getattr(probe, name)
             if (
                 hasattr(value, "detach")
+                and value.device.type != "cpu"
                 and value.is_floating_point()
                 and value.numel() <= PACKED_ELEMENTS
             ):
                 by_device.setdefault(value.device, []).append((i, name, value))
     out: dict[int, dict[str, np.ndarray]] = {}
     for items in by_device.values():
-        import torch
-
-        flat = torch.cat([v.detach().reshape(-1).float() for _, _, v in items]).cpu().numpy()
-        offset = 0
-        for i, name, value in items:
-            out.setdefault(i, {})[name] = flat[offset : offset + value.numel()].reshape(value.shape)
-            offset += value.numel()
+        for (i, name, _), array in zip(items, _host_copies([v for _, _, v in items])):
+            out.setdefault(i, {})[name] = array
     return out
+
+
+def _host_copies(tensors: list[Any]) -> list[np.ndarray]:
+    """float32 numpy copies of `tensors` (one device, any shapes and strides) through one
+    device->host copy of them all, packed."""
+    import torch
+
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors]).cpu().numpy()
+    ends = np.cumsum([t.numel() for t in tensors]).tolist()
+    return [flat[end - t.numel() : end].reshape(t.shape) for t, end in zip(tensors, ends)]

@@ -467,3 +467,20 @@ def test_the_streamed_pass_never_asks_for_every_layers_attention(minilm):
         handle.remove()
     assert seen and not any(k.get("output_attentions") for k in seen)
     assert table is None and snapshot.probes[0].attention.dtype == np.float32  # writer scores it
+
+
+def test_packed_host_copies_equal_each_array_copied_alone():
+    """On a GPU, to_host brings the small arrays over in one packed copy (one wait for the
+    device, not one per array): the arrays must come back as each alone would."""
+    from attnlog.snapshot import _host_copies
+
+    base = torch.randn(6, 3, 12, 10, 10)
+    tensors = [
+        base[:, 1, :, :7, :7],  # a probe's view of a padded batch: not contiguous
+        torch.randn(6, 12, 7, 32, dtype=torch.bfloat16),
+        torch.arange(5.0, dtype=torch.float64),
+        torch.randn(2, 3, 4).transpose(0, 2),
+    ]
+    for got, tensor in zip(_host_copies(tensors), tensors):
+        assert got.dtype == np.float32 and got.shape == tuple(tensor.shape)
+        np.testing.assert_array_equal(got, tensor.float().numpy())

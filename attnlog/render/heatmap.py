@@ -171,67 +171,89 @@ def render_matrix(
         uint8 RGB image `[height, width, 3]`.
     """
     matrix = _as_float(matrix, 2, "render_matrix", "[L, H]")
-    layers, heads = matrix.shape
-    finite = matrix[np.isfinite(matrix)]
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    if vmin is None:
-        vmin = 0.0 if lo >= 0.0 and hi <= 1.0 else lo
-    if vmax is None:
-        vmax = 1.0 if lo >= 0.0 and hi <= 1.0 else hi
+    vmin, vmax = _matrix_range(matrix, vmin, vmax)
     texts = np.array(
         [[fmt.format(v) if np.isfinite(v) else "\u2013" for v in row] for row in matrix.tolist()],
         dtype=object,
     )
-    font = font_for("0", _LABEL_PX)
-    text_w = max(font.getlength(t) for t in texts.ravel())
-    cell_w = int(text_w) + 10
-    cell_h = _LABEL_PX + 12
-    avail_w = max_size - 2 * _PAD - 40 - _bar_width()
-    avail_h = max_size - 2 * _PAD - 40 - _title_height(title, cjk_font)
-    show_values = cell_w * heads <= avail_w and cell_h * layers <= avail_h
-    if not show_values:
-        cell_w = cell_h = max(1, min(avail_w // heads, avail_h // layers, cell_h))
+    cell_w, cell_h, show_values = _matrix_cells(texts, title, max_size, cjk_font)
     rgb = colorize(matrix, vmin, vmax)
     cells = np.repeat(np.repeat(rgb, cell_h, axis=0), cell_w, axis=1)  # [L*ch, H*cw, 3]
+    grid_h, grid_w = cells.shape[:2]
 
-    axis_w = _LABEL_PX + 6  # rotated "layer"
-    tick_w = int(font.getlength(f"{layers - 1}")) + 6
-    top = (
-        _PAD + _title_height(title, cjk_font) + _LABEL_PX + 6 + _LABEL_PX + 4
-    )  # "head" + column ticks
-    left = _PAD + axis_w + tick_w
-    grid_w, grid_h = cells.shape[1], cells.shape[0]
+    # Margins: the title, "head" over the column ticks; the rotated "layer" beside the row ticks.
+    layers, heads = matrix.shape
+    tick_w = int(font_for("0", _LABEL_PX).getlength(f"{layers - 1}")) + 6
+    top = _PAD + _title_height(title, cjk_font) + _LABEL_PX + 6 + _LABEL_PX + 4
+    left = _PAD + _LABEL_PX + 6 + tick_w
     bar_h = min(max(grid_h, 80), 300)
     canvas = _canvas(
         left + grid_w + _GAP + _bar_width() + _PAD, top + max(grid_h, bar_h + _TICK_PX) + _PAD
     )
     canvas[top : top + grid_h, left : left + grid_w] = cells
     _draw_title(canvas, title, cjk_font)
-
-    step_r = _thin(cell_h, _LABEL_PX + 2)
-    step_c = _thin(cell_w, font.getlength(f"{heads - 1}") + 4)
-    items = [(left - 3, top + (i + 0.5) * cell_h, str(i), "r") for i in range(0, layers, step_r)]
-    _paste_text(canvas, items, _LABEL_PX, x0=left - tick_w, width=tick_w)  # canvas coordinates
-    items = [
-        (left + (j + 0.5) * cell_w, top - _LABEL_PX // 2 - 3, str(j), "c")
-        for j in range(0, heads, step_c)
-    ]
-    items.append((left + grid_w / 2, top - _LABEL_PX - 12, "head", "c"))
-    _paste_text(canvas, items, _LABEL_PX)
-    _paste_rotated(canvas, "layer", _LABEL_PX, x=_PAD, y_center=top + grid_h / 2)
-
+    _draw_matrix_ticks(canvas, matrix.shape, (top, left), (cell_h, cell_w), tick_w)
     if show_values:
-        dark = _luminance(rgb) > 140  # bright cell -> dark text
-        for want_dark, color in ((True, _INK), (False, (255, 255, 255))):
-            items = [
-                (left + (j + 0.5) * cell_w, top + (i + 0.5) * cell_h, texts[i, j], "c")
-                for i in range(layers)
-                for j in range(heads)
-                if dark[i, j] == want_dark
-            ]
-            _paste_text(canvas, items, _LABEL_PX, color=color)
+        _draw_cell_values(canvas, texts, rgb, (top, left), (cell_h, cell_w))
     _draw_colorbar(canvas, left + grid_w + _GAP, top, bar_h, vmin, vmax)
     return canvas
+
+
+def _matrix_range(matrix: np.ndarray, vmin: float | None, vmax: float | None) -> tuple:
+    """The colour range: [0, 1] when the scores lie in it (most patterns), else their range."""
+    finite = matrix[np.isfinite(matrix)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if lo >= 0.0 and hi <= 1.0:
+        lo, hi = 0.0, 1.0
+    return (lo if vmin is None else vmin), (hi if vmax is None else vmax)
+
+
+def _matrix_cells(texts: np.ndarray, title: str, max_size: int, cjk_font: FontSpec) -> tuple:
+    """(cell width, cell height, values shown): cells fit their value text, or shrink without
+    it until the matrix fits in `max_size` (40 px on each axis are for the ticks and captions)."""
+    layers, heads = texts.shape
+    text_w = max(font_for("0", _LABEL_PX).getlength(t) for t in texts.ravel())
+    cell_w, cell_h = int(text_w) + 10, _LABEL_PX + 12
+    avail_w = max_size - 2 * _PAD - 40 - _bar_width()
+    avail_h = max_size - 2 * _PAD - 40 - _title_height(title, cjk_font)
+    if cell_w * heads <= avail_w and cell_h * layers <= avail_h:
+        return cell_w, cell_h, True
+    side = max(1, min(avail_w // heads, avail_h // layers, cell_h))
+    return side, side, False
+
+
+def _draw_matrix_ticks(
+    canvas: np.ndarray, shape: tuple, origin: tuple, cell: tuple, tick_w: int
+) -> None:
+    """Layer numbers left of the rows, head numbers above the columns (thinned to fit), and
+    the two axis captions; `origin` is the grid's (top, left), `cell` its (height, width)."""
+    (layers, heads), (top, left), (cell_h, cell_w) = shape, origin, cell
+    font = font_for("0", _LABEL_PX)
+    step = _thin(cell_h, _LABEL_PX + 2)
+    items = [(left - 3, top + (i + 0.5) * cell_h, str(i), "r") for i in range(0, layers, step)]
+    _paste_text(canvas, items, _LABEL_PX, x0=left - tick_w, width=tick_w)
+    step = _thin(cell_w, font.getlength(f"{heads - 1}") + 4)
+    items = [
+        (left + (j + 0.5) * cell_w, top - _LABEL_PX // 2 - 3, str(j), "c")
+        for j in range(0, heads, step)
+    ]
+    items.append((left + heads * cell_w / 2, top - _LABEL_PX - 12, "head", "c"))
+    _paste_text(canvas, items, _LABEL_PX)
+    _paste_rotated(canvas, "layer", _LABEL_PX, x=_PAD, y_center=top + layers * cell_h / 2)
+
+
+def _draw_cell_values(
+    canvas: np.ndarray, texts: np.ndarray, rgb: np.ndarray, origin: tuple, cell: tuple
+) -> None:
+    """Each cell's value, dark on bright cells and white on dark ones."""
+    (top, left), (cell_h, cell_w) = origin, cell
+    dark = _luminance(rgb) > 140
+    for want_dark, color in ((True, _INK), (False, (255, 255, 255))):
+        items = [
+            (left + (j + 0.5) * cell_w, top + (i + 0.5) * cell_h, texts[i, j], "c")
+            for i, j in zip(*np.nonzero(dark == want_dark))
+        ]
+        _paste_text(canvas, items, _LABEL_PX, color=color)
 
 
 # ---- layout --------------------------------------------------------------------------------
@@ -261,75 +283,114 @@ def _draw_grid(
     tiles: np.ndarray, layout: _Layout, title: str, max_size: int, cjk_font: FontSpec
 ) -> np.ndarray:
     """Draw `tiles` `[R, C, n, m]` as a panel grid with labels, title and colour bar."""
-    rows, cols, n, m = tiles.shape
-    lab = layout.tokens is not None
-    label_w = _label_width(layout.tokens, cjk_font) if lab else 0
-    key_label_h = _label_width(layout.key_tokens, cjk_font) if lab else 0
-    name_h = _LABEL_PX + 6 if layout.panel_names else 0
-    row_w = _text_width(layout.row_names) + 8 if layout.row_names else 0
-    col_h = _LABEL_PX + 6 if layout.col_names else 0
-    axis = _LABEL_PX + 6 if layout.row_names else 0  # rotated "layer" / plain "head" captions
-    gap = _GAP if lab or layout.panel_names else 3
-    top = _PAD + _title_height(title, cjk_font) + col_h + axis
-    left = _PAD + axis + row_w
-
-    # Pixels per token: square cells of `cell` px, or 1 px per `factor` tokens when too many.
-    avail_w = (max_size - left - _PAD - _GAP - _bar_width()) / cols - label_w - gap
-    avail_h = (max_size - top - _PAD) / rows - name_h - key_label_h - gap
-    fit = min(avail_w / m, avail_h / n)
-    cell = int(max(1, min(layout.max_cell, fit)))
-    factor = 1 if fit >= 1 else math.ceil(1 / max(fit, 1e-9))
-    if factor > 1:
-        tiles = _downsample(tiles, factor)
-    n2, m2 = tiles.shape[2:]
-    ph, pw = n2 * cell, m2 * cell
-    block_h, block_w = name_h + ph + key_label_h + gap, label_w + pw + gap
-
-    blocks = np.full((rows, block_h, cols, block_w, 3), _BG, dtype=np.uint8)
-    rgb = colorize(tiles)  # [R, C, n2, m2, 3]
-    rgb = np.repeat(np.repeat(rgb, cell, axis=2), cell, axis=3)
-    empty = np.arange(rows * cols).reshape(rows, cols) >= layout.count
-    rgb[empty] = _BG
-    blocks[:, name_h : name_h + ph, :, label_w : label_w + pw] = rgb.transpose(0, 2, 1, 3, 4)
-    grid = blocks.reshape(rows * block_h, cols * block_w, 3)
-    bar_h = min(max(grid.shape[0] - key_label_h - gap - name_h, 80), 300)
-    height = max(grid.shape[0], name_h + bar_h + _TICK_PX)
-    canvas = _canvas(left + grid.shape[1] + _GAP + _bar_width() + _PAD, top + height + _PAD)
-    canvas[top : top + grid.shape[0], left : left + grid.shape[1]] = grid
+    geometry = _GridGeometry(tiles.shape, layout, title, max_size, cjk_font)
+    if geometry.factor > 1:
+        tiles = _downsample(tiles, geometry.factor)
+    grid = _grid_pixels(tiles, layout.count, geometry)
+    g = geometry
+    bar_h = min(max(grid.shape[0] - g.key_label_h - g.gap - g.name_h, 80), 300)
+    height = max(grid.shape[0], g.name_h + bar_h + _TICK_PX)
+    canvas = _canvas(g.left + grid.shape[1] + _GAP + _bar_width() + _PAD, g.top + height + _PAD)
+    canvas[g.top : g.top + grid.shape[0], g.left : g.left + grid.shape[1]] = grid
     _draw_title(canvas, title, cjk_font)
+    _draw_panel_labels(canvas, layout, g, tiles.shape[1], cjk_font)
+    _draw_grid_axes(canvas, layout, g, grid.shape)
+    _draw_colorbar(canvas, g.left + grid.shape[1] + _GAP, g.top + g.name_h, bar_h, 0.0, 1.0)
+    return canvas
 
-    per_token = cell / factor
-    if lab:
-        strip = _label_strip(layout.tokens, n, per_token, label_w, cjk_font)  # [ph, label_w]
-        key_strip = np.rot90(_label_strip(layout.key_tokens, m, per_token, key_label_h, cjk_font))
+
+class _GridGeometry:
+    """Where things go in a panel grid: the margins around it, and each panel's block (its
+    name above, query labels left of the cells, key labels below) in canvas pixels."""
+
+    def __init__(
+        self, shape: tuple, layout: _Layout, title: str, max_size: int, cjk_font: FontSpec
+    ) -> None:
+        rows, cols, n, m = shape
+        self.n, self.m = n, m  # tokens per panel side, before any downsampling
+        labelled = layout.tokens is not None
+        self.label_w = _label_width(layout.tokens, cjk_font) if labelled else 0
+        self.key_label_h = _label_width(layout.key_tokens, cjk_font) if labelled else 0
+        self.name_h = _LABEL_PX + 6 if layout.panel_names else 0
+        self.col_h = _LABEL_PX + 6 if layout.col_names else 0
+        self.axis = _LABEL_PX + 6 if layout.row_names else 0  # rotated "layer" / plain "head"
+        self.gap = _GAP if labelled or layout.panel_names else 3
+        row_w = _text_width(layout.row_names) + 8 if layout.row_names else 0
+        self.top = _PAD + _title_height(title, cjk_font) + self.col_h + self.axis
+        self.left = _PAD + self.axis + row_w
+        # Pixels per token: square cells of `cell` px, or 1 px per `factor` tokens when too many.
+        avail_w = (
+            (max_size - self.left - _PAD - _GAP - _bar_width()) / cols - self.label_w - self.gap
+        )
+        avail_h = (max_size - self.top - _PAD) / rows - self.name_h - self.key_label_h - self.gap
+        fit = min(avail_w / m, avail_h / n)
+        self.cell = int(max(1, min(layout.max_cell, fit)))
+        self.factor = 1 if fit >= 1 else math.ceil(1 / max(fit, 1e-9))
+        self.per_token = self.cell / self.factor
+        n2, m2 = math.ceil(n / self.factor), math.ceil(m / self.factor)
+        self.panel_h, self.panel_w = n2 * self.cell, m2 * self.cell
+        self.block_h = self.name_h + self.panel_h + self.key_label_h + self.gap
+        self.block_w = self.label_w + self.panel_w + self.gap
+
+
+def _grid_pixels(tiles: np.ndarray, count: int, g: _GridGeometry) -> np.ndarray:
+    """The coloured panels laid out in their blocks, `[R * block_h, C * block_w, 3]`; blocks
+    past `count` (the last row's unused places) stay background."""
+    rows, cols = tiles.shape[:2]
+    blocks = np.full((rows, g.block_h, cols, g.block_w, 3), _BG, dtype=np.uint8)
+    rgb = colorize(tiles)  # [R, C, n2, m2, 3]
+    rgb = np.repeat(np.repeat(rgb, g.cell, axis=2), g.cell, axis=3)
+    rgb[np.arange(rows * cols).reshape(rows, cols) >= count] = _BG
+    panel = (slice(g.name_h, g.name_h + g.panel_h), slice(g.label_w, g.label_w + g.panel_w))
+    blocks[:, panel[0], :, panel[1]] = rgb.transpose(0, 2, 1, 3, 4)
+    return blocks.reshape(rows * g.block_h, cols * g.block_w, 3)
+
+
+def _draw_panel_labels(
+    canvas: np.ndarray, layout: _Layout, g: _GridGeometry, cols: int, cjk_font: FontSpec
+) -> None:
+    """Each panel's name, and its query and key token labels (drawn once, pasted per panel)."""
+    labelled = layout.tokens is not None
+    if labelled:
+        strip = _label_strip(layout.tokens, g.n, g.per_token, g.label_w, cjk_font)
+        key_strip = np.rot90(
+            _label_strip(layout.key_tokens, g.m, g.per_token, g.key_label_h, cjk_font)
+        )
     for k in range(layout.count):
         r, c = divmod(k, cols)
-        y, x = top + r * block_h, left + c * block_w
+        y, x = g.top + r * g.block_h, g.left + c * g.block_w
         if layout.panel_names:
-            _paste_text(
-                canvas, [(x + label_w, y + name_h / 2, layout.panel_names[k], "l")], _LABEL_PX
-            )
-        if lab:
-            _blend(canvas, strip, y + name_h - _LABEL_PX, x)
-            _blend(canvas, key_strip, y + name_h + ph, x + label_w - _LABEL_PX)
+            name = [(x + g.label_w, y + g.name_h / 2, layout.panel_names[k], "l")]
+            _paste_text(canvas, name, _LABEL_PX)
+        if labelled:
+            _blend(canvas, strip, y + g.name_h - _LABEL_PX, x)
+            _blend(canvas, key_strip, y + g.name_h + g.panel_h, x + g.label_w - _LABEL_PX)
+
+
+def _draw_grid_axes(canvas: np.ndarray, layout: _Layout, g: _GridGeometry, grid_shape) -> None:
+    """Row names (layers) with the rotated "layer" caption, column names (heads) under "head"."""
+    rows, cols = grid_shape[0] // g.block_h, grid_shape[1] // g.block_w
     if layout.row_names:
-        step = _thin(block_h, _LABEL_PX + 2)
+        step = _thin(g.block_h, _LABEL_PX + 2)
         items = [
-            (left - 4, top + (r + 0.5) * block_h - gap / 2, layout.row_names[r], "r")
+            (g.left - 4, g.top + (r + 0.5) * g.block_h - g.gap / 2, layout.row_names[r], "r")
             for r in range(0, rows, step)
         ]
         _paste_text(canvas, items, _LABEL_PX)
-        _paste_rotated(canvas, "layer", _LABEL_PX, x=_PAD, y_center=top + grid.shape[0] / 2)
+        _paste_rotated(canvas, "layer", _LABEL_PX, x=_PAD, y_center=g.top + grid_shape[0] / 2)
     if layout.col_names:
-        step = _thin(block_w, _text_width(layout.col_names) + 4)
+        step = _thin(g.block_w, _text_width(layout.col_names) + 4)
         items = [
-            (left + (c + 0.5) * block_w - gap / 2, top - col_h / 2, layout.col_names[c], "c")
+            (
+                g.left + (c + 0.5) * g.block_w - g.gap / 2,
+                g.top - g.col_h / 2,
+                layout.col_names[c],
+                "c",
+            )
             for c in range(0, cols, step)
         ]
-        items.append((left + grid.shape[1] / 2, top - col_h - axis / 2, "head", "c"))
+        items.append((g.left + grid_shape[1] / 2, g.top - g.col_h - g.axis / 2, "head", "c"))
         _paste_text(canvas, items, _LABEL_PX)
-    _draw_colorbar(canvas, left + grid.shape[1] + _GAP, top + name_h, bar_h, 0.0, 1.0)
-    return canvas
 
 
 def _label_strip(
