@@ -31,7 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_demo(sub)
+    _add_snapshot(sub)
+    _add_report(sub)
+    _add_compare(sub)
+    _add_export(sub)
+    _add_sync(sub)
+    return parser
 
+
+def _add_demo(sub) -> None:
     demo = sub.add_parser(
         "demo",
         help="fine-tune the shipped MiniLM on a small task with the callback "
@@ -53,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
+
+def _add_snapshot(sub) -> None:
     snap = sub.add_parser(
         "snapshot",
         help="one-shot views, heatmaps and scores for a local model folder",
@@ -78,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-length", type=_positive, default=None, help="truncate probes to N tokens"
     )
 
+
+def _add_report(sub) -> None:
     report = sub.add_parser(
         "report",
         help="summarise an archive: logged steps and the strongest heads per pattern",
@@ -88,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--step", type=int, default=None, help="a logged step (default: the last)")
     report.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+
+def _add_compare(sub) -> None:
     compare = sub.add_parser(
         "compare",
         help="compare two runs (logdirs or MLflow runs) head by head; --out writes an HTML page",
@@ -108,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-log", action="store_true", help="do not log the page to the MLflow runs"
     )
 
+
+def _add_export(sub) -> None:
     export = sub.add_parser(
         "export",
         help="a figure for a paper (SVG or PNG) from a run's archive",
@@ -125,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dpi", type=_positive, default=150, help="PNG resolution (default 150)")
     export.add_argument("--words", action="store_true", help="attention between words")
 
+
+def _add_sync(sub) -> None:
     sync = sub.add_parser(
         "sync",
         help="send MLflow events spooled while the tracking server was unreachable",
@@ -134,7 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument(
         "--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)"
     )
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

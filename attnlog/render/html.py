@@ -176,6 +176,35 @@ def neuron_view(
         return None
     if display_mode not in ("dark", "light"):
         raise ValueError(f"display_mode must be 'dark' or 'light', got {display_mode!r}")
+    attention, queries, keys, layers = _neuron_inputs(probe, layers)
+    d = int(queries.shape[3])
+    scaling = float(probe.scaling) if probe.scaling is not None else d**-0.5
+    tensors = _Tensors()
+    refs = tensors.add(attention[layers]), tensors.add(queries[layers]), tensors.add(keys[layers])
+    split = _sentence_b_start(probe)
+    params = {
+        "attention": _neuron_entries(probe, refs, d, split),
+        "default_filter": "all",
+        "root_div_id": _DIV,
+        "bidirectional": not probe.causal,
+        "display_mode": display_mode,
+        "layer": None,
+        "head": None,
+        "scaling": scaling,
+    }
+    selects = [
+        "<span class='dropdown-label'>Layer: </span><select id='layer'></select>",
+        "<span class='dropdown-label'>Head: </span><select id='att_head'></select>",
+    ]
+    filter_options = [(key, label) for key, label, _, _ in _NEURON_FILTERS]
+    body = _controls(selects, filter_options if split is not None else [], padding=True)
+    return _page("neuron view", probe, body, params, tensors, "neuron_view.js")
+
+
+def _neuron_inputs(
+    probe: ProbeAttention, layers: Sequence[int] | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+    """Attention, queries and keys as numpy, and the chosen layers; fails before any encoding."""
     attention = to_numpy(probe.attention)
     queries, keys = to_numpy(probe.queries), to_numpy(probe.keys)
     num_layers, num_heads, n = _check_self(attention, probe.tokens, "attention", "tokens")
@@ -194,13 +223,16 @@ def neuron_view(
             f"neuron_view: {values:,} query/key values exceed the limit of "
             f"{_MAX_NEURON_VALUES:,}; pass layers=[...] to show fewer layers"
         )
-    d = int(queries.shape[3])
-    scaling = float(probe.scaling) if probe.scaling is not None else d**-0.5
-    tensors = _Tensors()
-    attn_t = tensors.add(attention[layers])
-    q_t, k_t = tensors.add(queries[layers]), tensors.add(keys[layers])
+    return attention, queries, keys, layers
+
+
+def _neuron_entries(
+    probe: ProbeAttention, refs: tuple[int, int, int], d: int, split: int | None
+) -> dict[str, dict[str, Any]]:
+    """bertviz's neuron `attention` dict: each filter slices the same three tensors, stored once."""
+    attn_t, q_t, k_t = refs
     tokens = _pretty(probe.tokens)
-    split = _sentence_b_start(probe)
+    n = len(tokens)
     spans = {"all": (0, n)}
     filters = _NEURON_FILTERS[:1]
     if split is not None:
@@ -216,23 +248,7 @@ def neuron_view(
             "left_text": tokens[r0:r1],
             "right_text": tokens[c0:c1],
         }
-    params = {
-        "attention": entries,
-        "default_filter": "all",
-        "root_div_id": _DIV,
-        "bidirectional": not probe.causal,
-        "display_mode": display_mode,
-        "layer": None,
-        "head": None,
-        "scaling": scaling,
-    }
-    selects = [
-        "<span class='dropdown-label'>Layer: </span><select id='layer'></select>",
-        "<span class='dropdown-label'>Head: </span><select id='att_head'></select>",
-    ]
-    filter_options = [(key, label) for key, label, _, _ in filters]
-    body = _controls(selects, filter_options if split is not None else [], padding=True)
-    return _page("neuron view", probe, body, params, tensors, "neuron_view.js")
+    return entries
 
 
 # ---- data --------------------------------------------------------------------------------
