@@ -689,7 +689,7 @@ def failed_goals(ev: dict, sd: dict, mem: dict, pb: dict) -> list[str]:
         lines.append(f"FAIL 5: +{mem['added_rss'] / 2**20:.0f} MiB in the training process while "
                      f"logging 128-token probes (tracemalloc peak "
                      f"{mem['tracemalloc_peak'] / 2**20:.0f} MiB): the probe forward's "
-                     "activations and the fp16 host copy")  # fmt: skip
+                     "activations and the host copy (float32: the writer scores it)")  # fmt: skip
     if pb["process"]["slowdown_pct"] > GOALS["python"]:
         lines.append(f"FAIL 6: the Python-bound loop slows {pb['process']['slowdown_pct']:.1f} %: "
                      f"{pb['process']['training_ms_per_event']:.0f} ms of probe pass an event in "
