@@ -329,7 +329,6 @@ class _Stream:
         padded_size = len(self.lengths) * width * width
         self.padded = width <= full_limit and padded_size <= 2 * sum(n * n for n in self.lengths)
         self.batch: dict[str, list[torch.Tensor]] = {"attention": [], "queries": [], "keys": []}
-        self._stacked: dict[str, torch.Tensor] = {}
         self.scaling: float | None = None
         self.error: BaseException | None = None
 
@@ -422,17 +421,16 @@ class _Stream:
     def probe_arrays(self, b: int) -> dict[str, Any]:
         """Probe b's stored arrays: attention `[L, H, n, n]` or pooled `[L, H, m, m]` + spans."""
         n = self.lengths[b]
-        if self.padded:  # the layers stacked once, [L, B, H, width, ...], then one copy each
-            for name, layers in self.batch.items():
-                if layers and name not in self._stacked:
-                    self._stacked[name] = torch.stack(layers)
-            qk = self.records_qk and "queries" in self._stacked
-            # contiguous: a view would keep the whole batch alive, and pickling it to the writer
-            # would copy it again
+        if self.padded:  # probe b's part of each layer of the padded batch, stacked
+            qk = self.records_qk and bool(self.batch["queries"])
+
+            def stacked(name: str, *index: Any) -> torch.Tensor:
+                return torch.stack([layer[(b, slice(None), *index)] for layer in self.batch[name]])
+
             return {
-                "attention": self._stacked["attention"][:, b, :, :n, :n].contiguous(),
-                "queries": self._stacked["queries"][:, b, :, :n].contiguous() if qk else None,
-                "keys": self._stacked["keys"][:, b, :, :n].contiguous() if qk else None,
+                "attention": stacked("attention", slice(n), slice(n)),
+                "queries": stacked("queries", slice(n)) if qk else None,
+                "keys": stacked("keys", slice(n)) if qk else None,
                 "scaling": self.scaling if qk else None,
             }
         if n <= self.full_limit:
