@@ -283,11 +283,10 @@ def _draw_grid(
     tiles: np.ndarray, layout: _Layout, title: str, max_size: int, cjk_font: FontSpec
 ) -> np.ndarray:
     """Draw `tiles` `[R, C, n, m]` as a panel grid with labels, title and colour bar."""
-    geometry = _GridGeometry(tiles.shape, layout, title, max_size, cjk_font)
-    if geometry.factor > 1:
-        tiles = _downsample(tiles, geometry.factor)
-    grid = _grid_pixels(tiles, layout.count, geometry)
-    g = geometry
+    g = _GridGeometry(tiles.shape, layout, title, max_size, cjk_font)
+    if g.factor > 1:
+        tiles = _downsample(tiles, g.factor)
+    grid = _grid_pixels(tiles, layout.count, g)
     bar_h = min(max(grid.shape[0] - g.key_label_h - g.gap - g.name_h, 80), 300)
     height = max(grid.shape[0], g.name_h + bar_h + _TICK_PX)
     canvas = _canvas(g.left + grid.shape[1] + _GAP + _bar_width() + _PAD, g.top + height + _PAD)
