@@ -911,6 +911,19 @@ def _agree(error: BaseException | None, device: Any) -> None:
         raise error
 
 
+def broadcast_from_rank_zero(value: Any) -> Any:
+    """Rank 0's `value` on every rank (unchanged outside torch.distributed)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    device = None
+    if dist.get_backend() == "nccl" and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    box = [value]
+    dist.broadcast_object_list(box, src=0, device=device)
+    return box[0]
+
+
 def _merge_tables(tables: list[Any], step: int, contexts: Sequence[Any]) -> Any:
     """One ScoreTable from the tables of several batches (`batch_size` < number of probes)."""
     from attnlog.patterns import merge_tables

@@ -240,7 +240,14 @@ class AttentionLogger:
         after it (same data, same weights): count them as logged, so no sink gets them twice."""
         from attnlog.layout import read_index
 
-        self._logged_steps |= {e["step"] for e in read_index(self.logdir) if e["step"] > step}
+        steps = sorted(e["step"] for e in read_index(self.logdir) if e["step"] > step)
+        if getattr(self.capturer, "sharded", False):
+            # Every rank must skip the same steps, or one enters a probe pass alone and waits;
+            # only rank 0 writes the index, and other ranks may not share its file system.
+            from attnlog.capture import broadcast_from_rank_zero
+
+            steps = broadcast_from_rank_zero(steps)
+        self._logged_steps |= set(steps)
 
     @property
     def logged_steps(self) -> set[int]:

@@ -121,6 +121,14 @@ def _rank_main(out: Path, tokenizer_dir: str) -> None:
             # the callbacks' end-of-training check: a rank that thinks a step unlogged would
             # enter the next pass alone and wait for the others forever
             result["logged_steps"] = sorted(log.logged_steps)
+        # Resumed at step 0: only rank 0 has an index (rank 1's logdir was never written), yet
+        # every rank must skip the same replayed steps.
+        with AttentionLogger(
+            model, tokenizer, PROBES, sinks=[], logdir=str(out / f"rank{rank}"), views=(),
+            induction_probe=False, strict=True,
+        ) as resumed:  # fmt: skip
+            resumed.resume_at(0)
+            result["resumed_steps"] = sorted(resumed.logged_steps)
         result["done"] = True
     finally:
         (out / f"rank{rank}.json").write_text(json.dumps(result))
@@ -160,6 +168,7 @@ def test_fsdp2_ranks_capture_together_and_rank_zero_keeps_the_result(tmp_path, m
     assert "another rank" in zero["prepare_failure"] and "injected" in one["prepare_failure"]
     assert [e["step"] for e in read_index(tmp_path / "rank0")] == [0, 1]
     assert zero["logged_steps"] == one["logged_steps"] == [0, 1]
+    assert zero["resumed_steps"] == one["resumed_steps"] == [1]
     assert not (tmp_path / "rank1").exists()
 
 
