@@ -129,6 +129,7 @@ def _rank_main(out: Path, tokenizer_dir: str) -> None:
         ) as resumed:  # fmt: skip
             resumed.resume_at(0)
             result["resumed_steps"] = sorted(resumed.logged_steps)
+        dist.barrier()  # no rank tears the group down while another still receives
         result["done"] = True
     finally:
         (out / f"rank{rank}.json").write_text(json.dumps(result))
