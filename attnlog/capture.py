@@ -901,9 +901,7 @@ def _agree(error: BaseException | None, device: Any) -> None:
     """All ranks learn whether every rank's pass succeeded; each raises if one failed."""
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
-        if dist.get_backend() == "nccl" and torch.cuda.is_available():
-            device = torch.device("cuda", torch.cuda.current_device())
-        ok = torch.tensor([0 if error is not None else 1], device=device)
+        ok = torch.tensor([0 if error is not None else 1], device=_collective_device(device))
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if error is None and int(ok.item()) == 0:
             raise RuntimeError("the probe pass failed on another rank (its error is logged there)")
@@ -916,12 +914,16 @@ def broadcast_from_rank_zero(value: Any) -> Any:
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         return value
-    device = None
-    if dist.get_backend() == "nccl" and torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
     box = [value]
-    dist.broadcast_object_list(box, src=0, device=device)
+    dist.broadcast_object_list(box, src=0, device=_collective_device(None))
     return box[0]
+
+
+def _collective_device(device: Any) -> Any:
+    """Where a collective's tensors live: NCCL only moves CUDA tensors (this rank's GPU)."""
+    if torch.distributed.get_backend() == "nccl" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _merge_tables(tables: list[Any], step: int, contexts: Sequence[Any]) -> Any:
