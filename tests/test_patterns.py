@@ -15,10 +15,8 @@ from attnlog.patterns import (
     PatternContext,
     ScoreAccumulator,
     ScoreTable,
-    head_redundancy,
     label_heads,
     register_pattern,
-    rollout,
     score,
 )
 from attnlog.probes import is_punctuation
@@ -386,23 +384,6 @@ def test_label_heads_thresholds():
     want = ["vertical", "vertical+diagonal", "heterogeneous", "block", "broad", "heterogeneous"]
     assert got == want
     assert label_heads(s, diagonal=0.3).tolist()[0][2] == "diagonal"  # NaN next_token counts 0
-
-
-def test_rollout_and_head_redundancy():
-    eye = torch.eye(5).expand(3, 4, 5, 5)
-    torch.testing.assert_close(rollout(eye), torch.eye(5))
-    g = torch.Generator().manual_seed(2)
-    attn = _random_attention(3, 4, 5, g)
-    r = rollout(attn)
-    torch.testing.assert_close(r.sum(-1), torch.ones(5))
-    same = attn[:, :1].expand(3, 4, 5, 5)
-    torch.testing.assert_close(head_redundancy(same), torch.ones(3))
-    disjoint = torch.stack([to(4, [h] * 4) for h in range(4)])[None]  # heads on different keys
-    torch.testing.assert_close(head_redundancy(disjoint), torch.zeros(1))
-    padded = torch.nn.functional.pad(attn, (0, 2, 0, 2), value=0.3)
-    valid = torch.tensor([True] * 5 + [False] * 2)
-    torch.testing.assert_close(rollout(padded, valid=valid)[:5, :5], r)
-    torch.testing.assert_close(head_redundancy(padded, valid=valid), head_redundancy(attn))
 
 
 def test_patterns_are_public_names():

@@ -12,7 +12,7 @@ import torch
 
 from attnlog.alerts import AlertTracker
 from attnlog.capture import capture
-from attnlog.patterns import PatternContext, ScoreAccumulator, head_redundancy, rollout, score
+from attnlog.patterns import PatternContext, ScoreAccumulator, score
 
 PROBES = [
     "She ate the strawberries, then the blueberries, and smiled.",
@@ -85,19 +85,6 @@ def test_content_heads_and_stability(minilm_scores):
     # sharp previous-token head), and a first logging event raises no alerts at all.
     assert np.nanmax(s["max_logit"]) < 50
     assert AlertTracker().update(table) == []
-
-
-def test_rollout_and_redundancy_on_real_attention(minilm_scores):
-    snapshot, _ = minilm_scores
-    attn = snapshot.probes[0].attention
-    r = rollout(attn)
-    n = attn.shape[-1]
-    np.testing.assert_allclose(r.sum(-1).numpy(), np.ones(n), rtol=1e-5)
-    # [CLS], the middle layers' no-op, keeps the largest share of every token's rollout.
-    assert (r.argmax(-1) == 0).float().mean() > 0.5
-    redundancy = head_redundancy(attn).numpy()
-    # Heads agree more as the layers go up (0.69 in layer 0 -> 0.85 in layer 4).
-    assert redundancy[4] > redundancy[0]
 
 
 def test_scores_from_query_row_chunks_match_on_real_attention(minilm_scores):

@@ -1,7 +1,7 @@
 """The per-probe masks that pattern scores select rows and keys with (`PatternContext`).
 
 Built once per probe on the CPU from its tokens and the tokenizer's masks, then moved to the
-attention's device once: scoring never synchronises on them. `attnlog.patterns` re-exports
+attention's device once: scoring never synchronises on them. `attnlog.patterns` exports
 `PatternContext`, the name users see when they write their own patterns.
 """
 
@@ -70,7 +70,7 @@ class PatternContext:
     keys: torch.Tensor | None = None
     scaling: float | None = None
     _prepared: Any = field(default=None, init=False, repr=False)
-    _batches: dict = field(default_factory=dict, init=False, repr=False)  # see _Probes.of
+    _batches: dict = field(default_factory=dict, init=False, repr=False)  # see rows.Probes.of
 
     @classmethod
     def create(
