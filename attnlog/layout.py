@@ -27,9 +27,11 @@ from typing import Any
 
 __all__ = [
     "ARCHIVE_VIEWS",
+    "DEFAULT_VIEWS",
     "INDEX",
     "TB_ALERTS_TAG",
     "TB_SETTINGS_TAG",
+    "VIEWS",
     "archive_name",
     "archive_path",
     "ascii_key",
@@ -58,6 +60,12 @@ TB_ALERTS_TAG = "attnlog/alerts"  # text: the alerts raised at this step
 # The ASCII characters MLflow keys take (`log_image` checks `[a-zA-Z0-9_\-./ ]`; metric names
 # also take `:` on POSIX only). Non-ASCII characters are escaped (`ascii_key`), others become `_`.
 _KEY_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-./ ")
+
+
+# The HTML views the logger may be asked for (the writer renders them). "*_words": the same
+# view between words (Clark et al.'s aggregation, `attnlog.words`).
+VIEWS = ("head", "model", "neuron", "head_words", "model_words")
+DEFAULT_VIEWS = ("head", "model", "neuron")
 
 
 # ---- names ----------------------------------------------------------------------------------

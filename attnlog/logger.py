@@ -378,7 +378,7 @@ def _check_step(step: Any) -> int:
 
 
 def _check_views(views: Sequence[str] | str) -> tuple[str, ...]:
-    from attnlog.render.event import VIEWS
+    from attnlog.layout import VIEWS
 
     views = (views,) if isinstance(views, str) else tuple(views)
     unknown = [v for v in views if v not in VIEWS]

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from attnlog.probes import bare_token
-from attnlog.render.fonts import has_cjk
 from attnlog.snapshot import ProbeAttention
+from attnlog.text import has_cjk
 
 __all__ = ["aggregate", "pool_probe", "unit_probe", "word_probe", "word_units"]
 

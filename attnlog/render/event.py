@@ -19,7 +19,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from attnlog.layout import html_path, tb_attention_tag, tb_pattern_tag, warn_once
+from attnlog.layout import (
+    DEFAULT_VIEWS,
+    VIEWS,
+    html_path,
+    tb_attention_tag,
+    tb_pattern_tag,
+    warn_once,
+)
 from attnlog.patterns import ScoreTable
 from attnlog.snapshot import ProbeAttention, Snapshot
 
@@ -35,9 +42,6 @@ __all__ = [
     "render_views",
 ]
 
-# "*_words": the same view between words (Clark et al.'s aggregation, `attnlog.words`).
-VIEWS = ("head", "model", "neuron", "head_words", "model_words")
-DEFAULT_VIEWS = ("head", "model", "neuron")
 MAX_HTML_BYTES = 10 * 2**20
 _BYTES_PER_WEIGHT = 8 / 3  # float16, base64-encoded
 _PAGE_BYTES = 300_000  # inlined d3/jQuery/RequireJS/bertviz (~160 kB) and markup, with room

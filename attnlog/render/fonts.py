@@ -17,6 +17,8 @@ from typing import Union
 
 from PIL import ImageFont
 
+from attnlog.text import has_cjk
+
 __all__ = ["AUTO", "Font", "FontSpec", "cjk_font", "find_font", "font_for", "has_cjk", "latin_font"]
 
 Font = Union[ImageFont.FreeTypeFont, ImageFont.ImageFont]  # noqa: UP007 (runtime alias, py3.10)
@@ -24,11 +26,6 @@ FontSpec = Union[str, "os.PathLike[str]", None]  # a path, None (no such font) o
 
 AUTO = "auto"
 
-_CJK = re.compile(
-    "[\u1100-\u11ff\u2e80-\u2fdf\u3000-\u30ff\u3100-\u31ff\u3200-\u33ff\u3400-\u4dbf"
-    "\u4e00-\u9fff\ua960-\ua97f\uac00-\ud7af\uf900-\ufaff\ufe30-\ufe4f\uff00-\uffef"
-    "\U00020000-\U0003134f]"
-)
 _FONT_DIRS = (
     "/usr/share/fonts",
     "/usr/local/share/fonts",
@@ -45,11 +42,6 @@ _CJK_NAME = re.compile(
     re.IGNORECASE,
 )
 _warned_cjk = False
-
-
-def has_cjk(text: str) -> bool:
-    """True if `text` has Chinese, Japanese or Korean characters (full-width forms included)."""
-    return _CJK.search(text) is not None
 
 
 def _fc_match(pattern: str) -> str | None:
