@@ -25,6 +25,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from attnlog.notes import warn_once  # re-exported: the readers import it from here
+
 __all__ = [
     "ARCHIVE_VIEWS",
     "DEFAULT_VIEWS",
@@ -231,7 +233,7 @@ def read_index(logdir: str | os.PathLike) -> list[dict[str, Any]]:
             continue
         by_step[entry["step"]] = entry
     if bad:
-        warn_once(path, f"attnlog: skipped {bad} damaged line(s) of {path}")
+        warn_once(path, f"attnlog: skipped {bad} damaged line(s) of {path}", logger=log)
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -246,17 +248,6 @@ def _entry(raw: bytes) -> dict[str, Any] | None:
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         return None
     return entry
-
-
-_warned: set[str] = set()
-
-
-def warn_once(key: Any, message: str) -> None:
-    """Log `message` the first time `key` is seen in this process (readers poll often)."""
-    key = str(key)
-    if key not in _warned:
-        _warned.add(key)
-        log.warning(message)
 
 
 # ---- JSON -----------------------------------------------------------------------------------

@@ -10,13 +10,13 @@ import os
 import re
 import shutil
 import subprocess
-import warnings
 from functools import cache, lru_cache
 from pathlib import Path
 from typing import Union
 
 from PIL import ImageFont
 
+from attnlog.notes import warn_once
 from attnlog.text import has_cjk
 
 __all__ = ["AUTO", "Font", "FontSpec", "cjk_font", "find_font", "font_for", "has_cjk", "latin_font"]
@@ -41,7 +41,6 @@ _CJK_NAME = re.compile(
     r"|msyh|simhei|simsun|PingFang|Hiragino)",
     re.IGNORECASE,
 )
-_warned_cjk = False
 
 
 def _fc_match(pattern: str) -> str | None:
@@ -117,18 +116,17 @@ def font_for(text: str, size: int, spec: FontSpec = AUTO, *, warn: bool = True) 
 
     `warn=False` is for measuring text only: the warning is kept for when it is drawn.
     """
-    global _warned_cjk
     if has_cjk(text):
         font = cjk_font(size, spec)
         if font is not None:
             return font
-        if warn and not _warned_cjk:
-            _warned_cjk = True
-            warnings.warn(
+        if warn:
+            warn_once(
+                "fonts/no-cjk-font",
                 "attnlog: tokens contain CJK characters but no CJK font was found, so heatmap "
                 "labels show empty boxes. Install one with `apt-get install fonts-noto-cjk` "
                 "(any Noto/Source Han CJK font that fc-match finds works).",
-                UserWarning,
+                category=UserWarning,
                 stacklevel=3,
             )
     return latin_font(size)
