@@ -179,14 +179,30 @@ class Recorder(Sink):
 
 
 class DuckSink:
-    """Not a subclass, but has every method: accepted as a Sink (as the old Protocol did)."""
+    """Not a subclass, but has a name and every method: accepted as a Sink (structural typing)."""
 
     name = "duck"
 
-    def __getattr__(self, name: str):
-        if name in SINK_METHODS:
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)
+    def log_settings(self, settings):
+        pass
+
+    def log_scores(self, table, step):
+        pass
+
+    def log_images(self, images, step):
+        pass
+
+    def log_html(self, files, step):
+        pass
+
+    def log_archive(self, snapshot, table, step):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
 
 
 def test_a_subclass_implements_only_what_it_stores():
@@ -216,6 +232,21 @@ def test_duck_typed_sinks_pass_and_partial_ones_do_not():
     assert not isinstance(Partial(), Sink)
     assert missing_methods(Partial()) == [m for m in SINK_METHODS if m != "log_scores"]
     assert not isinstance(object(), Sink)
+
+
+def test_the_logger_takes_subclasses_and_duck_sinks_and_refuses_a_nameless_one():
+    from attnlog.logger import check_options
+    from attnlog.sinks.base import missing_methods
+
+    class Nameless:
+        pass
+
+    for method in SINK_METHODS:
+        setattr(Nameless, method, lambda self, *args: None)
+    check_options({}, sinks=[Recorder(), DuckSink()])  # accepted before any model exists
+    assert missing_methods(Nameless()) == ["name"] and not isinstance(Nameless(), Sink)
+    with pytest.raises(TypeError, match="is not a sink name or a Sink"):
+        check_options({}, sinks=[Nameless()])  # the writer names its errors by `sink.name`
 
 
 @pytest.mark.parametrize("kind", ["tensorboard", "mlflow", "archive"])

@@ -12,7 +12,7 @@ import os
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from attnlog.layout import mlflow_metric, tb_pattern_tag
 
@@ -47,25 +47,19 @@ SINK_METHODS = (
 )
 
 
-class _SinkType(type):
-    """Lets `isinstance(obj, Sink)` accept duck-typed sinks (see `Sink`)."""
-
-    def __instancecheck__(cls, obj: Any) -> bool:
-        if super().__instancecheck__(obj):
-            return True
-        return cls is Sink and not missing_methods(obj)
-
-
-class Sink(metaclass=_SinkType):
+@runtime_checkable
+class Sink(Protocol):
     """Where one logging event goes. Subclass it and override what your backend stores.
 
     Called from one thread (or the writer process) at a time. Images are uint8 arrays
     `[height, width, 3]` keyed by tag (`layout.tb_attention_tag`); HTML files are keyed by a
     relative path (`layout.html_path`, e.g. `attention/step_00000100/probe_0/head_view.html`).
 
-    `isinstance(obj, Sink)` is also true for an object that does not subclass `Sink` but has all
-    seven methods (`SINK_METHODS`, duck typing, as the earlier Protocol allowed); an object that
-    lacks one is refused by the logger with a message naming what is missing.
+    A subclass inherits a no-op for every method it leaves out. A class that does not subclass
+    `Sink` is one too when it has a `name` and all seven methods (`SINK_METHODS`) as class
+    attributes: `Sink` is a runtime-checkable `Protocol`, so `isinstance(obj, Sink)` is a
+    structural check: the logger refuses an object that fails it, and `missing_methods` names
+    what the object lacks.
     """
 
     name: str = "sink"
@@ -92,9 +86,10 @@ class Sink(metaclass=_SinkType):
         """Flush and release resources; safe to call twice."""
 
 
-def missing_methods(obj: Any) -> list[str]:
-    """The `SINK_METHODS` that `obj` lacks (for the logger's error message)."""
-    return [m for m in SINK_METHODS if not callable(getattr(obj, m, None))]
+def missing_methods(obj: object) -> list[str]:
+    """What `obj` lacks of a sink: the `SINK_METHODS` it has no callable for, then `name`."""
+    missing = [m for m in SINK_METHODS if not callable(getattr(obj, m, None))]
+    return missing + ([] if isinstance(getattr(obj, "name", None), str) else ["name"])
 
 
 SINKS: dict[str, Callable[..., Sink]] = {}
