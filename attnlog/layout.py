@@ -23,9 +23,12 @@ import os
 import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attnlog.notes import warn_once  # re-exported: the readers import it from here
+
+if TYPE_CHECKING:
+    from attnlog.snapshot import ProbeAttention
 
 __all__ = [
     "ARCHIVE_VIEWS",
@@ -188,7 +191,7 @@ def archive_path(logdir: str | os.PathLike, entry: dict[str, Any]) -> Path:
 ARCHIVE_VIEWS = ("attention", "decoder_attention", "cross_attention")
 
 
-def probe_shapes(probe: Any) -> dict[str, Any]:
+def probe_shapes(probe: ProbeAttention) -> dict[str, Any]:
     """`{name, pooled, shapes: {view: [L, H, rows, cols]}}` of a `ProbeAttention`.
 
     Stored in each index line (`probe_shapes`) so the Attention tab lists steps without opening
@@ -197,11 +200,11 @@ def probe_shapes(probe: Any) -> dict[str, Any]:
     shapes = {
         view: [int(n) for n in getattr(probe, view).shape]
         for view in ARCHIVE_VIEWS
-        if getattr(probe, view, None) is not None
+        if getattr(probe, view) is not None
     }
     return {
         "name": probe.name,
-        "pooled": getattr(probe, "labels", None) is not None,
+        "pooled": probe.labels is not None,
         "shapes": shapes,
     }
 

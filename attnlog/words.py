@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from attnlog.probes import bare_token
 from attnlog.snapshot import ProbeAttention
@@ -28,10 +28,11 @@ from attnlog.text import has_cjk
 __all__ = ["aggregate", "pool_probe", "unit_probe", "word_probe", "word_units"]
 
 Segmenter = Callable[[str], Sequence[str]]
+WordKey = tuple[object, ...] | None  # what makes neighbouring tokens one word; None: alone
 _ELLIPSIS = "\u2026"
 
 
-def aggregate(attn: Any, units: Any) -> np.ndarray:
+def aggregate(attn: npt.ArrayLike, units: npt.ArrayLike) -> np.ndarray:
     """Attention between units: sum over a unit's positions as keys, mean over them as queries.
 
     Args:
@@ -75,7 +76,7 @@ def word_units(
     n = len(tokens)
     word_ids = _ints(probe.word_ids, n, -1)
     segment = _ints(probe.segment, n, 0)
-    keys = [  # what makes two neighbouring tokens one word
+    keys: list[WordKey] = [  # what makes two neighbouring tokens one word
         None if word_ids[i] < 0 else (int(segment[i]), int(word_ids[i])) for i in range(n)
     ]
     if segmenter == "auto":
@@ -119,14 +120,12 @@ def pool_probe(probe: ProbeAttention, max_units: int) -> ProbeAttention:
 def unit_probe(probe: ProbeAttention) -> ProbeAttention:
     """A capture pooled at capture time (`spans` set, attention `[L, H, m, m]`) as a flat probe
     whose m tokens are the block labels; any other probe unchanged."""
-    spans = getattr(probe, "spans", None)
+    spans = probe.spans
     if spans is None:
         return probe
     spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
     starts = spans[:, 0]
-    labels = getattr(probe, "labels", None) or [
-        _span_label(probe.tokens[s:e]) for s, e in spans.tolist()
-    ]
+    labels = probe.labels or [_span_label(probe.tokens[s:e]) for s, e in spans.tolist()]
     return _flat(probe, np.asarray(probe.attention), starts, list(labels), word_ids=None)
 
 
@@ -134,7 +133,7 @@ def unit_probe(probe: ProbeAttention) -> ProbeAttention:
 
 
 def _grouped(
-    probe: ProbeAttention, units: np.ndarray, labels: list[str], word_ids: Any
+    probe: ProbeAttention, units: np.ndarray, labels: list[str], word_ids: np.ndarray | None
 ) -> ProbeAttention:
     starts = np.flatnonzero(np.r_[True, units[1:] != units[:-1]])  # first token of each unit
     return _flat(probe, aggregate(probe.attention, units), starts, labels, word_ids)
@@ -145,10 +144,10 @@ def _flat(
 ) -> ProbeAttention:
     """A ProbeAttention over units: per-token arrays taken at each unit's first token."""
 
-    def first(value: Any) -> Any:
+    def first(value: npt.ArrayLike | None) -> np.ndarray | None:
         return None if value is None else np.asarray(value)[starts]
 
-    changes: dict[str, Any] = {
+    changes: dict[str, object] = {
         "tokens": labels,
         "attention": attention,
         "special": first(probe.special),
@@ -162,12 +161,12 @@ def _flat(
         "decoder_attention": None,
         "cross_attention": None,
     }
-    if getattr(probe, "spans", None) is not None:
+    if probe.spans is not None:
         changes.update(spans=None, labels=None)
     return replace(probe, **changes)
 
 
-def _ints(value: Any, n: int, default: int) -> np.ndarray:
+def _ints(value: npt.ArrayLike | None, n: int, default: int) -> np.ndarray:
     if value is None:
         return np.full(n, default, dtype=np.int64)
     array = np.asarray(value, dtype=np.int64).reshape(-1)
@@ -197,7 +196,7 @@ def _segmenter(spec: str | Segmenter) -> Segmenter:
     return jieba.lcut
 
 
-def _segment_chinese(tokens: list[str], keys: list[Any], segment: Segmenter) -> list[Any]:
+def _segment_chinese(tokens: list[str], keys: list[WordKey], segment: Segmenter) -> list[WordKey]:
     """Runs of non-special Chinese tokens re-keyed by the words `segment` finds in their text."""
     keys = list(keys)
     i = 0

@@ -18,17 +18,14 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from attnlog.patterns.context import Device, PatternContext
 from attnlog.patterns.registry import PATTERNS, PatternFn, select
-from attnlog.patterns.rows import Device, Probes, Rows
+from attnlog.patterns.rows import Probes, Rows
 from attnlog.patterns.table import ScoreTable, build_table, unique_names
-
-if TYPE_CHECKING:
-    from attnlog.patterns.context import PatternContext
 
 __all__ = ["ScoreAccumulator", "call_user", "check_attention", "score_one"]
 

@@ -12,14 +12,20 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from attnlog.probes import bare_token, is_punctuation
 
-__all__ = ["CLS_TOKENS", "IDENTICAL_TOKEN_STOPLIST", "SEP_TOKENS", "PatternContext"]
+if TYPE_CHECKING:
+    from attnlog.snapshot import ProbeAttention
+
+__all__ = ["CLS_TOKENS", "IDENTICAL_TOKEN_STOPLIST", "SEP_TOKENS", "Device", "PatternContext"]
+
+Device = torch.device | str | None  # where masks and scores live (None: where they are)
 
 # Token strings that mark a [CLS]-like summary token or a segment-closing separator. Position
 # rules come first (see `PatternContext.create`); these catch tokenizers that put them elsewhere.
@@ -69,7 +75,7 @@ class PatternContext:
     queries: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     scaling: float | None = None
-    _prepared: Any = field(default=None, init=False, repr=False)
+    _prepared: torch.Tensor | None = field(default=None, init=False, repr=False)
     _batches: dict = field(default_factory=dict, init=False, repr=False)  # see rows.Probes.of
 
     @classmethod
@@ -78,18 +84,18 @@ class PatternContext:
         n: int,
         *,
         tokens: Sequence[str] | None = None,
-        special: Any = None,
-        punct: Any = None,
-        segment: Any = None,
-        token_ids: Any = None,
-        word_ids: Any = None,
-        valid: Any = None,
+        special: npt.ArrayLike | None = None,
+        punct: npt.ArrayLike | None = None,
+        segment: npt.ArrayLike | None = None,
+        token_ids: npt.ArrayLike | None = None,
+        word_ids: npt.ArrayLike | None = None,
+        valid: npt.ArrayLike | None = None,
         causal: bool = False,
         is_pair: bool = False,
-        queries: Any = None,
-        keys: Any = None,
+        queries: npt.ArrayLike | None = None,
+        keys: npt.ArrayLike | None = None,
         scaling: float | None = None,
-        device: Any = None,
+        device: Device = None,
     ) -> PatternContext:
         """Build a context for an `n`-token probe; missing masks are derived from `tokens`.
 
@@ -110,7 +116,9 @@ class PatternContext:
         return ctx.to(device) if device is not None else ctx
 
     @classmethod
-    def from_probe(cls, probe: Any, *, valid: Any = None) -> PatternContext:
+    def from_probe(
+        cls, probe: ProbeAttention, *, valid: npt.ArrayLike | None = None
+    ) -> PatternContext:
         """Context of a `ProbeAttention` (torch or numpy arrays), on its attention's device."""
         attn = probe.attention
         device = attn.device if torch.is_tensor(attn) else "cpu"
@@ -131,7 +139,7 @@ class PatternContext:
             device=device,
         )
 
-    def to(self, device: Any) -> PatternContext:
+    def to(self, device: Device) -> PatternContext:
         """Masks moved to `device` (q/k stay where they are until `max_logit` needs them)."""
         moved = PatternContext(
             **{
@@ -171,7 +179,7 @@ class PatternContext:
         """[n, n] bool: j != i."""
         return ~torch.eye(self.n, dtype=torch.bool, device=self.valid.device)
 
-    def prepare(self, attn: Any) -> torch.Tensor:
+    def prepare(self, attn: npt.ArrayLike) -> torch.Tensor:
         """Attention in float32, rows renormalised over visible keys, padded query rows zeroed.
 
         Args:
@@ -197,7 +205,13 @@ class PatternContext:
 _MASKS = ("valid", "special", "cls", "sep", "punct", "stop", "segment", "token_ids")
 
 
-def _vector(value: Any, default: Any, dtype: torch.dtype, name: str, n: int) -> torch.Tensor:
+def _vector(
+    value: npt.ArrayLike | None,
+    default: npt.ArrayLike | None,
+    dtype: torch.dtype,
+    name: str,
+    n: int,
+) -> torch.Tensor:
     """One [n] CPU mask from a list, numpy array or tensor (`default` when None)."""
     value = default if value is None else value
     t = torch.as_tensor(np.asarray(value.cpu() if torch.is_tensor(value) else value))
@@ -270,7 +284,9 @@ def _same_sentence_chance(ctx: PatternContext) -> float:
     return float(same[rows].mean()) if bool(rows.any()) else math.nan
 
 
-def _queries_keys(queries: Any, keys: Any, n: int) -> tuple[Any, Any]:
+def _queries_keys(
+    queries: npt.ArrayLike | None, keys: npt.ArrayLike | None, n: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Checked [L, H, n, d] q and k as tensors, or (None, None) unless both are given."""
     for name, value in (("queries", queries), ("keys", keys)):
         if value is not None:

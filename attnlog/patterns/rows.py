@@ -9,16 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import cached_property
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from attnlog.patterns.context import PatternContext
+from attnlog.patterns.context import Device, PatternContext
 
 __all__ = ["Probes", "RowValues", "Rows", "RowsFn", "row_entropy"]
-
-Device = torch.device | str | None
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

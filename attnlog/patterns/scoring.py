@@ -8,9 +8,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from attnlog.patterns.accumulator import ScoreAccumulator, call_user, check_attention
-from attnlog.patterns.context import PatternContext
+from attnlog.patterns.context import Device, PatternContext
 from attnlog.patterns.registry import PATTERNS, PatternFn, select
-from attnlog.patterns.rows import Device
 from attnlog.patterns.table import ScoreTable, build_table, unique_names
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ import os
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from attnlog.layout import mlflow_metric, tb_pattern_tag
 
@@ -201,7 +201,7 @@ def head_metrics(table: ScoreTable) -> dict[str, float]:
     return out
 
 
-def describe(value: Any) -> str:
+def describe(value: object) -> str:
     """Short text for settings/params."""
     text = str(value)
     return text if len(text) <= 500 else text[:497] + "..."
