@@ -9,10 +9,12 @@ tags. Each (kind, layer, head) alerts once per run, so a collapsed head does not
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from attnlog.patterns import ScoreTable
+if TYPE_CHECKING:
+    from attnlog.patterns import ScoreTable
 
 __all__ = ["AlertTracker", "AttentionAlert"]
 
@@ -92,7 +94,15 @@ class AlertTracker:
         self._previous[name] = now.copy()
         return now, before
 
-    def _report(self, table, kind, hit, name, now, was) -> list[str]:
+    def _report(
+        self,
+        table: ScoreTable,
+        kind: str,
+        hit: np.ndarray,
+        name: str,
+        now: np.ndarray,
+        was: np.ndarray,
+    ) -> list[str]:
         lines = []
         for layer, head in zip(*np.nonzero(hit)):
             key = (kind, int(layer), int(head))
