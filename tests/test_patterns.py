@@ -1,4 +1,4 @@
-"""Pattern scores on hand-built attention with known answers (PATTERNS.md)."""
+"""Pattern scores on hand-built attention with known answers (docs/patterns.md)."""
 
 from __future__ import annotations
 
