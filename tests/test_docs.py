@@ -1,4 +1,5 @@
-"""The docs run: every Python block of README.md and docs/*.md runs, every `attnlog` command parses.
+"""The docs run: every Python block of README.md, CHANGELOG.md and docs/*.md runs, and every
+`attnlog` command in them parses.
 
 Each Python block runs in a fresh namespace that holds what a reader's script would already have
 (`model`, `tokenizer`, `probes`, a tiny dataset and loader, `args` with few steps), in a scratch
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
 PROBES = ["The cat sat on the mat.", ("The cat sat.", "It was happy.")]
 FENCE = re.compile(r"^```(\S*)\s*$")
 SKIP = re.compile(r"^<!--\s*skip:\s*(.+?)\s*-->$")
