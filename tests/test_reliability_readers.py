@@ -1,4 +1,4 @@
-"""Issue 12 against the archive, its readers and the TensorBoard sink: damaged runs, torn index
+"""The archive, its readers and the TensorBoard sink under damage: damaged runs, torn index
 lines, two writers on one logdir, a full disk, and bad requests to the Attention tab.
 
 Every test here failed on the code before the fix (each says how)."""
@@ -36,7 +36,7 @@ def archive(logdir: Path, steps=(0, 10, 20)) -> None:
 
 
 def damage(logdir: Path) -> None:
-    """What issue 12 item 2 found: an indexed step whose `.npz` is gone, a `{}` line, bytes that
+    """A damaged run: an indexed step whose `.npz` is gone, a `{}` line, bytes that
     are not UTF-8, and a truncated `.npz` for the last step."""
     archive(logdir, (30, 40))
     folder = plugin_dir(logdir)
@@ -47,7 +47,7 @@ def damage(logdir: Path) -> None:
         fh.write(b"{}\n\xff\xfe\x00garbage\n[1, 2]\n")
 
 
-# ---- item 2: one damaged run --------------------------------------------------------------------
+# ---- one damaged run ---------------------------------------------------------------------------
 
 
 def test_damaged_index_lines_are_skipped_with_one_warning(tmp_path, caplog):
@@ -85,7 +85,7 @@ def test_report_and_sync_on_a_path_without_a_run_exit_non_zero(tmp_path, capsys)
         assert "attnlog report: error:" in capsys.readouterr().err
 
 
-# ---- item 6: torn last line, short writes ---------------------------------------------------------
+# ---- torn last line, short writes ----------------------------------------------------------------
 
 
 def test_a_torn_last_line_does_not_swallow_the_next_step(tmp_path):
@@ -145,7 +145,7 @@ def test_a_short_write_is_not_ignored(tiny_tmpfs):
         os.close(fd)
 
 
-# ---- item 4: the TensorBoard sink after a full disk ---------------------------------------------
+# ---- the TensorBoard sink after a full disk ----------------------------------------------------
 
 
 # TensorBoard's own writer thread dies with the full disk (that is the bug): pytest reports it.
@@ -185,7 +185,7 @@ def test_tensorboard_sink_recovers_after_a_full_disk(tiny_tmpfs):
     assert steps[0] == 0 and steps[-2:] == [3, 4]
 
 
-# ---- item 5: two processes on one logdir ------------------------------------------------------------
+# ---- two processes on one logdir -------------------------------------------------------------------
 
 WRITER = textwrap.dedent(
     """
@@ -217,7 +217,7 @@ def test_two_processes_on_one_logdir_lose_no_step(tmp_path):
     assert not list(plugin_dir(tmp_path).glob("*.tmp"))
 
 
-# ---- item 10: temporaries of failed saves ----------------------------------------------------------
+# ---- temporaries of failed saves ------------------------------------------------------------------
 
 
 def test_temporaries_of_dead_saves_are_removed(tmp_path):
@@ -246,7 +246,7 @@ def test_a_save_that_fails_on_a_full_disk_leaves_no_temporary(tiny_tmpfs):
     assert [e["step"] for e in read_index(run)] == [0, 1]
 
 
-# ---- issue 13 item 13: identical scores shown once -------------------------------------------------
+# ---- identical scores shown once ------------------------------------------------------------------
 
 
 def test_identical_scores_are_ranked_once():
@@ -309,7 +309,7 @@ def test_attention_tab_serves_the_rest_of_a_damaged_logdir(tmp_path):
         _, runs = fetch(f"{base}/runs")
         assert [s["step"] for s in runs["bad"]] == [0, 10, 20]  # the bad file is now known
 
-        # item 10: client mistakes are 400/404, never 500
+        # client mistakes are 400/404, never 500
         for query, codes in [
             (dict(run="r" * 300, step=0), (404,)),  # before: 500 (file name too long)
             (dict(run="r" * 2000, step=0), (400,)),

@@ -352,7 +352,7 @@ def test_layer_subset(pair_probe):
     assert '"include_layers":[1]' in one
 
 
-# ---- size guard (issue 12 item 9) ----------------------------------------------------------
+# ---- size guard --------------------------------------------------------------------------
 
 
 def long_probe(n, layers, heads, qk=False, name="long"):
@@ -374,7 +374,7 @@ def long_probe(n, layers, heads, qk=False, name="long"):
 def test_512_token_probe_views_stay_under_the_cap_and_draw(browser, tmp_path, caplog):  # noqa: F811
     from attnlog.render.event import MAX_HTML_BYTES, probe_views
 
-    probe = long_probe(512, 12, 12, name="long512")  # uncapped: ~100 MB per view (issue 12)
+    probe = long_probe(512, 12, 12, name="long512")  # uncapped: ~100 MB per view
     with caplog.at_level("WARNING"):
         files = probe_views(probe, 7, ("head", "model", "neuron"))
         probe_views(probe, 8, ("head",))

@@ -1,4 +1,4 @@
-"""The MLflow spool against a real `mlflow server` on 127.0.0.1 (issue 12 item 3): one damaged
+"""The MLflow spool against a real `mlflow server` on 127.0.0.1: one damaged
 entry is set aside alone, the rest is sent to ONE run, and `attnlog sync` ends with a message,
 not a traceback."""
 
