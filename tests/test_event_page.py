@@ -4,6 +4,7 @@ safe against hostile tokens, small, and under the HTML cap."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,6 +148,48 @@ def test_model_view_draws_the_probe_chosen(browser, tmp_path, snapshot):  # noqa
         assert set(probe.tokens) <= set(texts)
 
 
+def test_dropdowns_of_each_view_redraw_it(browser, tmp_path, snapshot):  # noqa: F811
+    path = tmp_path / "step.html"
+    path.write_text(page_of(snapshot, ("head", "neuron")), encoding="utf-8")
+    browser.get(path.as_uri())
+    pair = snapshot.probes[0]
+    show(browser, 0, "head")
+    choose(browser, "#layer", "1")
+    choose(browser, "#filter", "3")  # Sentence A -> Sentence B: A on the left, B on the right
+    texts = wait_for(
+        browser,
+        "const t = Array.from(document.querySelectorAll('#vis svg text')).map(e => e.textContent);"
+        "return t.length === 10 ? t : null;",
+    )
+    assert texts == pair.tokens[:6] + pair.tokens[6:]
+    drawn = browser.execute_script(  # the weights the lines of layer 1, A -> B, stand for
+        "return Array.from(document.querySelectorAll('#vis svg line')).map(e => e.__data__);"
+    )
+    expected = pair.attention[1, :, :6, 6:].astype(np.float64).reshape(-1)
+    assert len(drawn) == expected.size  # one line per head, query and key
+    np.testing.assert_allclose(sorted(drawn), np.sort(expected), atol=0.5 / 255 + 1e-6)
+    show(browser, 0, "neuron")
+    choose(browser, "#layer", "1")
+    choose(browser, "#att_head", "2")
+    choose(browser, "#filter", "ab")
+    texts = wait_for(
+        browser,
+        "const t = Array.from(document.querySelectorAll('#vis svg text')).map(e => e.textContent);"
+        "return t.length === 26 && t;",  # captions, then A -> B twice (expanded, collapsed)
+    )
+    assert texts[6:] == 2 * (pair.tokens[:6] + pair.tokens[6:]) and "Softmax" in texts
+    assert browser.execute_script("return window.__xss === undefined;")
+
+
+def choose(driver, select: str, value: str) -> None:
+    driver.execute_script(
+        "const s = document.querySelector('#attnlog-stage ' + arguments[0]);"
+        "s.value = arguments[1]; s.dispatchEvent(new Event('change'));",
+        select,
+        value,
+    )
+
+
 def test_page_draws_inside_a_sandboxed_iframe_like_mlflow(browser, tmp_path, snapshot):  # noqa: F811
     """MLflow's artifact viewer shows HTML as a blob URL in `<iframe sandbox="allow-scripts">`."""
     host = tmp_path / "host.html"
@@ -285,3 +328,42 @@ def test_folder_sink_writes_the_page_as_views_html(tmp_path, snapshot):
     assert (tmp_path / "b/step_00000007/views.html").read_text(encoding="utf-8") == files[
         "attention/step_00000007.html"
     ]
+
+
+def test_an_event_with_the_defaults_writes_one_page_and_its_mlflow_copy(minilm, tmp_path):
+    """TensorBoard + MLflow (sqlite) + the archive, default probes and views: two HTML files
+    per event, the page in the logdir and the same page as the step's one MLflow artifact."""
+    from mlflow import MlflowClient
+
+    from attnlog import AttentionLogger
+    from attnlog.layout import html_dir
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowClient(uri).create_experiment("exp", artifact_location=str(tmp_path / "art"))
+    model, tokenizer = minilm
+    logdir = tmp_path / "run"
+    with AttentionLogger(
+        model,
+        tokenizer,
+        sinks=["tensorboard", "mlflow"],
+        sink_options={"mlflow": {"tracking_uri": uri, "experiment_name": "exp"}},
+        logdir=logdir,
+        writer="thread",
+        strict=True,
+    ) as logger:
+        logger.log(0)
+        logger.log(10)
+    pages = sorted(p.relative_to(html_dir(logdir)).as_posix() for p in logdir.rglob("*.html"))
+    assert pages == [page_path(0), page_path(10)]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    files, folders = [], [None]
+    while folders:
+        for info in client.list_artifacts(run.info.run_id, folders.pop()):
+            (folders.append(info.path) if info.is_dir else files.append(info.path))
+    assert sorted(f for f in files if f.endswith(".html")) == pages
+    for path in pages:
+        page = (html_dir(logdir) / path).read_text(encoding="utf-8")
+        copy = client.download_artifacts(run.info.run_id, path, str(tmp_path / "down"))
+        assert Path(copy).read_text(encoding="utf-8") == page
+        assert page.count('"name":') >= 8 and '"neuron":{' in page  # every default probe
