@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser import browser, wait_for  # noqa: F401  (session fixture; tests/ is on sys.path)
+from browser import browser, console_log, wait_for  # noqa: F401  (browser: a fixture)
 from test_render_html import (  # noqa: F401  (minilm_probe: a fixture)
     XSS,
     long_probe,
@@ -23,7 +23,7 @@ from attnlog.render.html import _script_json
 from attnlog.snapshot import Snapshot
 
 ALL_VIEWS = ("head", "model", "neuron", "head_words", "model_words")
-SCRIPTS = 5  # the data JSON, d3, jQuery, bertviz's three views (one script), the page
+SCRIPTS = 4  # the data JSON, d3, bertviz's three views (one script), the page
 
 
 def seq2seq():
@@ -127,6 +127,7 @@ def test_every_view_of_every_probe_draws_offline(browser, tmp_path, snapshot):  
     drawn = show(browser, 0, "head")
     assert XSS in drawn["texts"] and set(pair_tokens) <= set(drawn["texts"])
     assert_safe(browser, page)
+    assert [m for m in console_log(browser) if "Uncaught" in m or "Error" in m] == []
 
 
 def test_model_view_draws_the_probe_chosen(browser, tmp_path, snapshot):  # noqa: F811
@@ -260,7 +261,7 @@ def test_capped_page_still_draws_pooled_probe(browser, tmp_path, caplog):  # noq
 def test_scripts_and_attention_are_written_once(snapshot):
     page = page_of(snapshot, ("head", "model", "neuron"))
     assert page.count("5.16.0 (attnlog subset)") == 1  # d3
-    assert page.count("jQuery v3") == 1 and page.count("function initialize") == 3
+    assert page.count("function attnlogJQuery") == 1 and page.count("function initialize") == 3
     pair = page.split('"name":"pair"')[1]
     attention = re.search(r'"dtype":"u8","scale":[0-9.e-]+,"data":"([A-Za-z0-9+/=]{60})', pair)
     assert page.count(attention.group(1)) == 1  # head, model and neuron views share it
