@@ -310,6 +310,21 @@ def test_probes_that_cannot_fit_are_left_out_with_a_note():
     assert '"name":"tiny"' in page
 
 
+def test_a_long_encoder_decoder_probe_is_left_out_before_encoding(caplog):
+    rng = np.random.default_rng(4)
+    long = make_probe([f"e{i}" for i in range(200)], qk=False, name="t5long")
+    long.decoder_tokens = [f"d{i}" for i in range(200)]
+    long.decoder_attention = softmax_attention(rng, 2, 3, 200, 200, causal=True)
+    long.cross_attention = softmax_attention(rng, 2, 3, 200, 200)
+    snapshot = Snapshot(step=7, probes=[long, make_probe(["a", "b"], name="tiny")])
+    with caplog.at_level("WARNING"):
+        page = page_of(snapshot, ("head", "model"), max_bytes=400_000)  # t5long: ~960 kB
+    assert len(page.encode()) <= 400_000 and '"name":"t5long"' not in page
+    assert "cap: t5long." in page and '"name":"tiny"' in page
+    assert any("'t5long' (200 positions) is left out" in r.getMessage() for r in caplog.records)
+    assert event_views(snapshot, 7, ("head",), max_bytes=50_000) == {}  # not even the scripts
+
+
 def test_per_probe_pages_stay_an_option(snapshot):
     files = event_views(snapshot, 7, ("head", "model", "per_probe"))
     assert files.keys() == render_views(snapshot, ("head", "model")).keys()

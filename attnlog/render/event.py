@@ -202,7 +202,11 @@ def event_views(
     if not views or not snapshot.probes:
         return {}
     cap = max_html_bytes() if max_bytes is None else int(max_bytes)
-    return {page_path(step): _event_page(snapshot.probes, step, views, cap)}
+    page = _event_page(snapshot.probes, step, views, cap)
+    if len(page.encode("utf-8")) > cap:  # a cap below the scripts' own ~120 kB
+        warn_once(f"html-cap/page/{cap}", f"attnlog: no page of views: {_mib(cap)} is too small")
+        return {}
+    return {page_path(step): page}
 
 
 # ---- size guard --------------------------------------------------------------------------------
@@ -272,10 +276,15 @@ def _event_page(probes: Sequence[ProbeAttention], step: int, views: tuple[str, .
     from attnlog.words import unit_probe
 
     wanted = tuple(v for v in views if v != PER_PROBE)
-    originals = [unit_probe(p) for p in probes]
-    parts = [_page_probe(p, wanted, cap) for p in originals]
+    originals, parts, left_out = [], [], []
+    for probe in map(unit_probe, probes):
+        part = _page_probe(probe, wanted, cap)
+        if part is None:
+            left_out.append(probe.name)
+        else:
+            originals.append(probe)
+            parts.append(part)
     encoded = [page.encode_probe(part, wanted) for part in parts]
-    left_out: list[str] = []
 
     def notes() -> list[str]:
         names = ", ".join(left_out)
@@ -304,12 +313,16 @@ def _event_page(probes: Sequence[ProbeAttention], step: int, views: tuple[str, .
 
 
 def _page_probe(probe: ProbeAttention, views: tuple[str, ...], cap: int):
-    """A probe as the page first tries to show it: pooled only if its attention alone is over."""
-    from attnlog.render import page
+    """A probe as the page first tries to show it: pooled only if its attention alone is over,
+    None (left out) when that is an encoder-decoder's, whose parts cannot be pooled."""
+    from attnlog.render import html, page
     from attnlog.words import word_probe
 
     weights = _values(probe.attention, probe.decoder_attention, probe.cross_attention)
-    if _PAGE_BYTES_PER_VALUE * weights > cap and probe.decoder_tokens is None:
+    if _PAGE_BYTES_PER_VALUE * weights > cap and probe.decoder_tokens is not None:
+        _warn_page(probe, None, "left out of the page")
+        return None
+    if _PAGE_BYTES_PER_VALUE * weights > cap:
         units = math.isqrt(
             int(cap / _PAGE_BYTES_PER_VALUE / _values(probe.attention[:, :, :1, :1]))
         )
@@ -317,7 +330,9 @@ def _page_probe(probe: ProbeAttention, views: tuple[str, ...], cap: int):
     part = page.PageProbe(shown=probe)
     if probe.queries is None or probe.keys is None:
         part.why_not["neuron"] = "no query/key vectors were captured (record_qk)."
-    elif _PAGE_BYTES_PER_VALUE * _values(probe.queries, probe.keys) > cap:
+    elif _PAGE_BYTES_PER_VALUE * (qk := _values(probe.queries, probe.keys)) > cap or (
+        qk > html._MAX_NEURON_VALUES  # the neuron view's own limit
+    ):
         _drop_qk(part, f"left out: alone they are over the {_mib(cap)} cap")
     if probe.decoder_tokens is not None:
         part.why_not.update(dict.fromkeys(("head_words", "model_words"), _NO_WORDS))
