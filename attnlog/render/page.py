@@ -49,6 +49,7 @@ body { margin: 0; font-family: 'Helvetica Neue', Helvetica, Arial, sans-serif; }
 #attnlog-tabs button[aria-selected=true] { background: #333; color: #fff; }
 #attnlog-notes { color: #8a4b00; font-size: 13px; }
 #attnlog-stage { padding: 8px; }
+#bertviz-attnlog > span > span { margin-right: 12px; }
 """
 
 
