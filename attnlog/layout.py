@@ -9,7 +9,8 @@ Layout of a run folder (`logdir`)::
     <logdir>/plugins/attnlog/               plugin_dir(logdir)
         index.jsonl                         one JSON line per archived step (INDEX)
         step_<8 digits>.npz                 archive_name(step)
-        html/attention/step_<8>/<probe>/<view>.html   html_dir(logdir) / html_path(...)
+        html/attention/step_<8>.html        html_dir(logdir) / page_path(step): the event's page
+        html/attention/step_<8>/<probe>/<view>.html   html_path(...): per-probe pages (option)
         mlflow_spool/                       default_spool_dir(logdir)
 """
 
@@ -36,6 +37,7 @@ __all__ = [
     "INDEX",
     "TB_ALERTS_TAG",
     "TB_SETTINGS_TAG",
+    "PER_PROBE",
     "VIEWS",
     "archive_name",
     "archive_path",
@@ -46,6 +48,7 @@ __all__ = [
     "html_path",
     "json_matrix",
     "mlflow_metric",
+    "page_path",
     "plugin_dir",
     "probe_shapes",
     "read_index",
@@ -69,7 +72,9 @@ _KEY_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234
 
 # The HTML views the logger may be asked for (the writer renders them). "*_words": the same
 # view between words (Clark et al.'s aggregation, `attnlog.words`).
-VIEWS = ("head", "model", "neuron", "head_words", "model_words")
+# PER_PROBE is not a view: it asks for one page per probe and view instead of the event page.
+PER_PROBE = "per_probe"
+VIEWS = ("head", "model", "neuron", "head_words", "model_words", PER_PROBE)
 DEFAULT_VIEWS = ("head", "model", "neuron")
 
 
@@ -150,6 +155,11 @@ def _step_dir(step: int) -> str:
 def html_path(step: int, probe: str, view: str) -> str:
     """`attention/step_<8 digits>/<probe>/<view>.html`."""
     return f"{_step_dir(step)}/{safe_name(probe)}/{view}.html"
+
+
+def page_path(step: int) -> str:
+    """`attention/step_<8 digits>.html`: the one page of an event's views (an MLflow artifact)."""
+    return f"{_step_dir(step)}.html"
 
 
 def scores_path(step: int) -> str:

@@ -54,8 +54,9 @@ class AttentionLogger:
             unless `archive=False`: the Attention tab and `attnlog report` read it.
         logdir: folder for TensorBoard events and the archive (`<logdir>/plugins/attnlog`).
         patterns: pattern names to score (None: all registered; `[]` is an error).
-        views: bertviz views written per probe and event: "head", "model", "neuron" (one name
-            or several; `()` for none).
+        views: bertviz views, tabs of one page per event (`attention/step_<8 digits>.html`):
+            "head", "model", "neuron", "head_words", "model_words" (one name or several; `()`
+            for none). Add "per_probe" for one page per probe and view instead.
         layer_images: also log one token-labelled heatmap per layer and probe. Off by default:
             they are most of the writer's cost (benchmarks/README.md); the model image (all
             layers × heads) is always made, and the TensorBoard Attention tab shows any head

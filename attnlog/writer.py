@@ -131,7 +131,7 @@ class EventWriter:
         return writer
 
     def write(self, event: Event) -> None:
-        from attnlog.render.event import pattern_images, probe_images, probe_views
+        from attnlog.render.event import event_views, pattern_images, probe_images
 
         step, snapshot = event.step, event.snapshot
         table = event.table
@@ -146,14 +146,14 @@ class EventWriter:
             self.to_sinks("log_settings", settings)
         self.to_sinks("log_scores", table, step)
         words = any(view.endswith("_words") for view in self.config.views)
-        for probe in snapshot.probes:  # one probe's images and pages in memory at a time
+        for probe in snapshot.probes:  # one probe's images in memory at a time
             layers = self.config.layer_images
             images = self.contained("render", probe_images, probe, step, layers=layers, words=words)
             if images:
                 self.to_sinks("log_images", images, step)
-            files = self.contained("render", probe_views, probe, step, self.config.views)
-            if files:
-                self.to_sinks("log_html", files, step)
+        files = self.contained("render", event_views, snapshot, step, self.config.views)
+        if files:  # one page per event, every probe and view
+            self.to_sinks("log_html", files, step)
         images = self.contained("render", pattern_images, table, step)
         if images:
             self.to_sinks("log_images", images, step)

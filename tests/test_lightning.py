@@ -88,7 +88,7 @@ def test_lightning_logs_first_every_n_and_last_step(tmp_path, minilm_path):
         assert tag in images
         assert [e.step for e in acc.Images(tag)] == [0, 3, 4]
     assert {"patterns/delimiter/layer_0", "patterns/delimiter/max"} <= scalars
-    assert (logdir / "plugins/attnlog/html/attention/step_00000004/cat/head_view.html").is_file()
+    assert (logdir / "plugins/attnlog/html/attention/step_00000004.html").is_file()
 
 
 def test_missing_tokenizer_fails_before_training(tmp_path, minilm_path):

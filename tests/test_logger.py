@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from attnlog import AttentionLogger
-from attnlog.layout import html_path, plugin_dir, read_index
+from attnlog.layout import page_path, plugin_dir, read_index
 from attnlog.sinks.base import head_metrics, pattern_scalars
 from attnlog.sinks.memory import MemorySink
 
@@ -72,16 +72,15 @@ def test_events_reach_every_sink_in_order(minilm, tmp_path):
 
     for sink in (first, second):
         methods = [c.method for c in sink.calls]
-        per_probe = ["log_images", "log_html"]  # streamed: one probe in memory at a time
-        per_step = ["log_scores", *per_probe, *per_probe, "log_images", "log_archive"]
+        per_probe = ["log_images"]  # streamed: one probe's images in memory at a time
+        per_step = ["log_scores", *per_probe, *per_probe, "log_html", "log_images", "log_archive"]
         assert methods == ["log_settings", *per_step, *per_step]
         assert sink.steps("log_scores") == [0, 5]
         assert sink.closed and sink.flushes >= 1
     settings = first.of("log_settings")[0].args["settings"]
     assert settings["probe.p1_the_cat_sat"] == "The cat sat. ||| It was happy."
-    files = {k for call in first.of("log_html")[2:] for k in call.args["files"]}
-    assert files == {html_path(5, "p0_the_cat_sat", "head_view"),
-                     html_path(5, "p1_the_cat_sat", "head_view")}  # fmt: skip
+    files = {k for call in first.of("log_html")[1:] for k in call.args["files"]}
+    assert files == {page_path(5)}  # one page: every probe and view
     images = {k for call in first.of("log_images")[:3] for k in call.args["images"]}
     assert {"attention/p0_the_cat_sat/model", "attention/p1_the_cat_sat/model",
             "patterns/cls"} <= images  # fmt: skip
@@ -272,8 +271,7 @@ def test_one_view_may_be_given_as_a_string(minilm, tmp_path):
         assert logger.views == ("head",)
         logger.log(0)
     files = {k for call in memory.of("log_html") for k in call.args["files"]}
-    assert files == {html_path(0, "p0_the_cat_sat", "head_view"),
-                     html_path(0, "p1_the_cat_sat", "head_view")}  # fmt: skip
+    assert files == {page_path(0)}
 
 
 @pytest.mark.parametrize("step", ["5", 1.5, None, True])

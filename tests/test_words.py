@@ -154,7 +154,7 @@ def test_logger_writes_word_views(minilm, tmp_path):
     ) as log:
         log.log(0)
     (page,) = (tmp_path / "plugins/attnlog/html").rglob("*.html")
-    assert page.name == "head_words_view.html" and page.parent.name == "en"
+    assert page.name == "step_00000000.html" and page.parent.name == "attention"  # one page
     assert "unbelievably" in page.read_text(encoding="utf-8")
     # A word view also logs the word-level heatmap next to the token one.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -101,8 +101,8 @@ def test_the_writer_process_writes_tensorboard_and_the_archive(minilm, tmp_path)
         assert logger.sinks == []  # nothing renders or writes in the training process
     assert scalar_steps(logdir, "patterns/cls/max") == [0, 5]
     assert [e["step"] for e in read_index(logdir)] == [0, 5]
-    html = logdir / "plugins" / "attnlog" / "html" / "attention" / "step_00000005"
-    assert sorted(p.name for p in html.iterdir()) == ["p0_the_cat_sat", "p1_the_cat_sat"]
+    html = logdir / "plugins" / "attnlog" / "html" / "attention"
+    assert sorted(p.name for p in html.iterdir()) == ["step_00000000.html", "step_00000005.html"]
     assert logger.stats["events"] == 2 and logger.stats["writer_cpu_ms"] > 0
     assert not [k for k in logger.stats if k.startswith(("errors", "lost", "dropped"))]
     with pytest.raises(ProcessLookupError):  # closed: the writer exited

@@ -277,13 +277,14 @@ def _ref(tensor: int, rows: tuple[int, int], cols: tuple[int, int]) -> dict[str,
 
 
 def _attention_entries(
-    probe: ProbeAttention, layers: Sequence[int] | None
-) -> tuple[_Tensors, list[dict[str, Any]], list[int]]:
-    """bertviz's `attn_data` list (head and model views), attention as tensor references."""
+    probe: ProbeAttention, layers: Sequence[int] | None, tensors: Any = None
+) -> tuple[Any, list[dict[str, Any]], list[int]]:
+    """bertviz's `attn_data` list (head and model views), attention as references into
+    `tensors` (a new `_Tensors` by default; the event page passes its compact store)."""
     attention = to_numpy(probe.attention)
     num_layers, _, n = _check_self(attention, probe.tokens, "attention", "tokens")
     layers = _layers(layers, num_layers)
-    tensors = _Tensors()
+    tensors = _Tensors() if tensors is None else tensors
     tokens = _pretty(probe.tokens)
     attn = tensors.add(attention[layers])
     if probe.decoder_tokens is not None:

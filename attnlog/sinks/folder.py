@@ -3,7 +3,8 @@
 `attnlog snapshot` writes through it; in training, TensorBoard, MLflow and the archive are the
 better homes (this sink keeps no history unless `by_step=True`). Layout:
 
-    <folder>/<probe>/{head_view,model_view,neuron_view}.html   bertviz views (offline)
+    <folder>/views.html                                        the event's page of bertviz views
+    <folder>/<probe>/{head_view,model_view,neuron_view}.html   per-probe views (`per_probe`)
     <folder>/<probe>/model.png, layer_<l>.png                  heatmaps
     <folder>/patterns/<pattern>.png                            layer x head score matrices
     <folder>/scores.json                                       scores, head labels, alerts
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
     from attnlog.patterns import ScoreTable
 
 __all__ = ["FolderSink"]
+
+_EVENT_PAGE = re.compile(r"step_\d{8}\.html")  # `layout.page_path` without `attention/`
 
 
 class FolderSink(Sink):
@@ -67,7 +71,8 @@ class FolderSink(Sink):
             self._write(self._path(tag + ".png", step), png.getvalue())
 
     def log_html(self, files: Mapping[str, str], step: int) -> None:
-        """`attention/step_<8 digits>/<probe>/head_view.html` -> `<probe>/head_view.html`."""
+        """`attention/step_<8 digits>.html` -> `views.html`;
+        `attention/step_<8 digits>/<probe>/head_view.html` -> `<probe>/head_view.html`."""
         for relpath, html in files.items():
             self._write(self._path(relpath, step), html.encode("utf-8"))
 
@@ -76,7 +81,9 @@ class FolderSink(Sink):
         parts = relpath.split("/")
         if parts[0] == "attention":
             parts = parts[1:]
-        if parts and parts[0].startswith("step_"):
+        if len(parts) == 1 and _EVENT_PAGE.fullmatch(parts[0]):
+            parts = ["views.html"]
+        elif parts and parts[0].startswith("step_"):
             parts = parts[1:]
         if self.by_step:
             parts.insert(0, f"step_{step:08d}")
