@@ -1,6 +1,6 @@
 """`attnlog report` and `attnlog compare`: read a run's archive back as a short text summary.
 
-Both read only `<logdir>/plugins/attnlog` (`layout.read_index` + `snapshot.load`), never
+Both read only `<logdir>/plugins/attnlog` (`layout.read_index` + `load`), never
 TensorBoard or MLflow, so they work on a copied folder, offline, long after training. A damaged
 run is still summarised: unreadable index lines and missing or truncated step files are skipped
 with one warning each.
@@ -22,7 +22,7 @@ import numpy as np
 
 from attnlog.layout import INDEX, archive_path, plugin_dir, read_index, warn_once
 from attnlog.snapshot import Snapshot
-from attnlog.snapshot import load as load_archive
+from attnlog.snapshot import _load as _load_file  # the file format's own reader, for `load`
 
 __all__ = [
     "UNBOUNDED",
@@ -238,7 +238,7 @@ def load(path: str | os.PathLike, step: int | None = None) -> Snapshot:
     """
     path = Path(path)
     if path.is_file():
-        return load_archive(path)[0]
+        return _load_file(path)
     index = _index(path)
     if step is None:
         return _last(path, index)[1]
@@ -253,7 +253,7 @@ def _read(logdir: str | os.PathLike, entry: dict[str, Any]) -> Snapshot | None:
     """The step's snapshot, or None (warned once) when its file is missing or damaged."""
     path = archive_path(logdir, entry)
     try:
-        return load_archive(path)[0]
+        return _load_file(path)
     except Exception as exc:  # missing, truncated, not an archive, a newer format
         warn_once(path, f"attnlog: skipping step {entry['step']}: cannot read {path}: {exc}")
         return None
