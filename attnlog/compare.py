@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from attnlog.report import score_differences
+from attnlog.report import load, named, same_scores, score_differences, score_shape
 
-__all__ = ["RunScores", "compare_page", "compare_runs", "read_run"]
+__all__ = ["RunScores", "compare", "compare_page", "compare_runs", "read_run"]
 
 _METRIC = re.compile(
     r"^attn\.(?P<pattern>.+)\.L(?P<layer>\d+)H(?P<head>\d+)$"
@@ -52,8 +52,6 @@ def read_run(run: str, tracking_uri: str | None = None) -> RunScores:
         ValueError: neither a folder nor a run id, or an MLflow run with no attnlog metrics.
     """
     if Path(run).is_dir():
-        from attnlog.report import load
-
         snapshot = load(run)  # the last readable step
         return RunScores(str(run), dict(snapshot.scores), snapshot.step)
     run_id = run[len("runs:/") :].strip("/").split("/")[0] if run.startswith("runs:/") else run
@@ -89,6 +87,17 @@ def read_run(run: str, tracking_uri: str | None = None) -> RunScores:
     return RunScores(f"{name} ({run_id[:8]})", scores, run_id=run_id)
 
 
+def compare(run_a: str, run_b: str, *, top: int = 10, tracking_uri: str | None = None) -> str:
+    """The `top` heads whose scores differ most between two runs (logdirs or MLflow runs).
+
+    Raises:
+        FileNotFoundError: a folder holds no archive.
+        ValueError: the runs' models differ in layers or heads, or a run is not found.
+    """
+    a, b = read_run(run_a, tracking_uri), read_run(run_b, tracking_uri)
+    return _text(a, b, top)
+
+
 def compare_runs(
     run_a: str,
     run_b: str,
@@ -106,13 +115,7 @@ def compare_runs(
         ValueError: the runs' models differ in layers or heads.
     """
     a, b = read_run(run_a, tracking_uri), read_run(run_b, tracking_uri)
-    _check_shapes(a, b)
-    if a.run_id is None and b.run_id is None:  # two logdirs: the archive report's table
-        from attnlog.report import compare
-
-        text = compare(run_a, run_b, top=top)
-    else:
-        text = _text(a, b, score_differences(a.scores, b.scores)[:top])
+    text = _text(a, b, top)
     written: list[str] = []
     if out is not None:
         out = Path(out)
@@ -156,7 +159,7 @@ def compare_page(a: RunScores, b: RunScores, *, top: int = 10) -> str:
 
 
 def _check_shapes(a: RunScores, b: RunScores) -> None:
-    shape_a, shape_b = _shape(a.scores), _shape(b.scores)
+    shape_a, shape_b = score_shape(a.scores), score_shape(b.scores)
     if shape_a != shape_b:
         raise ValueError(
             f"cannot compare: {a.name} has {shape_a[0]} layers x {shape_a[1]} heads, {b.name} "
@@ -164,22 +167,24 @@ def _check_shapes(a: RunScores, b: RunScores) -> None:
         )
 
 
-def _shape(scores: dict[str, np.ndarray]) -> tuple[int, int]:
-    shapes = {np.shape(m) for m in scores.values()}
-    return max(shapes) if shapes else (0, 0)
-
-
-def _text(a: RunScores, b: RunScores, rows: list) -> str:
+def _text(a: RunScores, b: RunScores, top: int) -> str:
+    """The table both `compare` and the command print: the `top` rows of `score_differences`."""
+    _check_shapes(a, b)
+    rows = score_differences(a.scores, b.scores)
+    aliases = same_scores(a.scores, b.scores)
     lines = [
         f"A: {a.label}",
         f"B: {b.label}",
         f"  {'pattern':<24}{'layer':>6}{'head':>6}{'A':>8}{'B':>8}{'B-A':>8}",
     ]
-    for _, p, layer, head in rows:
+    for _, p, layer, head in rows[:top]:
         va, vb = float(a.scores[p][layer, head]), float(b.scores[p][layer, head])
-        lines.append(f"  {p:<24}{layer:>6}{head:>6}{va:>8.3f}{vb:>8.3f}{vb - va:>+8.3f}")
+        name = named(p, aliases.get(p, []))
+        lines.append(f"  {name:<24}{layer:>6}{head:>6}{va:>8.3f}{vb:>8.3f}{vb - va:>+8.3f}")
     if not rows:
         lines.append("  (no pattern scored in both runs)")
+    elif rows[0][0] == 0:
+        lines.append("  (every score is the same in both runs)")
     return "\n".join(lines)
 
 

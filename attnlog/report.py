@@ -1,9 +1,9 @@
-"""`attnlog report` and `attnlog compare`: read a run's archive back as a short text summary.
+"""`attnlog.load` and `attnlog report`: read a run's archive back, as a `Snapshot` or a summary.
 
-Both read only `<logdir>/plugins/attnlog` (`layout.read_index` + `load`), never
+Both read only `<logdir>/plugins/attnlog` (`layout.read_index` + the step files), never
 TensorBoard or MLflow, so they work on a copied folder, offline, long after training. A damaged
 run is still summarised: unreadable index lines and missing or truncated step files are skipped
-with one warning each.
+with one warning each. `attnlog.compare` ranks the differences of two runs with the helpers here.
 
 Patterns whose scores are identical (`cls` and `sink` for BERT-family models, whose [CLS] is the
 first token) are shown once, as `cls (= sink)`, so rankings hold no duplicate pairs.
@@ -26,12 +26,13 @@ from attnlog.snapshot import _load as _load_file  # the file format's own reader
 
 __all__ = [
     "UNBOUNDED",
-    "compare",
     "format_heads",
     "load",
+    "named",
     "report",
     "same_scores",
     "score_differences",
+    "score_shape",
     "strongest_heads",
 ]
 
@@ -75,7 +76,7 @@ def format_heads(rows: list[dict[str, Any]]) -> str:
     """A compact table: pattern, layer, head, score, label."""
     lines = [f"  {'pattern':<24}{'layer':>6}{'head':>6}{'score':>8}  label"]
     for r in rows:
-        name = _named(r["pattern"], r.get("same_as", []))
+        name = named(r["pattern"], r.get("same_as", []))
         lines.append(f"  {name:<24}{r['layer']:>6}{r['head']:>6}{r['score']:>8.3f}  {r['label']}")
     return "\n".join(lines)
 
@@ -123,7 +124,7 @@ def report(logdir: str | os.PathLike, step: int | None = None, as_json: bool = F
     labels = _labels(scores)
     rows = strongest_heads(scores, labels)
     counts = Counter(labels.ravel().tolist()) if labels is not None else Counter()
-    layers, heads = _shape(scores)
+    layers, heads = score_shape(scores)
     if as_json:
         return json.dumps(
             {
@@ -170,40 +171,6 @@ def score_differences(
             rows.append((abs(delta[layer, head]), pattern, int(layer), int(head)))
     rows.sort(key=lambda r: -r[0])
     return rows
-
-
-def compare(run_a: str | os.PathLike, run_b: str | os.PathLike, top: int = 10) -> str:
-    """The heads whose scores differ most between the last logged steps of two runs.
-
-    Raises:
-        FileNotFoundError: a folder holds no archive.
-        ValueError: the runs' models have different numbers of layers or heads.
-    """
-    (entry_a, snap_a), (entry_b, snap_b) = _last(run_a), _last(run_b)
-    a, b = snap_a.scores, snap_b.scores
-    shape_a, shape_b = _shape(a), _shape(b)
-    if shape_a != shape_b:
-        raise ValueError(
-            f"cannot compare: {run_a} has {shape_a[0]} layers x {shape_a[1]} heads, {run_b} has "
-            f"{shape_b[0]} x {shape_b[1]}; compare runs of the same model"
-        )
-    rows = score_differences(a, b)
-    aliases = same_scores(a, b)
-    step_a, step_b = entry_a["step"], entry_b["step"]
-    lines = [
-        f"A: {run_a} (step {step_a})",
-        f"B: {run_b} (step {step_b})",
-        f"  {'pattern':<24}{'layer':>6}{'head':>6}{'A':>8}{'B':>8}{'B-A':>8}",
-    ]
-    for _, pattern, layer, head in rows[:top]:
-        va, vb = float(a[pattern][layer, head]), float(b[pattern][layer, head])
-        name = _named(pattern, aliases.get(pattern, []))
-        lines.append(f"  {name:<24}{layer:>6}{head:>6}{va:>8.3f}{vb:>8.3f}{vb - va:>+8.3f}")
-    if not rows:
-        lines.append("  (no pattern scored in both runs)")
-    elif rows[0][0] == 0:
-        lines.append("  (every score is the same in both runs)")
-    return "\n".join(lines)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -274,7 +241,8 @@ def _last(
     )
 
 
-def _named(pattern: str, same_as: list[str]) -> str:
+def named(pattern: str, same_as: list[str]) -> str:
+    """`cls (= sink)`: a pattern shown with the patterns whose scores are the same."""
     return f"{pattern} (= {', '.join(same_as)})" if same_as else pattern
 
 
@@ -291,11 +259,22 @@ def _labels(scores: dict[str, np.ndarray]) -> np.ndarray | None:
     return label_heads(scores)
 
 
-def _shape(scores: dict[str, np.ndarray]) -> tuple[int, int]:
-    if not scores:
+def score_shape(scores: dict[str, np.ndarray]) -> tuple[int, int]:
+    """(layers, heads) of a run's scores: the `[L, H]` every pattern shares ((0, 0) without any).
+
+    Raises:
+        ValueError: a pattern's scores are not `[L, H]` or not the same shape as the others'.
+    """
+    shapes = {name: np.shape(matrix) for name, matrix in scores.items()}
+    if not shapes:
         return (0, 0)
-    layers, heads = np.shape(next(iter(scores.values())))
-    return int(layers), int(heads)
+    first = next(iter(shapes.values()))
+    odd = {name: shape for name, shape in shapes.items() if shape != first or len(shape) != 2}
+    if odd:
+        raise ValueError(
+            f"pattern scores must all be [layers, heads] of one shape; got {first} and {odd}"
+        )
+    return int(first[0]), int(first[1])
 
 
 def _list(steps: list[int], limit: int = 20) -> str:

@@ -105,3 +105,31 @@ def test_compare_logdirs_page_and_errors(minilm, tmp_path, capsys):
     assert out.read_text(encoding="utf-8").count("data:image/png;base64,") >= 3
     assert main(["compare", runs[0], "no-such-run!"]) == 1
     assert "neither a folder nor an MLflow run id" in capsys.readouterr().err
+
+
+def test_a_logdir_and_an_mlflow_run_of_the_same_scores_compare_alike(tmp_path, capsys):
+    """One table for every kind of run: identical patterns named together, no difference found."""
+    from test_sinks_contract import make_snapshot, make_table
+
+    from attnlog.compare import compare
+    from attnlog.sinks.archive import ArchiveSink
+    from attnlog.sinks.mlflow import MLflowSink
+
+    table = make_table(10)
+    table.scores["sink"] = table.scores["cls"].copy()  # BERT: [CLS] is the first token
+    ArchiveSink(tmp_path / "run").log_archive(make_snapshot(10), table, 10)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowClient(uri).create_experiment("same", artifact_location=str(tmp_path / "art"))
+    sink = MLflowSink(uri, experiment_name="same", spool_dir=tmp_path / "spool")
+    sink.log_scores(table, 10)
+    sink.close()
+
+    for b in (str(tmp_path / "run"), sink.run_id):
+        text = compare(str(tmp_path / "run"), b, top=50, tracking_uri=uri)
+        assert text.splitlines()[0] == f"A: {tmp_path / 'run'} (step 10)"
+        assert "cls (= sink)" in text and "\n  sink " not in text
+        assert text.endswith("(every score is the same in both runs)")
+        assert (
+            main(["compare", str(tmp_path / "run"), b, "--top", "50", "--tracking-uri", uri]) == 0
+        )
+        assert capsys.readouterr().out.strip() == text
