@@ -147,11 +147,19 @@ def _add_sync(sub) -> None:
     sync = sub.add_parser(
         "sync",
         help="send MLflow events spooled while the tracking server was unreachable",
-        description="Send what the MLflow sink spooled under <logdir>/plugins/attnlog/mlflow_spool.",
+        description="Send what the MLflow sink spooled under <logdir>/plugins/attnlog/mlflow_spool "
+        "to the MLflow server you name (--tracking-uri, else MLFLOW_TRACKING_URI). The server "
+        "each entry recorded is never used on its own: with neither given, sync sends nothing "
+        "and lists the servers the entries name; entries recorded for another server are sent "
+        "to yours, and it says so. An entry may send only the files spooled with it; one that "
+        "names any other file (outside its own folder) is refused, moved to mlflow_spool/failed/ "
+        "and counted. One sync at a time per spool: a second one exits with a message.",
     )
     sync.add_argument("logdir", help="the logger's logdir")
     sync.add_argument(
-        "--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)"
+        "--tracking-uri",
+        default=None,
+        help="the MLflow server to send to (default: MLFLOW_TRACKING_URI; required if unset)",
     )
 
 
@@ -287,6 +295,12 @@ def _sync(args) -> int:
         print(f"attnlog sync: sent 0 spooled entries: {spool} holds none")
         return 0
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    other = {s: n for s, n in Spool(spool).servers().items() if uri and s != uri}
+    if other:
+        named = ", ".join(f"{s} ({n})" for s, n in sorted(other.items()))
+        print(
+            f"attnlog sync: sending to {uri}, as given; entries recorded for another server: {named}"
+        )
     try:
         sent = sync(spool, tracking_uri=uri)
     except (ConnectionError, RuntimeError) as exc:
