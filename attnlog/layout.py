@@ -25,6 +25,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from attnlog.files import read_regular
+
 __all__ = [
     "ARCHIVE_VIEWS",
     "INDEX",
@@ -209,7 +211,7 @@ def read_index(logdir: str | os.PathLike) -> list[dict[str, Any]]:
     """
     path = plugin_dir(logdir) / INDEX
     try:
-        data = path.read_bytes()
+        data = read_regular(path)  # a FIFO named index.jsonl must not hang the reader
     except (FileNotFoundError, NotADirectoryError):
         return []
     by_step: dict[int, dict[str, Any]] = {}

@@ -202,9 +202,10 @@ def load(path: str | os.PathLike, step: int | None = None) -> Snapshot:
 
     Raises:
         FileNotFoundError: no archive there. ValueError: `step` was not logged or is damaged.
+        NotARegularFile: `path` is a FIFO or a device (never opened for reading).
     """
     path = Path(path)
-    if path.is_file():
+    if path.exists() and not path.is_dir():
         return _load_file(path)
     index = _index(path)
     if step is None:

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from attnlog.files import open_regular  # a FIFO in a run folder must not hang a reader
+
 __all__ = ["FORMAT_VERSION", "ProbeAttention", "Snapshot", "load_scores", "to_numpy"]
 
 FORMAT_VERSION = 2
@@ -158,7 +160,7 @@ def _load(path: str | Path) -> Snapshot:
 
     Private: `attnlog.load` (`attnlog.report.load`) is the one public reader, of a file or a run.
     """
-    with np.load(Path(path), allow_pickle=False) as data:
+    with open_regular(path) as fh, np.load(fh, allow_pickle=False) as data:
         meta = json.loads(bytes(data["meta"]).decode())
         if meta.get("format") != "attnlog.snapshot":
             raise ValueError(f"{path} is not an attnlog snapshot archive")
@@ -184,7 +186,7 @@ def _load(path: str | Path) -> Snapshot:
 def load_scores(path: str | Path) -> dict[str, np.ndarray]:
     """Only the `[L, H]` pattern scores of an archive: attention is never decompressed (cheap for
     readers that go over many steps, such as the Attention tab's trend)."""
-    with np.load(Path(path), allow_pickle=False) as data:
+    with open_regular(path) as fh, np.load(fh, allow_pickle=False) as data:
         return _scores(data)
 
 

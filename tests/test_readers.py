@@ -4,13 +4,17 @@ shared or damaged run folder can hold."""
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 
 import numpy as np
+import pytest
 from test_sinks_contract import make_snapshot, make_table
 
 import attnlog
-from attnlog.layout import plugin_dir, read_index
+from attnlog.cli import main
+from attnlog.files import NotARegularFile
+from attnlog.layout import INDEX, archive_name, plugin_dir, read_index
 from attnlog.sinks.archive import ArchiveSink
 
 
@@ -47,3 +51,55 @@ def test_no_other_module_offers_a_public_load():
             offered.append(f"{found.__module__}.{found.__qualname__}")
     assert set(offered) == {"attnlog.report.load"}  # imported elsewhere, defined once
     assert attnlog.load is importlib.import_module("attnlog.report").load
+
+
+# ---- readers never hang on a FIFO ----------------------------------------------------------------
+
+
+def fifo_run(tmp_path, name="run"):
+    """Steps 0 and 10 archived, then step 10's file replaced by a FIFO that no one writes to."""
+    logdir = tmp_path / name
+    archive(logdir)
+    last = plugin_dir(logdir) / archive_name(10)
+    last.unlink()
+    os.mkfifo(last)
+    return logdir
+
+
+@pytest.mark.timeout(120)  # a reader that opens the FIFO blocks for good: fail, do not hang
+def test_report_export_and_compare_skip_a_fifo_step(tmp_path, capsys):
+    logdir = fifo_run(tmp_path)
+    assert main(["report", str(logdir)]) == 0
+    assert "step 0, probes: cat, pair" in capsys.readouterr().out  # the last readable step
+    assert main(["report", str(logdir), "--step", "10"]) == 1
+    assert "missing or damaged" in capsys.readouterr().err
+    out = tmp_path / "fig.svg"
+    assert main(["export", str(logdir), "--pattern", "prev", "--out", str(out)]) == 0
+    assert "prev · step 0" in out.read_text(encoding="utf-8")
+    assert main(["compare", str(logdir), str(logdir)]) == 0
+    assert "(step 0)" in capsys.readouterr().out
+    with pytest.raises(NotARegularFile, match="is a FIFO"):
+        attnlog.load(plugin_dir(logdir) / archive_name(10))
+
+
+@pytest.mark.timeout(120)
+def test_a_fifo_index_is_an_error_not_a_hang(tmp_path, capsys):
+    logdir = tmp_path / "run"
+    plugin_dir(logdir).mkdir(parents=True)
+    os.mkfifo(plugin_dir(logdir) / INDEX)
+    assert main(["report", str(logdir)]) == 1
+    assert "is a FIFO; attnlog reads only regular files" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_the_attention_tab_scores_and_trend_skip_a_fifo_step(tmp_path):
+    pytest.importorskip("tensorboard")
+    from attnlog.tensorboard_plugin.plugin import RequestError, scores_impl, trend_impl
+
+    fifo_run(tmp_path)
+    trend = trend_impl(tmp_path, "run", "prev", 0, 1)
+    assert trend["steps"] == [0]
+    assert trend["values"] == [pytest.approx(float(make_table(0).scores["prev"][0, 1]))]
+    assert scores_impl(tmp_path, "run", 0)["step"] == 0
+    with pytest.raises(RequestError, match="missing or damaged"):
+        scores_impl(tmp_path, "run", 10)
