@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,6 +245,19 @@ def _hex(rgb) -> str:
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
+# Characters XML 1.0 does not allow (C0 controls but tab/newline/return, lone surrogates,
+# U+FFFE, U+FFFF): one in a `<text>` makes the whole SVG unreadable, and tokens can hold any.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _visible(text: str) -> str:
+    """`text` with every character XML cannot hold shown as its escape (`\\x1b`, `\\ufffe`),
+    so both backends draw the same label and the SVG stays valid XML."""
+    return _NOT_XML.sub(
+        lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text
+    )
+
+
 class _Svg:
     def __init__(self) -> None:
         self.parts: list[str] = []
@@ -259,7 +273,7 @@ class _Svg:
         turn = f' transform="rotate(-90 {x:.2f} {y:.2f})"' if rotate else ""
         self.parts.append(
             f'<text x="{x:.2f}" y="{y:.2f}" font-size="{size:g}" text-anchor="{anchor}" '
-            f'dominant-baseline="central" fill="{fill}"{turn}>{escape(text)}</text>'
+            f'dominant-baseline="central" fill="{fill}"{turn}>{escape(_visible(text))}</text>'
         )
 
 
@@ -272,7 +286,7 @@ def figure_svg(panels: list[Panel], title: str = "") -> str:
         '<?xml version="1.0" encoding="UTF-8"?>\n'
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.1f}pt" height="{height:.1f}pt" '
         f'viewBox="0 0 {width:.2f} {height:.2f}" font-family="{_FONT_FAMILY}">\n'
-        f"<title>{escape(title)}</title>\n"
+        f"<title>{escape(_visible(title))}</title>\n"
         f'<rect width="100%" height="100%" fill="#ffffff"/>\n' + "\n".join(svg.parts) + "\n</svg>\n"
     )
 
@@ -298,7 +312,7 @@ class _Png:
 
         from attnlog.render.fonts import font_for
 
-        s = self.scale
+        s, text = self.scale, _visible(text)
         font = font_for(text, max(1, round(size * s)))
         width = font.getlength(text)
         ascent, descent = font.getmetrics()
