@@ -24,8 +24,12 @@ from attnlog.report import load, named, same_scores, score_differences, score_sh
 __all__ = ["RunScores", "compare", "compare_page", "compare_runs", "read_run"]
 
 _METRIC = re.compile(
-    r"^attn\.(?P<pattern>.+)\.L(?P<layer>\d+)H(?P<head>\d+)$"
+    r"^attn\.(?P<pattern>.+)\.L(?P<layer>\d{1,9})H(?P<head>\d{1,9})$"
 )  # layout.mlflow_metric
+# Bounds on what an MLflow run's metric names may ask for (the largest models have ~130 layers
+# and ~130 heads): a name like `attn.sink.L200000H200000` would otherwise allocate 149 GiB.
+MAX_LAYERS = MAX_HEADS = 4096
+MAX_CELLS = 2**24  # patterns x layers x heads read from one run: 64 MiB of float32
 _ARTIFACT_DIR = "attnlog_compare"
 _MAX_PATTERNS = 6  # patterns drawn as matrices: those of the heads that changed most
 
@@ -63,12 +67,28 @@ def read_run(run: str, tracking_uri: str | None = None) -> RunScores:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    metrics = client.get_run(run_id).data.metrics
+    run_info = client.get_run(run_id)
+    scores = _metric_scores(run_info.data.metrics, run_id)
+    name = run_info.info.run_name or run_id
+    return RunScores(f"{name} ({run_id[:8]})", scores, run_id=run_id)
+
+
+def _metric_scores(metrics: dict[str, float], run_id: str) -> dict[str, np.ndarray]:
+    """pattern -> `[L, H]` from `attn.<pattern>.L<l>H<h>` metrics (NaN where none was logged).
+
+    Raises:
+        ValueError: no such metric, or names that ask for an absurd number of layers or heads.
+    """
     found: dict[str, dict[tuple[int, int], float]] = {}
     for key, value in metrics.items():
         match = _METRIC.match(key)
         if match:
             cell = (int(match["layer"]), int(match["head"]))
+            if cell[0] >= MAX_LAYERS or cell[1] >= MAX_HEADS:
+                raise ValueError(
+                    f"MLflow run {run_id} has metric {key[:200]!r}: attnlog reads at most "
+                    f"{MAX_LAYERS} layers and {MAX_HEADS} heads; is this an attnlog run?"
+                )
             found.setdefault(match["pattern"], {})[cell] = float(value)
     if not found:
         raise ValueError(
@@ -77,14 +97,18 @@ def read_run(run: str, tracking_uri: str | None = None) -> RunScores:
         )
     layers = 1 + max(layer for cells in found.values() for layer, _ in cells)
     heads = 1 + max(head for cells in found.values() for _, head in cells)
+    if len(found) * layers * heads > MAX_CELLS:
+        raise ValueError(
+            f"MLflow run {run_id}'s attnlog metrics ask for {len(found)} patterns x {layers} "
+            f"layers x {heads} heads, over attnlog's limit of {MAX_CELLS} scores"
+        )
     scores = {}
     for pattern, cells in found.items():
         matrix = np.full((layers, heads), np.nan, dtype=np.float32)
         for (layer, head), value in cells.items():
             matrix[layer, head] = value
         scores[pattern] = matrix
-    name = client.get_run(run_id).info.run_name or run_id
-    return RunScores(f"{name} ({run_id[:8]})", scores, run_id=run_id)
+    return scores
 
 
 def compare(run_a: str, run_b: str, *, top: int = 10, tracking_uri: str | None = None) -> str:

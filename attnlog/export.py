@@ -101,6 +101,8 @@ def export(
 
 
 def _probe(probes: Sequence[ProbeAttention], name: str | None) -> ProbeAttention:
+    if not probes:
+        raise ValueError("this step archived no probe; draw a score matrix with --pattern NAME")
     if name is None:
         return probes[0]
     for p in probes:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from attnlog.layout import INDEX, archive_path, plugin_dir, read_index, warn_once
-from attnlog.snapshot import Snapshot
+from attnlog.snapshot import ProbeAttention, Snapshot
 from attnlog.snapshot import _load as _load_file  # the file format's own reader, for `load`
 
 __all__ = [
@@ -206,25 +206,65 @@ def load(path: str | os.PathLike, step: int | None = None) -> Snapshot:
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        return _load_file(path)
+        return _checked(_load_file(path), path)
     index = _index(path)
     if step is None:
         return _last(path, index)[1]
     entry = next((e for e in index if e["step"] == step), None)
-    snapshot = None if entry is None else _read(path, entry)
-    if snapshot is None:
-        raise ValueError(f"step {step} of {path} was not logged or its archive file is damaged")
-    return snapshot
+    if entry is None:
+        steps = [e["step"] for e in index]
+        raise ValueError(f"step {step} was not logged in {path}; logged steps: {_list(steps)}")
+    file = archive_path(path, entry)
+    return _checked(_load_file(file), file)  # its own error: missing, truncated, damaged
 
 
 def _read(logdir: str | os.PathLike, entry: dict[str, Any]) -> Snapshot | None:
     """The step's snapshot, or None (warned once) when its file is missing or damaged."""
     path = archive_path(logdir, entry)
     try:
-        return _load_file(path)
-    except Exception as exc:  # missing, truncated, not an archive, a newer format
+        return _checked(_load_file(path), path)
+    except Exception as exc:  # missing, truncated, not an archive, a newer format, crafted
         warn_once(path, f"attnlog: skipping step {entry['step']}: cannot read {path}: {exc}")
         return None
+
+
+def _checked(snapshot: Snapshot, path: Path) -> Snapshot:
+    """`snapshot` once its arrays fit together: a damaged or crafted archive (a cut token list,
+    1-D scores) is refused here with what is wrong, not with an IndexError deep in a reader."""
+    try:
+        score_shape(snapshot.scores)
+        for probe in snapshot.probes:
+            problem = _probe_problem(probe)
+            if problem:
+                raise ValueError(f"probe {probe.name!r}: {problem}")
+    except ValueError as exc:
+        raise ValueError(f"{path} is damaged: {exc}") from None
+    return snapshot
+
+
+def _probe_problem(probe: ProbeAttention) -> str | None:
+    """What does not fit in one probe's archived arrays, or None."""
+    if not all(isinstance(t, str) for t in probe.tokens):
+        return "its tokens are not all text"
+    shape = np.shape(probe.attention)
+    if len(shape) != 4 or shape[2] != shape[3]:
+        return f"attention is {shape}, not [layers, heads, n, n]"
+    rows, what = (probe.labels, "block labels") if probe.pooled else (probe.tokens, "tokens")
+    if rows is None or len(rows) != shape[2]:
+        return f"attention has {shape[2]} rows for {len(rows or [])} {what}"
+    if probe.pooled and np.shape(probe.spans) != (shape[2], 2):
+        return f"spans are {np.shape(probe.spans)}, not [{shape[2]}, 2]"
+    n, m = len(probe.tokens), len(probe.decoder_tokens or [])  # encoder and decoder tokens
+    for name in ("special", "punct", "segment", "word_ids", "token_ids"):
+        value = getattr(probe, name)
+        if value is not None and np.shape(value) != (n,):
+            return f"{name} is {np.shape(value)}, not [{n}] (one per token)"
+    cols = {"decoder_attention": m, "cross_attention": shape[2]}  # keys: the encoder's rows
+    for name, want in cols.items():
+        value = getattr(probe, name)
+        if value is not None and np.shape(value)[2:] != (m, want):
+            return f"{name} is {np.shape(value)}, not [layers, heads, {m}, {want}]"
+    return None
 
 
 def _last(

@@ -173,7 +173,7 @@ def _load(path: str | Path) -> Snapshot:
         for i, pm in enumerate(meta["probes"]):
             arrays = {n: data[f"p{i}/{n}"] for n in _ARRAY_FIELDS if f"p{i}/{n}" in data}
             probes.append(ProbeAttention(**pm, **arrays))
-        scores = _scores(data)
+        scores = _scores(data, path)
     return Snapshot(
         step=meta["step"],
         probes=probes,
@@ -187,11 +187,15 @@ def load_scores(path: str | Path) -> dict[str, np.ndarray]:
     """Only the `[L, H]` pattern scores of an archive: attention is never decompressed (cheap for
     readers that go over many steps, such as the Attention tab's trend)."""
     with open_regular(path) as fh, np.load(fh, allow_pickle=False) as data:
-        return _scores(data)
+        return _scores(data, path)
 
 
-def _scores(data: Any) -> dict[str, np.ndarray]:
-    return {k[len("scores/") :]: data[k] for k in data.files if k.startswith("scores/")}
+def _scores(data: Any, path: str | Path) -> dict[str, np.ndarray]:
+    scores = {k[len("scores/") :]: data[k] for k in data.files if k.startswith("scores/")}
+    odd = {name: m.shape for name, m in scores.items() if m.ndim != 2}
+    if odd:  # crafted or damaged: every reader indexes scores as [layer, head]
+        raise ValueError(f"{path} is damaged: scores must be [layers, heads] matrices; got {odd}")
+    return scores
 
 
 def to_numpy(value: Any, float_dtype: Any = None) -> np.ndarray:

@@ -4,6 +4,7 @@ shared or damaged run folder can hold."""
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import pkgutil
 
@@ -103,3 +104,47 @@ def test_the_attention_tab_scores_and_trend_skip_a_fifo_step(tmp_path):
     assert scores_impl(tmp_path, "run", 0)["step"] == 0
     with pytest.raises(RequestError, match="missing or damaged"):
         scores_impl(tmp_path, "run", 10)
+
+
+# ---- crafted archives ------------------------------------------------------------------------
+
+
+def craft(path, *, tokens=None, scores=None) -> None:
+    """Rewrite an archived step: probe 0's token list cut to `tokens`, or pattern `prev`'s
+    scores replaced by `scores` (what a hand-made archive can hold)."""
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    meta = json.loads(bytes(arrays["meta"]).decode())
+    if tokens is not None:
+        meta["probes"][0]["tokens"] = meta["probes"][0]["tokens"][:tokens]
+    if scores is not None:
+        arrays["scores/prev"] = scores
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez_compressed(path, **arrays)
+
+
+@pytest.mark.parametrize(
+    "damage", [{"tokens": 2}, {"scores": np.arange(3, dtype=np.float32)}], ids=["cut", "1-D"]
+)
+def test_a_crafted_step_is_refused_with_what_is_wrong(tmp_path, capsys, damage):
+    logdir = tmp_path / "run"
+    archive(logdir)
+    step_10 = plugin_dir(logdir) / archive_name(10)
+    craft(step_10, **damage)
+    with pytest.raises(ValueError, match="is damaged: "):
+        attnlog.load(step_10)
+
+    out = tmp_path / "fig.svg"
+    args = ["export", str(logdir), "--layer", "0", "--head", "0", "--out", str(out)]
+    assert main([*args, "--step", "10"]) == 1  # before: an IndexError traceback
+    err = capsys.readouterr().err
+    assert "step_00000010.npz is damaged: " in err and "Traceback" not in err
+    assert main(args) == 0  # the last readable step instead
+    assert "step 0" in out.read_text(encoding="utf-8")
+    assert main(["compare", str(logdir), str(logdir)]) == 0
+    assert "(step 0)" in capsys.readouterr().out
+
+    craft(plugin_dir(logdir) / archive_name(0), **damage)  # no readable step left
+    assert main(["compare", str(logdir), str(logdir)]) == 1
+    err = capsys.readouterr().err
+    assert "no readable step" in err and "Traceback" not in err
