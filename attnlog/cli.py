@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 BROWSE_HINT = """\
 Browse it:
@@ -184,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _demo(args) -> int:
+def _demo(args: argparse.Namespace) -> int:
     from attnlog.demo import run_demo
 
     print(f"attnlog demo: fine-tuning MiniLM for {args.steps} steps, logging every {args.every}")
@@ -218,7 +216,7 @@ def _demo(args) -> int:
     return 0
 
 
-def _snapshot(args) -> int:
+def _snapshot(args: argparse.Namespace) -> int:
     from attnlog.oneshot import write_snapshot
 
     pairs = args.pair or []
@@ -238,7 +236,7 @@ def _snapshot(args) -> int:
     return 0
 
 
-def _report(args) -> int:
+def _report(args: argparse.Namespace) -> int:
     from attnlog.report import report
 
     text = report(args.logdir, step=args.step, as_json=args.json)
@@ -246,7 +244,7 @@ def _report(args) -> int:
     return 0
 
 
-def _compare(args) -> int:
+def _compare(args: argparse.Namespace) -> int:
     from attnlog.compare import compare_runs
 
     text, written = compare_runs(
@@ -263,7 +261,7 @@ def _compare(args) -> int:
     return 0
 
 
-def _export(args) -> int:
+def _export(args: argparse.Namespace) -> int:
     from attnlog.export import export
 
     path = export(
@@ -281,7 +279,7 @@ def _export(args) -> int:
     return 0
 
 
-def _sync(args) -> int:
+def _sync(args: argparse.Namespace) -> int:
     from attnlog.layout import default_spool_dir, plugin_dir
     from attnlog.sinks.spool import Spool, sync
 
@@ -324,10 +322,6 @@ def _version() -> str:
     from attnlog import __version__
 
     return f"attnlog {__version__}"
-
-
-def _json(data: Any) -> str:
-    return json.dumps(data, indent=2, ensure_ascii=False)
 
 
 if __name__ == "__main__":

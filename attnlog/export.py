@@ -14,7 +14,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from xml.sax.saxutils import escape
 
 import numpy as np
@@ -196,7 +195,7 @@ def _range(panels: list[Panel]) -> tuple[float, float]:
     return (0.0, 1.0) if lo >= 0.0 and hi <= 1.0 else (lo, hi if hi > lo else lo + 1.0)
 
 
-def _draw(canvas: Any, panels: list[Panel], title: str) -> None:
+def _draw(canvas: _Svg | _Png, panels: list[Panel], title: str) -> None:
     """Draw the figure with `canvas.rect(x, y, w, h, rgb)` and
     `canvas.text(x, y, text, size, anchor, rotate, rgb)` (points; y is the text's middle)."""
     boxes, _, height, bar_x = _layout(panels, title)
@@ -242,7 +241,7 @@ def _draw(canvas: Any, panels: list[Panel], title: str) -> None:
 # ---- backends --------------------------------------------------------------------------------
 
 
-def _hex(rgb) -> str:
+def _hex(rgb: Sequence[int]) -> str:
     r, g, b = (int(c) for c in rgb)
     return f"#{r:02x}{g:02x}{b:02x}"
 
@@ -264,13 +263,22 @@ class _Svg:
     def __init__(self) -> None:
         self.parts: list[str] = []
 
-    def rect(self, x, y, w, h, rgb) -> None:
+    def rect(self, x: float, y: float, w: float, h: float, rgb: Sequence[int]) -> None:
         fill = _hex(rgb)
         self.parts.append(
             f'<rect x="{x:.2f}" y="{y:.2f}" width="{w:.2f}" height="{h:.2f}" fill="{fill}"/>'
         )
 
-    def text(self, x, y, text, size, anchor, rotate, rgb) -> None:
+    def text(
+        self,
+        x: float,
+        y: float,
+        text: str,
+        size: float,
+        anchor: str,
+        rotate: bool,
+        rgb: Sequence[int],
+    ) -> None:
         fill = _hex(rgb)
         turn = f' transform="rotate(-90 {x:.2f} {y:.2f})"' if rotate else ""
         self.parts.append(
@@ -303,13 +311,22 @@ class _Png:
         )
         self.draw = ImageDraw.Draw(self.image)
 
-    def rect(self, x, y, w, h, rgb) -> None:
+    def rect(self, x: float, y: float, w: float, h: float, rgb: Sequence[int]) -> None:
         s = self.scale
         box = [round(x * s), round(y * s), round((x + w) * s) - 1, round((y + h) * s) - 1]
         if box[2] >= box[0] and box[3] >= box[1]:
             self.draw.rectangle(box, fill=tuple(int(c) for c in rgb))
 
-    def text(self, x, y, text, size, anchor, rotate, rgb) -> None:
+    def text(
+        self,
+        x: float,
+        y: float,
+        text: str,
+        size: float,
+        anchor: str,
+        rotate: bool,
+        rgb: Sequence[int],
+    ) -> None:
         from PIL import Image, ImageDraw
 
         from attnlog.render.fonts import font_for

@@ -109,17 +109,7 @@ def report(logdir: str | os.PathLike, step: int | None = None, as_json: bool = F
     """
     index = _index(logdir)
     steps = [e["step"] for e in index]
-    if step is None:
-        entry, snapshot = _last(logdir, index)
-    else:
-        if step not in steps:
-            raise ValueError(
-                f"step {step} is not in the archive of {logdir}; logged steps: {_list(steps)}"
-            )
-        entry = index[steps.index(step)]
-        snapshot = _read(logdir, entry)
-        if snapshot is None:
-            raise ValueError(f"the archive file of step {step} in {logdir} is missing or damaged")
+    entry, snapshot = _last(logdir, index) if step is None else _step(logdir, index, step)
     chosen, scores = entry["step"], snapshot.scores
     labels = _labels(scores)
     rows = strongest_heads(scores, labels)
@@ -151,6 +141,21 @@ def report(logdir: str | os.PathLike, step: int | None = None, as_json: bool = F
     if counts:
         lines.append("head labels: " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
     return "\n".join(lines)
+
+
+def _step(
+    logdir: str | os.PathLike, index: list[dict[str, Any]], step: int
+) -> tuple[dict[str, Any], Snapshot]:
+    steps = [e["step"] for e in index]
+    if step not in steps:
+        raise ValueError(
+            f"step {step} is not in the archive of {logdir}; logged steps: {_list(steps)}"
+        )
+    entry = index[steps.index(step)]
+    snapshot = _read(logdir, entry)
+    if snapshot is None:
+        raise ValueError(f"the archive file of step {step} in {logdir} is missing or damaged")
+    return entry, snapshot
 
 
 def score_differences(

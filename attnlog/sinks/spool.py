@@ -47,7 +47,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attnlog.files import NotARegularFile, open_regular, read_regular
 from attnlog.layout import default_spool_dir
@@ -59,6 +59,9 @@ from attnlog.sinks.spool_guard import (
     hold,
     spooled_file,
 )
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 __all__ = [
     "EXPERIMENT_KIND_TAG",
@@ -297,7 +300,9 @@ class Spool:
 # ---- sending --------------------------------------------------------------------------------
 
 
-def send(client: Any, event: dict[str, Any], folder: Path | None, progress: Callable) -> None:
+def send(
+    client: MlflowClient, event: dict[str, Any], folder: Path | None, progress: Callable[[], None]
+) -> None:
     """Send what is left of `event`, dropping each part from it once sent, then `progress()`.
 
     Order: metrics, params and tags (together in `log_batch` calls within MLflow's limits),
@@ -312,7 +317,9 @@ def send(client: Any, event: dict[str, Any], folder: Path | None, progress: Call
         progress()
 
 
-def _send_batches(client: Any, event: dict[str, Any], progress: Callable) -> None:
+def _send_batches(
+    client: MlflowClient, event: dict[str, Any], progress: Callable[[], None]
+) -> None:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.utils import validation
 
@@ -336,7 +343,9 @@ def _send_batches(client: Any, event: dict[str, Any], progress: Callable) -> Non
         progress()
 
 
-def _send_artifacts(client: Any, event: dict[str, Any], folder: Path | None, progress) -> None:
+def _send_artifacts(
+    client: MlflowClient, event: dict[str, Any], folder: Path | None, progress: Callable[[], None]
+) -> None:
     while event["artifacts"]:
         art = event["artifacts"][0]
         if "text" in art:
@@ -348,7 +357,9 @@ def _send_artifacts(client: Any, event: dict[str, Any], folder: Path | None, pro
         progress()
 
 
-def _send_images(client: Any, event: dict[str, Any], folder: Path | None, progress) -> None:
+def _send_images(
+    client: MlflowClient, event: dict[str, Any], folder: Path | None, progress: Callable[[], None]
+) -> None:
     while event["images"]:
         img = event["images"][0]
         if "array" in img:
@@ -366,7 +377,7 @@ def _send_images(client: Any, event: dict[str, Any], folder: Path | None, progre
         progress()
 
 
-def experiment_id(client: Any, experiment_name: str) -> str:
+def experiment_id(client: MlflowClient, experiment_name: str) -> str:
     """The id of `experiment_name`, created (in the model-training view) if it does not exist.
 
     Two trainings that start together on one server may both find no experiment and both create
@@ -384,7 +395,7 @@ def experiment_id(client: Any, experiment_name: str) -> str:
         return experiment.experiment_id
 
 
-def start_run(client: Any, experiment_name: str | None) -> str:
+def start_run(client: MlflowClient, experiment_name: str | None) -> str:
     """A new run in `experiment_name` (created if needed), else `MLFLOW_EXPERIMENT_ID`, else 0."""
     if experiment_name:
         experiment = experiment_id(client, experiment_name)
@@ -395,7 +406,7 @@ def start_run(client: Any, experiment_name: str | None) -> str:
     return run.info.run_id
 
 
-def mark_experiment(client: Any, experiment_id: str) -> None:
+def mark_experiment(client: MlflowClient, experiment_id: str) -> None:
     """Set `EXPERIMENT_KIND_TAG` on an experiment that has no kind yet (never overrides one)."""
     key, value = EXPERIMENT_KIND_TAG
     if key not in client.get_experiment(experiment_id).tags:
@@ -443,7 +454,9 @@ def sync(spool_dir: str | os.PathLike, tracking_uri: str | None = None, timeout_
     return sent
 
 
-def _send_all(spool: Spool, client: Any, uri: str, timeout_s: int) -> tuple[int, list[str]]:
+def _send_all(
+    spool: Spool, client: MlflowClient, uri: str, timeout_s: int
+) -> tuple[int, list[str]]:
     """(entries sent, what was set aside and why), oldest entry first."""
     sent, failed = 0, []
     for path in spool.entries():
