@@ -139,7 +139,7 @@ def plant(spool_dir, name: str, files: dict | None = None, **parts) -> None:
 
 @pytest.fixture
 def shared_logdir(tmp_path):
-    """A logdir whose spool holds one genuine entry and five planted ones, and a secret file
+    """A logdir whose spool holds one genuine entry and six planted ones, and a secret file
     (a stand-in for ~/.ssh/id_rsa) outside it."""
     secret = tmp_path / "home" / ".ssh" / "id_rsa"
     secret.parent.mkdir(parents=True)
@@ -160,6 +160,10 @@ def shared_logdir(tmp_path):
         images=[{"key": "k", "step": 0, "timestamp": 0, "file": "0004.files/images/0000.png"}],
     )
     plant(spool_dir, "0005", artifacts=[{"path": "../../escaped.txt", "text": "out of the run"}])
+    plant(spool_dir, "0006", files={"0006.files": lambda p: p.symlink_to(secret.parents[1])},
+          artifacts=[{"path": "id_rsa", "file": "0006.files/artifacts/id_rsa"}])  # fmt: skip
+    (secret.parents[1] / "artifacts").mkdir()
+    (secret.parents[1] / "artifacts" / "id_rsa").write_bytes(secret.read_bytes())
     Spool(spool_dir).add(entry(metrics=[["genuine", 0.5, 0, 0]],
                                artifacts=[{"path": "notes/ok.txt", "text": "fine"}]))  # fmt: skip
     return logdir, secret
@@ -173,13 +177,13 @@ def test_sync_sends_no_file_that_was_not_spooled_with_its_entry(shared_logdir, t
     assert main(["sync", str(logdir), "--tracking-uri", uri]) == 1  # ends, no hang on the FIFO
     out, err = capsys.readouterr()
     assert f"sending to {uri}, as given; entries recorded for another server: " in out
-    assert f"{PLANTED_SERVER} (1)" in out  # said, and not used (the other five are refused)
-    assert "5 could not be sent" in err and "Traceback" not in err
-    for name in ("0001", "0002", "0003", "0004", "0005"):
+    assert f"{PLANTED_SERVER} (1)" in out  # said, and not used (the others are refused)
+    assert "6 could not be sent" in err and "Traceback" not in err
+    for name in ("0001", "0002", "0003", "0004", "0005", "0006"):
         assert f"{name}.json (refused:" in err
     spool_dir = default_spool_dir(logdir)
     assert sorted(p.stem for p in spool_dir.glob("failed/*.json")) == [
-        "0001", "0002", "0003", "0004", "0005"
+        "0001", "0002", "0003", "0004", "0005", "0006"
     ]  # fmt: skip
     assert not list(spool_dir.glob("*.json"))  # the genuine entry was sent
 

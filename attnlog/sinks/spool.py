@@ -434,6 +434,8 @@ def sync(spool_dir: str | os.PathLike, tracking_uri: str | None = None, timeout_
     from mlflow import MlflowClient
 
     spool = Spool(spool_dir)
+    if not spool.entries():
+        return 0
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         named = ", ".join(f"{s} ({n})" for s, n in sorted(spool.servers().items())) or "none"
@@ -442,8 +444,6 @@ def sync(spool_dir: str | os.PathLike, tracking_uri: str | None = None, timeout_
             "MLFLOW_TRACKING_URI; sync never sends to a server named only inside the spool. "
             f"Servers its entries name (entries): {named}"
         )
-    if not spool.entries():
-        return 0
     with hold(spool.folder):
         sent, failed = _send_all(spool, MlflowClient(uri), uri, timeout_s)
     if failed:

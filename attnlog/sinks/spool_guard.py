@@ -106,7 +106,7 @@ def spooled_file(folder: Path, rel: str) -> Path:
             FIFO would hang the send, a device would never end).
         CorruptEntry: it is missing.
     """
-    own = (folder / rel.split("/", 1)[0]).resolve()
+    own = folder.resolve() / rel.split("/", 1)[0]  # itself a link elsewhere: refused below
     local = (folder / rel).resolve()
     if not local.is_relative_to(own):
         raise RefusedEntry(f"spooled file {rel!r} leads out of {own} (to {local}); refused")
