@@ -249,3 +249,18 @@ def test_a_second_sync_at_once_exits_with_a_message_and_starts_no_run(tmp_path, 
     (run,) = runs_of(uri, "shared")  # one run, every entry in it once
     history = MlflowClient(uri).get_metric_history(run.info.run_id, "m")
     assert [m.step for m in history] == [0, 1, 2]
+
+
+def test_a_planted_lock_link_is_not_written_through(tmp_path, capsys):
+    logdir = tmp_path / "run"
+    spool = Spool(default_spool_dir(logdir))
+    spool.add(entry(metrics=[["m", 1.0, 0, 0]]))
+    profile = tmp_path / "home" / ".bashrc"
+    profile.parent.mkdir()
+    profile.write_text("export PATH=$HOME/bin:$PATH\n")
+    (spool.folder / "sync.lock").symlink_to(profile)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["sync", str(logdir), "--tracking-uri", uri]) == 1
+    assert "sync.lock cannot be the sync lock" in capsys.readouterr().err
+    assert profile.read_text() == "export PATH=$HOME/bin:$PATH\n"  # before: truncated to a pid
+    assert len(spool.entries()) == 1

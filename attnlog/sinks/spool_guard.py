@@ -14,10 +14,11 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from attnlog.files import NotARegularFile, check_regular
 
@@ -127,19 +128,31 @@ def hold(folder: Path) -> Iterator[None]:
         SpoolBusy: another process holds it (its pid in the message).
     """
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK, "a+", encoding="ascii") as fh:
+    with _open_lock(folder / LOCK) as fh:
         if not _try_lock(fh.fileno()):
-            fh.seek(0)
-            holder = fh.read().strip()[:20] or "unknown"
+            holder = fh.read(20).decode("ascii", "replace").strip() or "unknown"
             raise SpoolBusy(
                 f"another `attnlog sync` (pid {holder}) is sending {folder} now; run it again "
                 "once that one has finished"
             )
-        fh.seek(0)
         fh.truncate()
-        fh.write(str(os.getpid()))
+        fh.write(str(os.getpid()).encode())
         fh.flush()
         yield  # the lock goes with the file's closing
+
+
+def _open_lock(path: Path) -> BinaryIO:
+    """The lock file, never through a link (a planted `sync.lock` -> ~/.bashrc must not be
+    truncated) and never a FIFO or device."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:  # ELOOP: a link
+        raise NotARegularFile(f"{path} cannot be the sync lock: {exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotARegularFile(f"{path} is not a regular file; remove it and sync again")
+    return os.fdopen(fd, "r+b")
 
 
 def _try_lock(fd: int) -> bool:
