@@ -257,8 +257,10 @@ def _probe_problem(probe: ProbeAttention) -> str | None:
     rows, what = (probe.labels, "block labels") if probe.pooled else (probe.tokens, "tokens")
     if rows is None or len(rows) != shape[2]:
         return f"attention has {shape[2]} rows for {len(rows or [])} {what}"
-    if probe.pooled and np.shape(probe.spans) != (shape[2], 2):
-        return f"spans are {np.shape(probe.spans)}, not [{shape[2]}, 2]"
+    if probe.pooled and not _spans_fit(probe.spans, shape[2], len(probe.tokens)):
+        return (
+            f"spans are not {shape[2]} ordered token ranges inside its {len(probe.tokens)} tokens"
+        )
     n, m = len(probe.tokens), len(probe.decoder_tokens or [])  # encoder and decoder tokens
     for name in ("special", "punct", "segment", "word_ids", "token_ids"):
         value = getattr(probe, name)
@@ -270,6 +272,16 @@ def _probe_problem(probe: ProbeAttention) -> str | None:
         if value is not None and np.shape(value)[2:] != (m, want):
             return f"{name} is {np.shape(value)}, not [layers, heads, {m}, {want}]"
     return None
+
+
+def _spans_fit(spans: np.ndarray, blocks: int, n: int) -> bool:
+    """Whether `spans` are `blocks` ordered `[start, end)` token ranges inside `n` tokens."""
+    spans = np.asarray(spans)
+    if spans.shape != (blocks, 2) or spans.dtype.kind not in "iu":
+        return False
+    starts, ends = spans[:, 0], spans[:, 1]
+    return bool((starts >= 0).all() and (ends <= n).all() and (starts < ends).all()
+                and (starts[1:] >= ends[:-1]).all())  # fmt: skip
 
 
 def _last(

@@ -148,3 +148,19 @@ def test_a_crafted_step_is_refused_with_what_is_wrong(tmp_path, capsys, damage):
     assert main(["compare", str(logdir), str(logdir)]) == 1
     err = capsys.readouterr().err
     assert "no readable step" in err and "Traceback" not in err
+
+
+def test_pooled_spans_outside_the_tokens_are_refused(tmp_path, capsys):
+    """A pooled probe's blocks index its tokens: a span past them was an IndexError in export."""
+    snapshot = make_snapshot(0)
+    probe = snapshot.probes[0]  # 6 tokens, pooled into 3 blocks
+    probe.attention, probe.labels = probe.attention[:, :, :3, :3], ["a", "b", "c"]
+    for step, spans in ((0, [[0, 3], [3, 5], [5, 6]]), (1, [[0, 3], [5, 2], [100, 200]])):
+        probe.spans = np.array(spans)
+        snapshot.step = step
+        ArchiveSink(tmp_path).log_archive(snapshot, make_table(step), step)
+    out = tmp_path / "fig.svg"
+    args = ["export", str(tmp_path), "--layer", "0", "--head", "0", "--out", str(out)]
+    assert main([*args, "--step", "0"]) == 0
+    assert main([*args, "--step", "1"]) == 1
+    assert "spans are not 3 ordered token ranges inside its 6 tokens" in capsys.readouterr().err
