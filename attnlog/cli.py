@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 BROWSE_HINT = """\
 Browse it:
@@ -147,11 +145,19 @@ def _add_sync(sub) -> None:
     sync = sub.add_parser(
         "sync",
         help="send MLflow events spooled while the tracking server was unreachable",
-        description="Send what the MLflow sink spooled under <logdir>/plugins/attnlog/mlflow_spool.",
+        description="Send what the MLflow sink spooled under <logdir>/plugins/attnlog/mlflow_spool "
+        "to the MLflow server you name (--tracking-uri, else MLFLOW_TRACKING_URI). The server "
+        "each entry recorded is never used on its own: with neither given, sync sends nothing "
+        "and lists the servers the entries name; entries recorded for another server are sent "
+        "to yours, and it says so. An entry may send only the files spooled with it; one that "
+        "names any other file (outside its own folder) is refused, moved to mlflow_spool/failed/ "
+        "and counted. One sync at a time per spool: a second one exits with a message.",
     )
     sync.add_argument("logdir", help="the logger's logdir")
     sync.add_argument(
-        "--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)"
+        "--tracking-uri",
+        default=None,
+        help="the MLflow server to send to (default: MLFLOW_TRACKING_URI; required if unset)",
     )
 
 
@@ -176,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _demo(args) -> int:
+def _demo(args: argparse.Namespace) -> int:
     from attnlog.demo import run_demo
 
     print(f"attnlog demo: fine-tuning MiniLM for {args.steps} steps, logging every {args.every}")
@@ -210,7 +216,7 @@ def _demo(args) -> int:
     return 0
 
 
-def _snapshot(args) -> int:
+def _snapshot(args: argparse.Namespace) -> int:
     from attnlog.oneshot import write_snapshot
 
     pairs = args.pair or []
@@ -230,7 +236,7 @@ def _snapshot(args) -> int:
     return 0
 
 
-def _report(args) -> int:
+def _report(args: argparse.Namespace) -> int:
     from attnlog.report import report
 
     text = report(args.logdir, step=args.step, as_json=args.json)
@@ -238,7 +244,7 @@ def _report(args) -> int:
     return 0
 
 
-def _compare(args) -> int:
+def _compare(args: argparse.Namespace) -> int:
     from attnlog.compare import compare_runs
 
     text, written = compare_runs(
@@ -255,7 +261,7 @@ def _compare(args) -> int:
     return 0
 
 
-def _export(args) -> int:
+def _export(args: argparse.Namespace) -> int:
     from attnlog.export import export
 
     path = export(
@@ -273,7 +279,7 @@ def _export(args) -> int:
     return 0
 
 
-def _sync(args) -> int:
+def _sync(args: argparse.Namespace) -> int:
     from attnlog.layout import default_spool_dir, plugin_dir
     from attnlog.sinks.spool import Spool, sync
 
@@ -287,6 +293,12 @@ def _sync(args) -> int:
         print(f"attnlog sync: sent 0 spooled entries: {spool} holds none")
         return 0
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    other = {s: n for s, n in Spool(spool).servers().items() if uri and s != uri}
+    if other:
+        named = ", ".join(f"{s} ({n})" for s, n in sorted(other.items()))
+        print(
+            f"attnlog sync: sending to {uri}, as given; entries recorded for another server: {named}"
+        )
     try:
         sent = sync(spool, tracking_uri=uri)
     except (ConnectionError, RuntimeError) as exc:
@@ -310,10 +322,6 @@ def _version() -> str:
     from attnlog import __version__
 
     return f"attnlog {__version__}"
-
-
-def _json(data: Any) -> str:
-    return json.dumps(data, indent=2, ensure_ascii=False)
 
 
 if __name__ == "__main__":

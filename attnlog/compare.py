@@ -19,13 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
-from attnlog.report import score_differences
+from attnlog.report import load, named, same_scores, score_differences, score_shape
 
-__all__ = ["RunScores", "compare_page", "compare_runs", "read_run"]
+__all__ = ["RunScores", "compare", "compare_page", "compare_runs", "read_run"]
 
 _METRIC = re.compile(
-    r"^attn\.(?P<pattern>.+)\.L(?P<layer>\d+)H(?P<head>\d+)$"
+    r"^attn\.(?P<pattern>.+)\.L(?P<layer>\d{1,9})H(?P<head>\d{1,9})$"
 )  # layout.mlflow_metric
+# Bounds on what an MLflow run's metric names may ask for (the largest models have ~130 layers
+# and ~130 heads): a name like `attn.sink.L200000H200000` would otherwise allocate 149 GiB.
+MAX_LAYERS = MAX_HEADS = 4096
+MAX_CELLS = 2**24  # patterns x layers x heads read from one run: 64 MiB of float32
 _ARTIFACT_DIR = "attnlog_compare"
 _MAX_PATTERNS = 6  # patterns drawn as matrices: those of the heads that changed most
 
@@ -52,8 +56,6 @@ def read_run(run: str, tracking_uri: str | None = None) -> RunScores:
         ValueError: neither a folder nor a run id, or an MLflow run with no attnlog metrics.
     """
     if Path(run).is_dir():
-        from attnlog.report import load
-
         snapshot = load(run)  # the last readable step
         return RunScores(str(run), dict(snapshot.scores), snapshot.step)
     run_id = run[len("runs:/") :].strip("/").split("/")[0] if run.startswith("runs:/") else run
@@ -65,12 +67,28 @@ def read_run(run: str, tracking_uri: str | None = None) -> RunScores:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    metrics = client.get_run(run_id).data.metrics
+    run_info = client.get_run(run_id)
+    scores = _metric_scores(run_info.data.metrics, run_id)
+    name = run_info.info.run_name or run_id
+    return RunScores(f"{name} ({run_id[:8]})", scores, run_id=run_id)
+
+
+def _metric_scores(metrics: dict[str, float], run_id: str) -> dict[str, np.ndarray]:
+    """pattern -> `[L, H]` from `attn.<pattern>.L<l>H<h>` metrics (NaN where none was logged).
+
+    Raises:
+        ValueError: no such metric, or names that ask for an absurd number of layers or heads.
+    """
     found: dict[str, dict[tuple[int, int], float]] = {}
     for key, value in metrics.items():
         match = _METRIC.match(key)
         if match:
             cell = (int(match["layer"]), int(match["head"]))
+            if cell[0] >= MAX_LAYERS or cell[1] >= MAX_HEADS:
+                raise ValueError(
+                    f"MLflow run {run_id} has metric {key[:200]!r}: attnlog reads at most "
+                    f"{MAX_LAYERS} layers and {MAX_HEADS} heads; is this an attnlog run?"
+                )
             found.setdefault(match["pattern"], {})[cell] = float(value)
     if not found:
         raise ValueError(
@@ -79,14 +97,29 @@ def read_run(run: str, tracking_uri: str | None = None) -> RunScores:
         )
     layers = 1 + max(layer for cells in found.values() for layer, _ in cells)
     heads = 1 + max(head for cells in found.values() for _, head in cells)
+    if len(found) * layers * heads > MAX_CELLS:
+        raise ValueError(
+            f"MLflow run {run_id}'s attnlog metrics ask for {len(found)} patterns x {layers} "
+            f"layers x {heads} heads, over attnlog's limit of {MAX_CELLS} scores"
+        )
     scores = {}
     for pattern, cells in found.items():
         matrix = np.full((layers, heads), np.nan, dtype=np.float32)
         for (layer, head), value in cells.items():
             matrix[layer, head] = value
         scores[pattern] = matrix
-    name = client.get_run(run_id).info.run_name or run_id
-    return RunScores(f"{name} ({run_id[:8]})", scores, run_id=run_id)
+    return scores
+
+
+def compare(run_a: str, run_b: str, *, top: int = 10, tracking_uri: str | None = None) -> str:
+    """The `top` heads whose scores differ most between two runs (logdirs or MLflow runs).
+
+    Raises:
+        FileNotFoundError: a folder holds no archive.
+        ValueError: the runs' models differ in layers or heads, or a run is not found.
+    """
+    a, b = read_run(run_a, tracking_uri), read_run(run_b, tracking_uri)
+    return _text(a, b, top)
 
 
 def compare_runs(
@@ -106,13 +139,7 @@ def compare_runs(
         ValueError: the runs' models differ in layers or heads.
     """
     a, b = read_run(run_a, tracking_uri), read_run(run_b, tracking_uri)
-    _check_shapes(a, b)
-    if a.run_id is None and b.run_id is None:  # two logdirs: the archive report's table
-        from attnlog.report import compare
-
-        text = compare(run_a, run_b, top=top)
-    else:
-        text = _text(a, b, score_differences(a.scores, b.scores)[:top])
+    text = _text(a, b, top)
     written: list[str] = []
     if out is not None:
         out = Path(out)
@@ -156,7 +183,7 @@ def compare_page(a: RunScores, b: RunScores, *, top: int = 10) -> str:
 
 
 def _check_shapes(a: RunScores, b: RunScores) -> None:
-    shape_a, shape_b = _shape(a.scores), _shape(b.scores)
+    shape_a, shape_b = score_shape(a.scores), score_shape(b.scores)
     if shape_a != shape_b:
         raise ValueError(
             f"cannot compare: {a.name} has {shape_a[0]} layers x {shape_a[1]} heads, {b.name} "
@@ -164,22 +191,24 @@ def _check_shapes(a: RunScores, b: RunScores) -> None:
         )
 
 
-def _shape(scores: dict[str, np.ndarray]) -> tuple[int, int]:
-    shapes = {np.shape(m) for m in scores.values()}
-    return max(shapes) if shapes else (0, 0)
-
-
-def _text(a: RunScores, b: RunScores, rows: list) -> str:
+def _text(a: RunScores, b: RunScores, top: int) -> str:
+    """The table both `compare` and the command print: the `top` rows of `score_differences`."""
+    _check_shapes(a, b)
+    rows = score_differences(a.scores, b.scores)
+    aliases = same_scores(a.scores, b.scores)
     lines = [
         f"A: {a.label}",
         f"B: {b.label}",
         f"  {'pattern':<24}{'layer':>6}{'head':>6}{'A':>8}{'B':>8}{'B-A':>8}",
     ]
-    for _, p, layer, head in rows:
+    for _, p, layer, head in rows[:top]:
         va, vb = float(a.scores[p][layer, head]), float(b.scores[p][layer, head])
-        lines.append(f"  {p:<24}{layer:>6}{head:>6}{va:>8.3f}{vb:>8.3f}{vb - va:>+8.3f}")
+        name = named(p, aliases.get(p, []))
+        lines.append(f"  {name:<24}{layer:>6}{head:>6}{va:>8.3f}{vb:>8.3f}{vb - va:>+8.3f}")
     if not rows:
         lines.append("  (no pattern scored in both runs)")
+    elif rows[0][0] == 0:
+        lines.append("  (every score is the same in both runs)")
     return "\n".join(lines)
 
 

@@ -262,15 +262,14 @@ def biggest_changes(
     """The heads whose scores moved most between the first and the last archived step
     (among `patterns`, default all scores in [0, 1])."""
     from attnlog.layout import plugin_dir, read_index
-    from attnlog.report import score_differences
-    from attnlog.snapshot import load
+    from attnlog.report import load, score_differences
 
     index = read_index(logdir)
     if len(index) < 2:
         return []
     root = plugin_dir(logdir)
-    _, first = load(root / index[0]["file"])
-    _, last = load(root / index[-1]["file"])
+    first = load(root / index[0]["file"]).scores
+    last = load(root / index[-1]["file"]).scores
     return [
         {
             "pattern": pattern,

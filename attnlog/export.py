@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from xml.sax.saxutils import escape
 
 import numpy as np
@@ -100,6 +100,8 @@ def export(
 
 
 def _probe(probes: Sequence[ProbeAttention], name: str | None) -> ProbeAttention:
+    if not probes:
+        raise ValueError("this step archived no probe; draw a score matrix with --pattern NAME")
     if name is None:
         return probes[0]
     for p in probes:
@@ -193,7 +195,7 @@ def _range(panels: list[Panel]) -> tuple[float, float]:
     return (0.0, 1.0) if lo >= 0.0 and hi <= 1.0 else (lo, hi if hi > lo else lo + 1.0)
 
 
-def _draw(canvas: Any, panels: list[Panel], title: str) -> None:
+def _draw(canvas: _Svg | _Png, panels: list[Panel], title: str) -> None:
     """Draw the figure with `canvas.rect(x, y, w, h, rgb)` and
     `canvas.text(x, y, text, size, anchor, rotate, rgb)` (points; y is the text's middle)."""
     boxes, _, height, bar_x = _layout(panels, title)
@@ -239,27 +241,49 @@ def _draw(canvas: Any, panels: list[Panel], title: str) -> None:
 # ---- backends --------------------------------------------------------------------------------
 
 
-def _hex(rgb) -> str:
+def _hex(rgb: Sequence[int]) -> str:
     r, g, b = (int(c) for c in rgb)
     return f"#{r:02x}{g:02x}{b:02x}"
+
+
+# Characters XML 1.0 does not allow (C0 controls but tab/newline/return, lone surrogates,
+# U+FFFE, U+FFFF): one in a `<text>` makes the whole SVG unreadable, and tokens can hold any.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _visible(text: str) -> str:
+    """`text` with every character XML cannot hold shown as its escape (`\\x1b`, `\\ufffe`),
+    so both backends draw the same label and the SVG stays valid XML."""
+    return _NOT_XML.sub(
+        lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text
+    )
 
 
 class _Svg:
     def __init__(self) -> None:
         self.parts: list[str] = []
 
-    def rect(self, x, y, w, h, rgb) -> None:
+    def rect(self, x: float, y: float, w: float, h: float, rgb: Sequence[int]) -> None:
         fill = _hex(rgb)
         self.parts.append(
             f'<rect x="{x:.2f}" y="{y:.2f}" width="{w:.2f}" height="{h:.2f}" fill="{fill}"/>'
         )
 
-    def text(self, x, y, text, size, anchor, rotate, rgb) -> None:
+    def text(
+        self,
+        x: float,
+        y: float,
+        text: str,
+        size: float,
+        anchor: str,
+        rotate: bool,
+        rgb: Sequence[int],
+    ) -> None:
         fill = _hex(rgb)
         turn = f' transform="rotate(-90 {x:.2f} {y:.2f})"' if rotate else ""
         self.parts.append(
             f'<text x="{x:.2f}" y="{y:.2f}" font-size="{size:g}" text-anchor="{anchor}" '
-            f'dominant-baseline="central" fill="{fill}"{turn}>{escape(text)}</text>'
+            f'dominant-baseline="central" fill="{fill}"{turn}>{escape(_visible(text))}</text>'
         )
 
 
@@ -272,7 +296,7 @@ def figure_svg(panels: list[Panel], title: str = "") -> str:
         '<?xml version="1.0" encoding="UTF-8"?>\n'
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.1f}pt" height="{height:.1f}pt" '
         f'viewBox="0 0 {width:.2f} {height:.2f}" font-family="{_FONT_FAMILY}">\n'
-        f"<title>{escape(title)}</title>\n"
+        f"<title>{escape(_visible(title))}</title>\n"
         f'<rect width="100%" height="100%" fill="#ffffff"/>\n' + "\n".join(svg.parts) + "\n</svg>\n"
     )
 
@@ -287,18 +311,27 @@ class _Png:
         )
         self.draw = ImageDraw.Draw(self.image)
 
-    def rect(self, x, y, w, h, rgb) -> None:
+    def rect(self, x: float, y: float, w: float, h: float, rgb: Sequence[int]) -> None:
         s = self.scale
         box = [round(x * s), round(y * s), round((x + w) * s) - 1, round((y + h) * s) - 1]
         if box[2] >= box[0] and box[3] >= box[1]:
             self.draw.rectangle(box, fill=tuple(int(c) for c in rgb))
 
-    def text(self, x, y, text, size, anchor, rotate, rgb) -> None:
+    def text(
+        self,
+        x: float,
+        y: float,
+        text: str,
+        size: float,
+        anchor: str,
+        rotate: bool,
+        rgb: Sequence[int],
+    ) -> None:
         from PIL import Image, ImageDraw
 
         from attnlog.render.fonts import font_for
 
-        s = self.scale
+        s, text = self.scale, _visible(text)
         font = font_for(text, max(1, round(size * s)))
         width = font.getlength(text)
         ascent, descent = font.getmetrics()

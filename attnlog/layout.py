@@ -31,6 +31,8 @@ from attnlog.notes import warn_once  # re-exported: the readers import it from h
 if TYPE_CHECKING:
     from attnlog.snapshot import ProbeAttention
 
+from attnlog.files import read_regular
+
 __all__ = [
     "ARCHIVE_VIEWS",
     "DEFAULT_VIEWS",
@@ -232,7 +234,7 @@ def read_index(logdir: str | os.PathLike) -> list[dict[str, Any]]:
     """
     path = plugin_dir(logdir) / INDEX
     try:
-        data = path.read_bytes()
+        data = read_regular(path)  # a FIFO named index.jsonl must not hang the reader
     except (FileNotFoundError, NotADirectoryError):
         return []
     by_step: dict[int, dict[str, Any]] = {}

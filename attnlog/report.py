@@ -1,9 +1,9 @@
-"""`attnlog report` and `attnlog compare`: read a run's archive back as a short text summary.
+"""`attnlog.load` and `attnlog report`: read a run's archive back, as a `Snapshot` or a summary.
 
-Both read only `<logdir>/plugins/attnlog` (`layout.read_index` + `snapshot.load`), never
+Both read only `<logdir>/plugins/attnlog` (`layout.read_index` + the step files), never
 TensorBoard or MLflow, so they work on a copied folder, offline, long after training. A damaged
 run is still summarised: unreadable index lines and missing or truncated step files are skipped
-with one warning each.
+with one warning each. `attnlog.compare` ranks the differences of two runs with the helpers here.
 
 Patterns whose scores are identical (`cls` and `sink` for BERT-family models, whose [CLS] is the
 first token) are shown once, as `cls (= sink)`, so rankings hold no duplicate pairs.
@@ -21,17 +21,18 @@ from typing import Any
 import numpy as np
 
 from attnlog.layout import INDEX, archive_path, plugin_dir, read_index, warn_once
-from attnlog.snapshot import Snapshot
-from attnlog.snapshot import load as load_archive
+from attnlog.snapshot import ProbeAttention, Snapshot
+from attnlog.snapshot import _load as _load_file  # the file format's own reader, for `load`
 
 __all__ = [
     "UNBOUNDED",
-    "compare",
     "format_heads",
     "load",
+    "named",
     "report",
     "same_scores",
     "score_differences",
+    "score_shape",
     "strongest_heads",
 ]
 
@@ -75,7 +76,7 @@ def format_heads(rows: list[dict[str, Any]]) -> str:
     """A compact table: pattern, layer, head, score, label."""
     lines = [f"  {'pattern':<24}{'layer':>6}{'head':>6}{'score':>8}  label"]
     for r in rows:
-        name = _named(r["pattern"], r.get("same_as", []))
+        name = named(r["pattern"], r.get("same_as", []))
         lines.append(f"  {name:<24}{r['layer']:>6}{r['head']:>6}{r['score']:>8.3f}  {r['label']}")
     return "\n".join(lines)
 
@@ -108,22 +109,12 @@ def report(logdir: str | os.PathLike, step: int | None = None, as_json: bool = F
     """
     index = _index(logdir)
     steps = [e["step"] for e in index]
-    if step is None:
-        entry, snapshot = _last(logdir, index)
-    else:
-        if step not in steps:
-            raise ValueError(
-                f"step {step} is not in the archive of {logdir}; logged steps: {_list(steps)}"
-            )
-        entry = index[steps.index(step)]
-        snapshot = _read(logdir, entry)
-        if snapshot is None:
-            raise ValueError(f"the archive file of step {step} in {logdir} is missing or damaged")
+    entry, snapshot = _last(logdir, index) if step is None else _step(logdir, index, step)
     chosen, scores = entry["step"], snapshot.scores
     labels = _labels(scores)
     rows = strongest_heads(scores, labels)
     counts = Counter(labels.ravel().tolist()) if labels is not None else Counter()
-    layers, heads = _shape(scores)
+    layers, heads = score_shape(scores)
     if as_json:
         return json.dumps(
             {
@@ -152,6 +143,21 @@ def report(logdir: str | os.PathLike, step: int | None = None, as_json: bool = F
     return "\n".join(lines)
 
 
+def _step(
+    logdir: str | os.PathLike, index: list[dict[str, Any]], step: int
+) -> tuple[dict[str, Any], Snapshot]:
+    steps = [e["step"] for e in index]
+    if step not in steps:
+        raise ValueError(
+            f"step {step} is not in the archive of {logdir}; logged steps: {_list(steps)}"
+        )
+    entry = index[steps.index(step)]
+    snapshot = _read(logdir, entry)
+    if snapshot is None:
+        raise ValueError(f"the archive file of step {step} in {logdir} is missing or damaged")
+    return entry, snapshot
+
+
 def score_differences(
     a: dict[str, np.ndarray], b: dict[str, np.ndarray], patterns: Iterable[str] | None = None
 ) -> list[tuple[float, str, int, int]]:
@@ -170,40 +176,6 @@ def score_differences(
             rows.append((abs(delta[layer, head]), pattern, int(layer), int(head)))
     rows.sort(key=lambda r: -r[0])
     return rows
-
-
-def compare(run_a: str | os.PathLike, run_b: str | os.PathLike, top: int = 10) -> str:
-    """The heads whose scores differ most between the last logged steps of two runs.
-
-    Raises:
-        FileNotFoundError: a folder holds no archive.
-        ValueError: the runs' models have different numbers of layers or heads.
-    """
-    (entry_a, snap_a), (entry_b, snap_b) = _last(run_a), _last(run_b)
-    a, b = snap_a.scores, snap_b.scores
-    shape_a, shape_b = _shape(a), _shape(b)
-    if shape_a != shape_b:
-        raise ValueError(
-            f"cannot compare: {run_a} has {shape_a[0]} layers x {shape_a[1]} heads, {run_b} has "
-            f"{shape_b[0]} x {shape_b[1]}; compare runs of the same model"
-        )
-    rows = score_differences(a, b)
-    aliases = same_scores(a, b)
-    step_a, step_b = entry_a["step"], entry_b["step"]
-    lines = [
-        f"A: {run_a} (step {step_a})",
-        f"B: {run_b} (step {step_b})",
-        f"  {'pattern':<24}{'layer':>6}{'head':>6}{'A':>8}{'B':>8}{'B-A':>8}",
-    ]
-    for _, pattern, layer, head in rows[:top]:
-        va, vb = float(a[pattern][layer, head]), float(b[pattern][layer, head])
-        name = _named(pattern, aliases.get(pattern, []))
-        lines.append(f"  {name:<24}{layer:>6}{head:>6}{va:>8.3f}{vb:>8.3f}{vb - va:>+8.3f}")
-    if not rows:
-        lines.append("  (no pattern scored in both runs)")
-    elif rows[0][0] == 0:
-        lines.append("  (every score is the same in both runs)")
-    return "\n".join(lines)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -235,28 +207,81 @@ def load(path: str | os.PathLike, step: int | None = None) -> Snapshot:
 
     Raises:
         FileNotFoundError: no archive there. ValueError: `step` was not logged or is damaged.
+        NotARegularFile: `path` is a FIFO or a device (never opened for reading).
     """
     path = Path(path)
-    if path.is_file():
-        return load_archive(path)[0]
+    if path.exists() and not path.is_dir():
+        return _checked(_load_file(path), path)
     index = _index(path)
     if step is None:
         return _last(path, index)[1]
     entry = next((e for e in index if e["step"] == step), None)
-    snapshot = None if entry is None else _read(path, entry)
-    if snapshot is None:
-        raise ValueError(f"step {step} of {path} was not logged or its archive file is damaged")
-    return snapshot
+    if entry is None:
+        steps = [e["step"] for e in index]
+        raise ValueError(f"step {step} was not logged in {path}; logged steps: {_list(steps)}")
+    file = archive_path(path, entry)
+    return _checked(_load_file(file), file)  # its own error: missing, truncated, damaged
 
 
 def _read(logdir: str | os.PathLike, entry: dict[str, Any]) -> Snapshot | None:
     """The step's snapshot, or None (warned once) when its file is missing or damaged."""
     path = archive_path(logdir, entry)
     try:
-        return load_archive(path)[0]
-    except Exception as exc:  # missing, truncated, not an archive, a newer format
+        return _checked(_load_file(path), path)
+    except Exception as exc:  # missing, truncated, not an archive, a newer format, crafted
         warn_once(path, f"attnlog: skipping step {entry['step']}: cannot read {path}: {exc}")
         return None
+
+
+def _checked(snapshot: Snapshot, path: Path) -> Snapshot:
+    """`snapshot` once its arrays fit together: a damaged or crafted archive (a cut token list,
+    1-D scores) is refused here with what is wrong, not with an IndexError deep in a reader."""
+    try:
+        score_shape(snapshot.scores)
+        for probe in snapshot.probes:
+            problem = _probe_problem(probe)
+            if problem:
+                raise ValueError(f"probe {probe.name!r}: {problem}")
+    except ValueError as exc:
+        raise ValueError(f"{path} is damaged: {exc}") from None
+    return snapshot
+
+
+def _probe_problem(probe: ProbeAttention) -> str | None:
+    """What does not fit in one probe's archived arrays, or None."""
+    if not all(isinstance(t, str) for t in probe.tokens):
+        return "its tokens are not all text"
+    shape = np.shape(probe.attention)
+    if len(shape) != 4 or shape[2] != shape[3]:
+        return f"attention is {shape}, not [layers, heads, n, n]"
+    rows, what = (probe.labels, "block labels") if probe.pooled else (probe.tokens, "tokens")
+    if rows is None or len(rows) != shape[2]:
+        return f"attention has {shape[2]} rows for {len(rows or [])} {what}"
+    if probe.pooled and not _spans_fit(probe.spans, shape[2], len(probe.tokens)):
+        return (
+            f"spans are not {shape[2]} ordered token ranges inside its {len(probe.tokens)} tokens"
+        )
+    n, m = len(probe.tokens), len(probe.decoder_tokens or [])  # encoder and decoder tokens
+    for name in ("special", "punct", "segment", "word_ids", "token_ids"):
+        value = getattr(probe, name)
+        if value is not None and np.shape(value) != (n,):
+            return f"{name} is {np.shape(value)}, not [{n}] (one per token)"
+    cols = {"decoder_attention": m, "cross_attention": shape[2]}  # keys: the encoder's rows
+    for name, want in cols.items():
+        value = getattr(probe, name)
+        if value is not None and np.shape(value)[2:] != (m, want):
+            return f"{name} is {np.shape(value)}, not [layers, heads, {m}, {want}]"
+    return None
+
+
+def _spans_fit(spans: np.ndarray, blocks: int, n: int) -> bool:
+    """Whether `spans` are `blocks` ordered `[start, end)` token ranges inside `n` tokens."""
+    spans = np.asarray(spans)
+    if spans.shape != (blocks, 2) or spans.dtype.kind not in "iu":
+        return False
+    starts, ends = spans[:, 0], spans[:, 1]
+    return bool((starts >= 0).all() and (ends <= n).all() and (starts < ends).all()
+                and (starts[1:] >= ends[:-1]).all())  # fmt: skip
 
 
 def _last(
@@ -274,7 +299,8 @@ def _last(
     )
 
 
-def _named(pattern: str, same_as: list[str]) -> str:
+def named(pattern: str, same_as: list[str]) -> str:
+    """`cls (= sink)`: a pattern shown with the patterns whose scores are the same."""
     return f"{pattern} (= {', '.join(same_as)})" if same_as else pattern
 
 
@@ -291,11 +317,22 @@ def _labels(scores: dict[str, np.ndarray]) -> np.ndarray | None:
     return label_heads(scores)
 
 
-def _shape(scores: dict[str, np.ndarray]) -> tuple[int, int]:
-    if not scores:
+def score_shape(scores: dict[str, np.ndarray]) -> tuple[int, int]:
+    """(layers, heads) of a run's scores: the `[L, H]` every pattern shares ((0, 0) without any).
+
+    Raises:
+        ValueError: a pattern's scores are not `[L, H]` or not the same shape as the others'.
+    """
+    shapes = {name: np.shape(matrix) for name, matrix in scores.items()}
+    if not shapes:
         return (0, 0)
-    layers, heads = np.shape(next(iter(scores.values())))
-    return int(layers), int(heads)
+    first = next(iter(shapes.values()))
+    odd = {name: shape for name, shape in shapes.items() if shape != first or len(shape) != 2}
+    if odd:
+        raise ValueError(
+            f"pattern scores must all be [layers, heads] of one shape; got {first} and {odd}"
+        )
+    return int(first[0]), int(first[1])
 
 
 def _list(steps: list[int], limit: int = 20) -> str:

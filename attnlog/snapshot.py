@@ -2,8 +2,8 @@
 
 A `Snapshot` lives on the training device while scores are computed, then `to_host()` turns it
 into small CPU copies (float16 attention) that the worker thread renders and the sinks write.
-`save`/`load` give the archive format other tools read back: one `.npz` per step, plain numpy
-arrays plus one JSON string, so no attnlog import is needed to read it.
+`save` writes the archive format other tools read back (`attnlog.load` reads it): one `.npz` per
+step, plain numpy arrays plus one JSON string, so no attnlog import is needed to read it.
 
 A probe longer than the capture's full-attention limit (256 tokens by default) keeps its attention
 pooled by blocks of tokens instead: `attention` is then `[L, H, m, m]` with `m` <= 256, `spans`
@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FORMAT_VERSION", "ProbeAttention", "Snapshot", "load", "load_scores", "to_numpy"]
+from attnlog.files import open_regular  # a FIFO in a run folder must not hang a reader
+
+__all__ = ["FORMAT_VERSION", "ProbeAttention", "Snapshot", "load_scores", "to_numpy"]
 
 FORMAT_VERSION = 2
 
@@ -153,9 +155,12 @@ class Snapshot:
         return path
 
 
-def load(path: str | Path) -> tuple[Snapshot, dict[str, np.ndarray]]:
-    """Read an archive written by `Snapshot.save`; returns (snapshot, scores)."""
-    with np.load(Path(path), allow_pickle=False) as data:
+def _load(path: str | Path) -> Snapshot:
+    """Read one archive file written by `Snapshot.save` (its scores in `.scores`).
+
+    Private: `attnlog.load` (`attnlog.report.load`) is the one public reader, of a file or a run.
+    """
+    with open_regular(path) as fh, np.load(fh, allow_pickle=False) as data:
         meta = json.loads(bytes(data["meta"]).decode())
         if meta.get("format") != "attnlog.snapshot":
             raise ValueError(f"{path} is not an attnlog snapshot archive")
@@ -168,26 +173,29 @@ def load(path: str | Path) -> tuple[Snapshot, dict[str, np.ndarray]]:
         for i, pm in enumerate(meta["probes"]):
             arrays = {n: data[f"p{i}/{n}"] for n in _ARRAY_FIELDS if f"p{i}/{n}" in data}
             probes.append(ProbeAttention(**pm, **arrays))
-        scores = _scores(data)
-    snapshot = Snapshot(
+        scores = _scores(data, path)
+    return Snapshot(
         step=meta["step"],
         probes=probes,
         model_type=meta["model_type"],
         meta=meta["meta"],
         scores=scores,
     )
-    return snapshot, scores
 
 
 def load_scores(path: str | Path) -> dict[str, np.ndarray]:
     """Only the `[L, H]` pattern scores of an archive: attention is never decompressed (cheap for
     readers that go over many steps, such as the Attention tab's trend)."""
-    with np.load(Path(path), allow_pickle=False) as data:
-        return _scores(data)
+    with open_regular(path) as fh, np.load(fh, allow_pickle=False) as data:
+        return _scores(data, path)
 
 
-def _scores(data: Any) -> dict[str, np.ndarray]:
-    return {k[len("scores/") :]: data[k] for k in data.files if k.startswith("scores/")}
+def _scores(data: Any, path: str | Path) -> dict[str, np.ndarray]:
+    scores = {k[len("scores/") :]: data[k] for k in data.files if k.startswith("scores/")}
+    odd = {name: m.shape for name, m in scores.items() if m.ndim != 2}
+    if odd:  # crafted or damaged: every reader indexes scores as [layer, head]
+        raise ValueError(f"{path} is damaged: scores must be [layers, heads] matrices; got {odd}")
+    return scores
 
 
 def to_numpy(value: Any, float_dtype: Any = None) -> np.ndarray:

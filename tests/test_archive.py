@@ -1,4 +1,4 @@
-"""ArchiveSink: one `.npz` per step plus `index.jsonl`, read back with `attnlog.snapshot.load`."""
+"""ArchiveSink: one `.npz` per step plus `index.jsonl`, read back with `attnlog.load`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from test_sinks_contract import make_snapshot, make_table
 
+from attnlog import load
 from attnlog.layout import plugin_dir, read_index
 from attnlog.sinks.archive import ArchiveSink
-from attnlog.snapshot import load
 
 
 def test_each_step_is_archived_and_indexed(tmp_path):
@@ -33,7 +33,8 @@ def test_each_step_is_archived_and_indexed(tmp_path):
         {"name": "cat", "pooled": False, "shapes": {"attention": [2, 3, 6, 6]}},
         {"name": "pair", "pooled": False, "shapes": {"attention": [2, 3, 7, 7]}},
     ]
-    snapshot, scores = load(plugin_dir(tmp_path) / index[1]["file"])
+    snapshot = load(plugin_dir(tmp_path) / index[1]["file"])
+    scores = snapshot.scores
     original, table = make_snapshot(100), make_table(100)
     assert [p.name for p in snapshot.probes] == ["cat", "pair"]
     assert snapshot.probes[1].tokens == original.probes[1].tokens
@@ -62,7 +63,7 @@ def test_resumed_step_replaces_its_index_line(tmp_path):
     lines = (plugin_dir(tmp_path) / "index.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [0, 100, 200]
     assert [e["model_type"] for e in read_index(tmp_path)] == ["bert", "bert-resumed", "bert"]
-    assert load(plugin_dir(tmp_path) / "step_00000100.npz")[0].model_type == "bert-resumed"
+    assert load(plugin_dir(tmp_path) / "step_00000100.npz").model_type == "bert-resumed"
     assert sorted(p.name for p in plugin_dir(tmp_path).iterdir()) == [
         "index.jsonl",
         "index.lock",

@@ -410,14 +410,15 @@ def test_probe_over_the_full_attention_limit_is_stored_pooled(minilm):
 def test_pooled_snapshot_round_trips_and_version_1_archives_still_load(minilm, tmp_path):
     import json
 
-    from attnlog.snapshot import FORMAT_VERSION, load
+    from attnlog import load
+    from attnlog.snapshot import FORMAT_VERSION
 
     _, tokenizer = minilm
     cap = Capturer(
         _tiny("llama"), tokenizer, [_ids_probe(60)], induction_probe=False, full_attention_limit=50
     )
     snapshot, _ = cap.measure(4)
-    loaded, _ = load(snapshot.save(tmp_path / "step.npz"))
+    loaded = load(snapshot.save(tmp_path / "step.npz"))
     probe = loaded.probes[0]
     assert FORMAT_VERSION == 2 and probe.pooled and probe.labels == snapshot.probes[0].labels
     assert (probe.spans == snapshot.probes[0].spans).all() and len(probe.tokens) == 60
@@ -435,7 +436,7 @@ def test_pooled_snapshot_round_trips_and_version_1_archives_still_load(minilm, t
         "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
     }
     np.savez_compressed(tmp_path / "v1.npz", **arrays)
-    old, _ = load(tmp_path / "v1.npz")
+    old = load(tmp_path / "v1.npz")
     assert old.step == 2 and not old.probes[0].pooled and old.probes[0].labels is None
 
 

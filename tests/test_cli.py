@@ -270,3 +270,13 @@ def test_demo_leaves_tensorboard_logs_mlflow_db_and_html_views(tmp_path):
     experiment = client.get_experiment_by_name("attnlog-demo")
     (mlflow_run,) = client.search_runs([experiment.experiment_id])
     assert any(key.startswith("attn.delimiter.L0") for key in mlflow_run.data.metrics)
+
+
+def test_sync_help_says_where_it_sends_and_what_it_refuses(capsys):
+    with pytest.raises(SystemExit):
+        main(["sync", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "to the MLflow server you name (--tracking-uri, else MLFLOW_TRACKING_URI)" in text
+    assert "The server each entry recorded is never used on its own" in text
+    assert "one that names any other file (outside its own folder) is refused" in text
+    assert "One sync at a time per spool" in text

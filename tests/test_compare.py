@@ -3,6 +3,8 @@ self-contained page that draws in Chromium and is logged to both runs."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from browser import browser, wait_for  # noqa: F401  (session fixture)
@@ -105,3 +107,69 @@ def test_compare_logdirs_page_and_errors(minilm, tmp_path, capsys):
     assert out.read_text(encoding="utf-8").count("data:image/png;base64,") >= 3
     assert main(["compare", runs[0], "no-such-run!"]) == 1
     assert "neither a folder nor an MLflow run id" in capsys.readouterr().err
+
+
+def test_a_logdir_and_an_mlflow_run_of_the_same_scores_compare_alike(tmp_path, capsys):
+    """One table for every kind of run: identical patterns named together, no difference found."""
+    from test_sinks_contract import make_snapshot, make_table
+
+    from attnlog.compare import compare
+    from attnlog.sinks.archive import ArchiveSink
+    from attnlog.sinks.mlflow import MLflowSink
+
+    table = make_table(10)
+    table.scores["sink"] = table.scores["cls"].copy()  # BERT: [CLS] is the first token
+    ArchiveSink(tmp_path / "run").log_archive(make_snapshot(10), table, 10)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowClient(uri).create_experiment("same", artifact_location=str(tmp_path / "art"))
+    sink = MLflowSink(uri, experiment_name="same", spool_dir=tmp_path / "spool")
+    sink.log_scores(table, 10)
+    sink.close()
+
+    for b in (str(tmp_path / "run"), sink.run_id):
+        text = compare(str(tmp_path / "run"), b, top=50, tracking_uri=uri)
+        assert text.splitlines()[0] == f"A: {tmp_path / 'run'} (step 10)"
+        assert "cls (= sink)" in text and "\n  sink " not in text
+        assert text.endswith("(every score is the same in both runs)")
+        assert (
+            main(["compare", str(tmp_path / "run"), b, "--top", "50", "--tracking-uri", uri]) == 0
+        )
+        assert capsys.readouterr().out.strip() == text
+
+
+def test_metric_names_that_ask_for_absurd_sizes_are_refused(tmp_path):
+    """`attn.sink.L200000H200000` asked for a 149 GiB matrix; now a message. The command runs
+    with its address space capped at 8 GiB, so a regression fails (MemoryError) without
+    taking the machine's memory."""
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("absurd", artifact_location=str(tmp_path / "art"))
+    normal = client.create_run(experiment).info.run_id
+    client.log_metric(normal, "attn.sink.L0H0", 0.5)
+    runs = {}
+    for name, metrics in {
+        "huge": {"attn.sink.L0H0": 0.5, "attn.sink.L200000H200000": 0.5},
+        "wide": {f"attn.p{i}.L4095H4095": 0.5 for i in range(2)},  # 2 x 4096 x 4096 cells
+    }.items():
+        runs[name] = client.create_run(experiment).info.run_id
+        for key, value in metrics.items():
+            client.log_metric(runs[name], key, value)
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
+
+    root = str(Path(__file__).resolve().parents[1])  # this checkout's attnlog, not an installed one
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    expected = {"huge": "at most 4096 layers and 4096 heads", "wide": "over attnlog's limit"}
+    for name, run_id in runs.items():
+        result = subprocess.run(
+            [sys.executable, "-m", "attnlog.cli", "compare", normal, run_id, "--tracking-uri", uri],
+            capture_output=True, text=True, timeout=300, preexec_fn=cap, env=env,
+        )  # fmt: skip
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert expected[name] in result.stderr and "Traceback" not in result.stderr

@@ -102,3 +102,29 @@ def test_errors_name_the_fix(run, tmp_path, capsys):
     assert "probes:" in capsys.readouterr().err
     assert main(["export", str(tmp_path), "--layer", "0", "--out", str(tmp_path / "x.svg")]) == 1
     assert "no attnlog archive" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".svg", ".png"])
+def test_any_token_gives_a_valid_figure(tmp_path, suffix):
+    """Tokens are arbitrary text: control characters, U+FFFE/U+FFFF, a lone surrogate and XML
+    markup still give an SVG that parses as XML (and a PNG), each drawn visibly."""
+    from test_sinks_contract import make_snapshot, make_table
+
+    from attnlog.sinks.archive import ArchiveSink
+
+    snapshot = make_snapshot(0)
+    odd = ["\x00", "a\x1bb", "\ufffe", "\uffff", "\ud800", "]]><x>&amp;"]
+    snapshot.probes[0].tokens = odd
+    snapshot.probes[0].name = "probe\x07\ufffe"
+    ArchiveSink(tmp_path / "run").log_archive(snapshot, make_table(0), 0)
+    out = tmp_path / f"odd{suffix}"
+    args = ["export", str(tmp_path / "run"), "--layer", "0", "--head", "1", "--out", str(out)]
+    assert main(args) == 0
+    if suffix == ".png":
+        with Image.open(out) as image:
+            assert image.size[0] > 50
+        return
+    _, words = texts(out)  # before: "not well-formed (invalid token)"
+    for shown in ("\\x00", "a\\x1bb", "\\ufffe", "\\uffff", "\\ud800", "]]><x>&amp;"):
+        assert words.count(shown) == 2  # a row and a column label
+    assert ET.parse(out).getroot().find(f"{SVG}title").text.startswith("probe\\x07\\ufffe")

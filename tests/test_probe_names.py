@@ -72,8 +72,7 @@ def test_cjk_probes_end_to_end(minilm, tmp_path):
     from mlflow import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from attnlog import AttentionLogger
-    from attnlog.snapshot import load
+    from attnlog import AttentionLogger, load
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     experiment = MlflowClient(uri).create_experiment("exp", artifact_location=str(tmp_path / "art"))
@@ -95,7 +94,7 @@ def test_cjk_probes_end_to_end(minilm, tmp_path):
         logger.log(0)
 
     (entry,) = read_index(logdir)
-    snapshot, _ = load(plugin_dir(logdir) / entry["file"])
+    snapshot = load(plugin_dir(logdir) / entry["file"])
     assert [p.name for p in snapshot.probes] == ["猫", "狗"]
     assert [p["name"] for p in entry["probe_shapes"]] == ["猫", "狗"]
 

@@ -22,8 +22,9 @@ from servers import free_port, get_json, start_tensorboard
 from test_sinks_contract import make_snapshot, make_table
 
 from attnlog.cli import main
+from attnlog.compare import compare
 from attnlog.layout import archive_name, plugin_dir, read_index
-from attnlog.report import compare, load, report, same_scores, score_differences, strongest_heads
+from attnlog.report import load, report, same_scores, score_differences, strongest_heads
 from attnlog.sinks.archive import ArchiveSink, write_all
 
 TESTS = Path(__file__).parent

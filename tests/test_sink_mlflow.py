@@ -283,11 +283,11 @@ def test_sync_sends_a_spool_written_while_the_server_never_answered(server, tmp_
     assert len(entries) == 7 and {e["run_id"] for e in entries} == {None}
     assert entries[-1]["end_run"] == "FINISHED"
     with pytest.raises(ConnectionError, match="7 events left"):
-        sync(spool)
+        sync(spool, server.uri)
 
     server.start()
-    assert sync(spool) == 7
-    assert sync(spool) == 0
+    assert sync(spool, server.uri) == 7
+    assert sync(spool, server.uri) == 0
     (run,) = runs_of(server.uri, "offline")
     assert run.info.status == "FINISHED"
     client = MlflowClient(server.uri)

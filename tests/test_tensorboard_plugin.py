@@ -15,9 +15,9 @@ from servers import free_port, get_json, start_tensorboard
 from test_sinks_contract import HEADS, LAYERS, PROBES, make_snapshot, make_table
 from test_words import chinese, english  # noqa: F401  (module fixtures: real probes)
 
+from attnlog import load
 from attnlog.layout import plugin_dir, read_index
 from attnlog.sinks.archive import ArchiveSink
-from attnlog.snapshot import load
 
 pytest.importorskip("tensorboard")
 from tensorboard.plugins.base_plugin import TBContext  # noqa: E402
@@ -61,7 +61,8 @@ def get(logdir):
 
 def archived(logdir, run: str, step: int):
     entry = next(e for e in read_index(logdir / run) if e["step"] == step)
-    return load(plugin_dir(logdir / run) / entry["file"])
+    snapshot = load(plugin_dir(logdir / run) / entry["file"])
+    return snapshot, snapshot.scores
 
 
 def test_active_only_with_an_archive(logdir, tmp_path):

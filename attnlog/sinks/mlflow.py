@@ -330,8 +330,8 @@ class MLflowSink(Sink):
     def _sync_hint(self) -> str:
         folder = self.spool.folder
         if folder.parts[-3:] == ("plugins", "attnlog", "mlflow_spool"):
-            return f"`attnlog sync {folder.parents[2]}`"  # the CLI takes the logdir
-        return f"`attnlog.sinks.spool.sync({str(folder)!r})`"
+            return f"`attnlog sync {folder.parents[2]} --tracking-uri {self.tracking_uri}`"
+        return f"`attnlog.sinks.spool.sync({str(folder)!r}, {self.tracking_uri!r})`"
 
     def _up(self) -> None:
         self._retry_at = 0.0

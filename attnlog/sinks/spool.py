@@ -22,6 +22,11 @@ Damage is contained to the entry it hits: an entry that cannot be read (not UTF-
 field of the wrong type) or that the server refuses for good is moved to `<spool_dir>/failed/`
 with a message, and the other entries are still sent, to the same run.
 
+A spool folder may be shared, so its entries are not trusted (`spool_guard`): an entry may send
+only the files spooled with it, and one naming any other file is refused and set aside. `sync`
+sends to the server its caller names, never to one an entry names, and one `sync` at a time
+holds the spool.
+
 Limit: the fast-fail settings are MLflow's `MLFLOW_HTTP_REQUEST_*` environment variables, set
 for the duration of attnlog's own calls (MLflow reads them per request and has no other knob);
 another thread's MLflow calls made at that moment see them too.
@@ -38,19 +43,34 @@ import posixpath
 import shutil
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from attnlog.files import NotARegularFile, open_regular, read_regular
 from attnlog.layout import default_spool_dir
+from attnlog.sinks.spool_guard import (
+    CorruptEntry,
+    RefusedEntry,
+    SpoolBusy,
+    check_entry_files,
+    hold,
+    spooled_file,
+)
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 __all__ = [
     "EXPERIMENT_KIND_TAG",
     "experiment_id",
     "SPOOL_VERSION",
     "CorruptEntry",
+    "RefusedEntry",
     "Spool",
+    "SpoolBusy",
     "default_spool_dir",
     "fast_http",
     "is_unreachable",
@@ -150,10 +170,6 @@ def is_unreachable(exc: BaseException) -> bool:
 # ---- the spool ------------------------------------------------------------------------------
 
 
-class CorruptEntry(ValueError):
-    """A spool entry that cannot be read; it is set aside, never retried."""
-
-
 class Spool:
     """One JSON file per unsent event, artifacts and images copied next to it."""
 
@@ -176,25 +192,26 @@ class Spool:
         record = {k: v for k, v in event.items() if k not in ("artifacts", "images")}
         record["artifacts"] = []
         for art in event["artifacts"]:
-            if "file" in art:  # already spooled (a retried entry): keep its file
-                record["artifacts"].append(art)
-                continue
             rel = f"{files}/artifacts/{art['path']}"
             target = self.folder / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(art["text"], encoding="utf-8")
+            if "file" in art:  # already spooled (a retried entry): its file, into this entry's
+                shutil.copyfile(spooled_file(self.folder, art["file"]), target)
+            else:
+                target.write_text(art["text"], encoding="utf-8")
             record["artifacts"].append({"path": art["path"], "file": rel})
         record["images"] = []
         for i, img in enumerate(event["images"]):
-            if "file" in img:
-                record["images"].append(img)
-                continue
-            from PIL import Image
-
             rel = f"{files}/images/{i:04d}.png"
             (self.folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img["array"]).save(self.folder / rel)
-            record["images"].append({k: v for k, v in img.items() if k != "array"} | {"file": rel})
+            if "file" in img:  # already spooled (a retried entry)
+                shutil.copyfile(spooled_file(self.folder, img["file"]), self.folder / rel)
+            else:
+                from PIL import Image
+
+                Image.fromarray(img["array"]).save(self.folder / rel)
+            kept = {k: v for k, v in img.items() if k not in ("array", "file")}
+            record["images"].append(kept | {"file": rel})
         path = self.folder / f"{entry_id}.json"
         self.save(path, record)
         return path
@@ -204,10 +221,13 @@ class Spool:
 
         Raises:
             CorruptEntry: the file is not a readable entry (set it aside with `set_aside`).
+            RefusedEntry: it names a file outside its own folder (set it aside too).
             ValueError: a newer attnlog wrote it (kept: upgrade attnlog to send it).
         """
         try:
-            event = json.loads(path.read_bytes().decode("utf-8"))
+            event = json.loads(read_regular(path).decode("utf-8"))
+        except NotARegularFile as exc:
+            raise CorruptEntry(str(exc)) from None
         except (UnicodeDecodeError, ValueError) as exc:
             raise CorruptEntry(f"{path.name} is not valid JSON ({exc})") from None
         if not isinstance(event, dict):
@@ -221,7 +241,20 @@ class Spool:
             event.setdefault(name, kind())
             if not isinstance(event[name], kind):
                 raise CorruptEntry(f"{path.name}: {name!r} is not a {kind.__name__}")
+        check_entry_files(path, event)
         return event
+
+    def servers(self) -> Counter[str]:
+        """How many readable entries name each tracking URI (what `sync` reports, never uses)."""
+        found: Counter[str] = Counter()
+        for path in self.entries():
+            try:
+                uri = self.load(path).get("tracking_uri")
+            except (ValueError, OSError):
+                continue
+            if isinstance(uri, str) and uri:
+                found[uri] += 1
+        return found
 
     def save(self, path: Path, event: dict[str, Any]) -> None:
         """Atomic rewrite: a reader sees the old or the new entry, never half of one."""
@@ -267,7 +300,9 @@ class Spool:
 # ---- sending --------------------------------------------------------------------------------
 
 
-def send(client: Any, event: dict[str, Any], folder: Path | None, progress: Callable) -> None:
+def send(
+    client: MlflowClient, event: dict[str, Any], folder: Path | None, progress: Callable[[], None]
+) -> None:
     """Send what is left of `event`, dropping each part from it once sent, then `progress()`.
 
     Order: metrics, params and tags (together in `log_batch` calls within MLflow's limits),
@@ -282,7 +317,9 @@ def send(client: Any, event: dict[str, Any], folder: Path | None, progress: Call
         progress()
 
 
-def _send_batches(client: Any, event: dict[str, Any], progress: Callable) -> None:
+def _send_batches(
+    client: MlflowClient, event: dict[str, Any], progress: Callable[[], None]
+) -> None:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.utils import validation
 
@@ -306,21 +343,23 @@ def _send_batches(client: Any, event: dict[str, Any], progress: Callable) -> Non
         progress()
 
 
-def _send_artifacts(client: Any, event: dict[str, Any], folder: Path | None, progress) -> None:
+def _send_artifacts(
+    client: MlflowClient, event: dict[str, Any], folder: Path | None, progress: Callable[[], None]
+) -> None:
     while event["artifacts"]:
         art = event["artifacts"][0]
         if "text" in art:
             client.log_text(event["run_id"], art["text"], art["path"])
         else:
-            local = folder / art["file"]
-            if posixpath.basename(art["path"]) != local.name:
-                raise ValueError(f"spool file {local} does not match artifact {art['path']}")
+            local = spooled_file(folder, art["file"])  # named as `art["path"]`: check_entry_files
             client.log_artifact(event["run_id"], str(local), posixpath.dirname(art["path"]) or None)
         event["artifacts"].pop(0)
         progress()
 
 
-def _send_images(client: Any, event: dict[str, Any], folder: Path | None, progress) -> None:
+def _send_images(
+    client: MlflowClient, event: dict[str, Any], folder: Path | None, progress: Callable[[], None]
+) -> None:
     while event["images"]:
         img = event["images"][0]
         if "array" in img:
@@ -328,7 +367,7 @@ def _send_images(client: Any, event: dict[str, Any], folder: Path | None, progre
         else:
             from PIL import Image
 
-            with Image.open(folder / img["file"]) as opened:
+            with open_regular(spooled_file(folder, img["file"])) as fh, Image.open(fh) as opened:
                 image = opened.convert("RGB")
         client.log_image(
             event["run_id"], image, key=img["key"], step=img["step"], timestamp=img["timestamp"],
@@ -338,7 +377,7 @@ def _send_images(client: Any, event: dict[str, Any], folder: Path | None, progre
         progress()
 
 
-def experiment_id(client: Any, experiment_name: str) -> str:
+def experiment_id(client: MlflowClient, experiment_name: str) -> str:
     """The id of `experiment_name`, created (in the model-training view) if it does not exist.
 
     Two trainings that start together on one server may both find no experiment and both create
@@ -356,7 +395,7 @@ def experiment_id(client: Any, experiment_name: str) -> str:
         return experiment.experiment_id
 
 
-def start_run(client: Any, experiment_name: str | None) -> str:
+def start_run(client: MlflowClient, experiment_name: str | None) -> str:
     """A new run in `experiment_name` (created if needed), else `MLFLOW_EXPERIMENT_ID`, else 0."""
     if experiment_name:
         experiment = experiment_id(client, experiment_name)
@@ -367,7 +406,7 @@ def start_run(client: Any, experiment_name: str | None) -> str:
     return run.info.run_id
 
 
-def mark_experiment(client: Any, experiment_id: str) -> None:
+def mark_experiment(client: MlflowClient, experiment_id: str) -> None:
     """Set `EXPERIMENT_KIND_TAG` on an experiment that has no kind yet (never overrides one)."""
     key, value = EXPERIMENT_KIND_TAG
     if key not in client.get_experiment(experiment_id).tags:
@@ -377,36 +416,63 @@ def mark_experiment(client: Any, experiment_id: str) -> None:
 def sync(spool_dir: str | os.PathLike, tracking_uri: str | None = None, timeout_s: int = 30) -> int:
     """Send the events left in a spool (the `attnlog sync` command); returns how many were sent.
 
-    Each entry goes to its own run on its own server (`tracking_uri` overrides the server).
+    Everything goes to `tracking_uri` (default: `MLFLOW_TRACKING_URI`), never to the server an
+    entry names: a spool folder may be shared, and an entry is not trusted to pick a server.
     Entries that never had a run get one new run, recorded in them before anything is sent, so
-    an interrupted sync can simply be run again. An entry that is damaged or refused is moved to
-    `failed/` and the others are still sent.
+    an interrupted sync can simply be run again. An entry that is damaged, names a file that was
+    not spooled with it, or is refused by the server is moved to `failed/`; the others are still
+    sent. One sync at a time: a second one is refused (`SpoolBusy`) before it starts a run.
 
     Raises:
+        ValueError: no server given (the message names those the entries record), or an entry
+            was written by a newer attnlog (left in place).
+        SpoolBusy: another sync is sending this spool.
         ConnectionError: the server is unreachable; the entries not sent stay in the spool.
         RuntimeError: after sending the rest, some entries were moved to `failed/` (named).
-        ValueError: an entry was written by a newer attnlog (left in place).
     """
     require_mlflow("`attnlog sync`")
     from mlflow import MlflowClient
 
     spool = Spool(spool_dir)
+    if not spool.entries():
+        return 0
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        named = ", ".join(f"{s} ({n})" for s, n in sorted(spool.servers().items())) or "none"
+        raise ValueError(
+            "no MLflow server given: pass one (`--tracking-uri URI`, or `tracking_uri=`) or set "
+            "MLFLOW_TRACKING_URI; sync never sends to a server named only inside the spool. "
+            f"Servers its entries name (entries): {named}"
+        )
+    with hold(spool.folder):
+        sent, failed = _send_all(spool, MlflowClient(uri), uri, timeout_s)
+    if failed:
+        raise RuntimeError(
+            f"sent {sent} entr{'y' if sent == 1 else 'ies'}; {len(failed)} could not be sent and "
+            f"were moved to {spool.folder / 'failed'}: " + "; ".join(failed)
+        )
+    return sent
+
+
+def _send_all(
+    spool: Spool, client: MlflowClient, uri: str, timeout_s: int
+) -> tuple[int, list[str]]:
+    """(entries sent, what was set aside and why), oldest entry first."""
     sent, failed = 0, []
     for path in spool.entries():
         if not path.exists():
-            continue  # set aside by assign_run above
+            continue  # set aside by assign_run
         try:
             event = spool.load(path)
         except CorruptEntry as exc:
-            failed.append(f"{spool.set_aside(path, exc).name} (damaged: {exc})")
+            kind = "refused" if isinstance(exc, RefusedEntry) else "damaged"
+            failed.append(f"{spool.set_aside(path, exc).name} ({kind}: {exc})")
             continue
-        uri = tracking_uri or event.get("tracking_uri")
-        client = MlflowClient(uri)
         try:
             with fast_http(timeout_s):
                 if event.get("run_id") is None:
                     aside = spool.assign_run(start_run(client, event.get("experiment_name")))
-                    failed += [f"{p.name} (damaged)" for p in aside]
+                    failed += [f"{p.name} (set aside: damaged or refused)" for p in aside]
                     event = spool.load(path)
                 send(client, event, spool.folder, functools.partial(spool.save, path, event))
         except Exception as exc:
@@ -421,9 +487,4 @@ def sync(spool_dir: str | os.PathLike, tracking_uri: str | None = None, timeout_
             continue
         spool.remove(path)
         sent += 1
-    if failed:
-        raise RuntimeError(
-            f"sent {sent} entr{'y' if sent == 1 else 'ies'}; {len(failed)} could not be sent and "
-            f"were moved to {spool.folder / 'failed'}: " + "; ".join(failed)
-        )
-    return sent
+    return sent, failed

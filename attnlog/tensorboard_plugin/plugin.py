@@ -2,7 +2,7 @@
 
 The archive (`<run>/plugins/attnlog/index.jsonl` + one `.npz` per step, see `attnlog.layout`) is
 not an event file, so this plugin reads it from the log folder directly instead of through the
-data provider, with the archive's own readers (`attnlog.snapshot.load`, `load_scores`). Every route answers
+data provider, with the archive's own readers (`attnlog.load`, `load_scores`). Every route answers
 small JSON (one head's matrix at a time); the page is an ES module that TensorBoard loads into an
 iframe (see `FrontendMetadata.es_module_path`). `/attention?words=1` serves a probe's word view
 (`attnlog.words.word_probe`: Clark et al.'s word-to-word attention, jieba for Chinese when it is
@@ -39,7 +39,8 @@ from attnlog.layout import (
     read_index,
     warn_once,
 )
-from attnlog.snapshot import ProbeAttention, Snapshot, load, load_scores
+from attnlog.report import load
+from attnlog.snapshot import ProbeAttention, Snapshot, load_scores
 from attnlog.words import word_probe
 
 __all__ = [
@@ -283,7 +284,7 @@ def _scores_of(folder: Path, entry: dict[str, Any]) -> dict[str, np.ndarray] | N
 @functools.lru_cache(maxsize=8)  # whole steps can be large: keep only a few
 def _load(path: str, mtime_ns: int) -> Snapshot:
     """(path, mtime) keyed: a step rewritten by a resumed run is read again, not served stale."""
-    return load(path)[0]
+    return load(path)
 
 
 @functools.lru_cache(maxsize=4096)
