@@ -5,7 +5,9 @@ Layout under `plugin_dir(logdir)` (see `attnlog.layout`):
     step_<8 digits>.npz   one `Snapshot.save` archive per step, pattern scores included
     index.jsonl           one JSON line per step: step, file, probes, model_type, patterns,
                           probe_shapes (`layout.probe_shapes`, so readers need not open files)
-    index.lock            taken (fcntl.flock) around every index update
+    index.lock            taken (fcntl.flock) around every index and table update
+    scores/<id>.bin       the run's score table (`attnlog.table`): what browsing a long run
+                          reads instead of every step file
 
 Two processes may write one logdir (a restarted writer overlapping the one it replaces, two
 jobs pointed at the same folder by mistake): each saves through a temporary name of its own and
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from attnlog.layout import INDEX, archive_name, plugin_dir, probe_shapes, read_index
 from attnlog.sinks.base import Sink, check_writable_dir
+from attnlog.table import append_scores
 
 if TYPE_CHECKING:
     from attnlog.patterns import ScoreTable
@@ -64,28 +67,36 @@ class ArchiveSink(Sink):
         name = archive_name(step)
         tmp = self.folder / f"{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
-            snapshot.save(tmp, scores=table.scores)
+            self._save(snapshot, table, tmp)
             tmp.replace(self.folder / name)
         except BaseException:
             for leftover in (tmp, tmp.with_name(tmp.name + ".tmp")):
                 leftover.unlink(missing_ok=True)  # a full disk must not leave a half file behind
             raise
+        shapes = [probe_shapes(p) for p in snapshot.probes]
         entry = {
             "step": step,
             "file": name,
             "probes": [p.name for p in snapshot.probes],
             "model_type": snapshot.model_type,
             "patterns": sorted(table.scores),
-            "probe_shapes": [probe_shapes(p) for p in snapshot.probes],
+            "probe_shapes": shapes,
         }
         with self._locked():
             if self._steps is None:
                 self._steps = {e["step"] for e in read_index(self.logdir)}
+            layout = {"probes": shapes, "model_type": snapshot.model_type}
+            # Before the index line: an indexed step is always in the table.
+            append_scores(self.folder, step, table.scores, layout, bool(self._steps - {step}))
             if step in self._steps:
                 self._rewrite_index(entry)  # a resumed run logs this step again: replace its line
             else:
                 self._append_index(entry)
         self._steps.add(step)
+
+    def _save(self, snapshot: Snapshot, table: ScoreTable, path: Path) -> None:
+        """Write the step's archive file (a method so that a benchmark can copy one instead)."""
+        snapshot.save(path, scores=table.scores)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

@@ -3,7 +3,7 @@
 // Data text (tokens, names, errors) always goes in through textContent, never innerHTML.
 
 const SVG = "http://www.w3.org/2000/svg";
-const state = { runs: {}, runsJson: "", trend: null };
+const state = { runs: {}, patterns: {}, runsJson: "", trend: null };
 const seq = { heatmap: 0, scores: 0, trend: 0 }; // drop answers that arrive after a newer request
 let ui = null;
 
@@ -113,7 +113,18 @@ async function loadRuns() {
   const json = JSON.stringify(runs);
   if (json === state.runsJson) return; // nothing new was logged
   state.runsJson = json;
-  state.runs = runs;
+  // /runs gives each layout (patterns, probes and their shapes) in full at its first step only
+  state.runs = {};
+  state.patterns = {};
+  for (const [name, list] of Object.entries(runs)) {
+    const layouts = {};
+    state.runs[name] = list.map((entry) => {
+      if (entry.probes) layouts[entry.layout] = entry;
+      const { patterns, probes } = layouts[entry.layout];
+      return { step: entry.step, patterns, probes };
+    });
+    state.patterns[name] = [...new Set(Object.values(layouts).flatMap((l) => l.patterns))].sort();
+  }
   const names = Object.keys(runs);
   setOptions(ui.run, names);
   if (!names.length) {
@@ -129,8 +140,7 @@ function onRun() {
   const atEnd = Number(ui.step.value) === Number(ui.step.max);
   ui.step.max = String(Math.max(0, list.length - 1));
   if (atEnd && !ui.step.dataset.touched) ui.step.value = ui.step.max; // follow training
-  const patterns = [...new Set(list.flatMap((s) => s.patterns))].sort();
-  setOptions(ui.pattern, patterns);
+  setOptions(ui.pattern, state.patterns[ui.run.value] || []);
   state.trend = null;
   onStep();
 }
@@ -346,6 +356,8 @@ async function drawTrend() {
   plotTrend(state.trend.data, sel.step);
 }
 
+const TREND_DOTS = 400; // more steps than this: a line without dots
+
 function plotTrend(data, step) {
   const root = ui.trend;
   root.replaceChildren();
@@ -390,22 +402,48 @@ function plotTrend(data, step) {
     pen = "L";
   });
   svg("path", { class: "trend-line", d }, root);
-  data.steps.forEach((s, i) => {
-    const v = data.values[i];
-    if (v === null) return;
-    const dot = svg("circle", { class: "trend-point", cx: x(s), cy: y(v), r: 3 }, root);
-    tooltip(dot, `step ${s}: ${fmt(v)}`);
-    dot.addEventListener("click", () => {
-      const index = steps().findIndex((e) => e.step === s);
-      if (index >= 0) {
-        ui.step.value = String(index);
-        ui.step.dataset.touched = "1";
-        onStep();
-      }
+  if (data.steps.length <= TREND_DOTS) {
+    data.steps.forEach((s, i) => {
+      const v = data.values[i];
+      if (v === null) return;
+      const dot = svg("circle", { class: "trend-point", cx: x(s), cy: y(v), r: 3 }, root);
+      tooltip(dot, `step ${s}: ${fmt(v)}`);
+      dot.addEventListener("click", () => goToStep(s));
     });
-  });
+  } else {
+    // A long run: one dot per step would be thousands of nodes. Clicking the plot goes to
+    // the nearest logged step instead.
+    const area = svg("rect", { class: "trend-area", x: pad.left, y: pad.top,
+      width: width - pad.left - pad.right, height: height - pad.top - pad.bottom }, root);
+    tooltip(area, "click to go to the nearest logged step");
+    area.addEventListener("click", (event) => {
+      const box = area.getBoundingClientRect();
+      const s = x0 + ((event.clientX - box.left) / box.width) * (x1 - x0);
+      goToStep(nearest(data.steps, s));
+    });
+  }
   ui.trendCaption.textContent =
     `${data.pattern} · layer ${data.layer} head ${data.head} over ${data.steps.length} steps`;
+}
+
+function nearest(sorted, value) {
+  let lo = 0;
+  let hi = sorted.length - 1;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (sorted[mid] < value) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo > 0 && value - sorted[lo - 1] < sorted[lo] - value ? sorted[lo - 1] : sorted[lo];
+}
+
+function goToStep(s) {
+  const index = steps().findIndex((e) => e.step === s);
+  if (index >= 0) {
+    ui.step.value = String(index);
+    ui.step.dataset.touched = "1";
+    onStep();
+  }
 }
 
 // ---- page --------------------------------------------------------------------------------
