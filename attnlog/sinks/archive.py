@@ -6,13 +6,16 @@ Layout under `plugin_dir(logdir)` (see `attnlog.layout`):
     index.jsonl           one JSON line per step: step, file, probes, model_type, patterns,
                           probe_shapes (`layout.probe_shapes`, so readers need not open files)
     index.lock            taken (fcntl.flock) around every index and table update
+    training.lock         the training that owns the archive (`attnlog.sinks.owner`)
     scores/<id>.bin       the run's score table (`attnlog.table`): what browsing a long run
                           reads instead of every step file
 
-Two processes may write one logdir (a restarted writer overlapping the one it replaces, two
-jobs pointed at the same folder by mistake): each saves through a temporary name of its own and
-updates the index under a file lock, so neither corrupts the other's steps. We lock rather than
-refuse a second writer because refusing would drop the events of a legitimate restart.
+Two trainings in one logdir would overwrite each other's steps, so the logger claims the
+archive for its training when it is built (`attnlog.sinks.owner`), and this sink refuses to
+start when a live training other than its own process or its parent (the training a writer
+process serves: a restarted writer is never refused) holds it. Sinks without a claim (two jobs
+given one folder through this class directly) still save through temporary names of their own
+and update the index under a file lock, so neither corrupts the other's files.
 
 This sink is the only writer of the archive; the other sinks ignore `log_archive`.
 """
@@ -29,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from attnlog.layout import INDEX, archive_name, plugin_dir, probe_shapes, read_index
 from attnlog.sinks.base import Sink, check_writable_dir
+from attnlog.sinks.owner import check_owner
 from attnlog.table import append_scores
 
 if TYPE_CHECKING:
@@ -49,6 +53,7 @@ class ArchiveSink(Sink):
 
     Raises:
         ValueError, PermissionError: `logdir` can never be written (checked before training).
+        LogdirInUseError: another training is logging to `logdir`.
     """
 
     name = "archive"
@@ -56,6 +61,7 @@ class ArchiveSink(Sink):
     def __init__(self, logdir: str | os.PathLike) -> None:
         self.folder = check_writable_dir(plugin_dir(logdir), "archive folder")
         self.logdir = Path(logdir)
+        check_owner(logdir, allowed=(os.getpid(), os.getppid()))
         self._steps: set[int] | None = None  # steps already in the index, read on first use
 
     def log_archive(self, snapshot: Snapshot, table: ScoreTable, step: int) -> None:
