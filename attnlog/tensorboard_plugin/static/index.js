@@ -290,8 +290,10 @@ function colorScale(matrix, kind) {
     const rowMax = matrix.map((r) => r.reduce((m, v) => (v !== null && v > m ? v : m), 1e-9));
     return { kind, max, caption: "each row from 0 to its own darkest key", t: (v, i) => v / rowMax[i] };
   }
+  // Spread thin over many keys (a long probe), not a sparse head: suggest another scale.
   const sorted = [...values].sort((a, b) => a - b);
-  const faint = values.length >= 256 && sorted[Math.floor(sorted.length * 0.9)] < max / 10;
+  const p90 = sorted[Math.floor(sorted.length * 0.9)] || 0;
+  const faint = matrix.length >= 64 && p90 > 0 && p90 < max / 10;
   return { kind: "linear", max, faint, caption: `darkest = ${max.toFixed(3)}`, t: (v) => v / max };
 }
 
