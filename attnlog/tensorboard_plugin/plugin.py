@@ -126,14 +126,7 @@ def attention_impl(
     if words and view != "attention":
         raise RequestError(400, f"the word view is of self-attention only, not {view}")
     folder = run_folder(logdir, run)
-    run_steps(folder).find(step)
-    snapshot = load_snapshot(folder, step)
-    if snapshot is None:
-        raise RequestError(404, f"the archive file of step {step} is missing or damaged")
-    found = next((p for p in snapshot.probes if p.name == probe), None)
-    if found is None:
-        names = ", ".join(p.name for p in snapshot.probes)
-        raise RequestError(404, f"step {step} has no probe {probe!r} (it has {names})")
+    found = _probe(folder, step, probe)
     if words:
         found = _word_view(folder, step, found)
     weights = getattr(found, view)
@@ -158,6 +151,19 @@ def attention_impl(
         "tokens": cols,
         "matrix": json_matrix(weights[layer, head], digits=4),
     }
+
+
+def _probe(folder: Path, step: int, name: str) -> ProbeAttention:
+    """The probe `name` of a logged step, or a 404 saying what is missing."""
+    run_steps(folder).find(step)
+    snapshot = load_snapshot(folder, step)
+    if snapshot is None:
+        raise RequestError(404, f"the archive file of step {step} is missing or damaged")
+    found = next((p for p in snapshot.probes if p.name == name), None)
+    if found is None:
+        names = ", ".join(p.name for p in snapshot.probes)
+        raise RequestError(404, f"step {step} has no probe {name!r} (it has {names})")
+    return found
 
 
 def trend_impl(logdir: Path | None, run: str, pattern: str, layer: int, head: int) -> dict:
