@@ -149,3 +149,11 @@ def test_a_step_file_cut_short_or_gone_is_left_out(tmp_path):
     last.write_bytes(last.read_bytes()[:200])
     assert [s["step"] for s in runs_impl(tmp_path)["."]] == [0, 10]
     assert trend_impl(tmp_path, ".", "sep", 0, 1)["steps"] == [0, 10]
+
+
+def test_steps_logged_while_the_tab_is_open_appear(tmp_path):
+    sink = write_run(tmp_path, STEPS[:2])
+    assert trend_impl(tmp_path, ".", "sep", 0, 1)["steps"] == list(STEPS[:2])
+    write_run(tmp_path, STEPS[2:], sink)  # training goes on; the plugin's caches must notice
+    assert trend_impl(tmp_path, ".", "sep", 0, 1)["steps"] == list(STEPS)
+    assert [s["step"] for s in runs_impl(tmp_path)["."]] == list(STEPS)

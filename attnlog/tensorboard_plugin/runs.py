@@ -97,12 +97,15 @@ class Steps:
         self.table: RunTable | None = table
         self.sizes = None if table is None else table.sizes.tolist()
         self.position = {s: i for i, s in enumerate(steps)}
+        self._paths: list[str] | None = None
 
-    @functools.cache  # noqa: B019 - one Steps per run and file state (cached by `run_steps`)
     def paths(self, folder: Path) -> list[str]:
-        """The path of each step's archive file, as a string (`os.stat` takes it as it is)."""
-        archive = str(plugin_dir(folder))
-        return [os.path.join(archive, archive_name(step)) for step in self.steps]
+        """The path of each step's archive file, as a string (`os.stat` takes it as it is);
+        made once per `Steps` (which `run_steps` caches while the run's files stay the same)."""
+        if self._paths is None:
+            archive = str(plugin_dir(folder))
+            self._paths = [os.path.join(archive, archive_name(step)) for step in self.steps]
+        return self._paths
 
     def find(self, step: int) -> int:
         """The position of `step`, or a 404 naming it."""
