@@ -11,15 +11,18 @@ the CLI. Layout, under `<logdir>/plugins/attnlog/`::
         check i8
 
 `size` is the step file's size as written: a reader tells a truncated step file without
-opening it. `seq` orders records across files (a step logged again by a resumed run: the highest wins).
-`check` (`step ^ seq ^ MAGIC`) marks a complete record: a record torn by a crash is ignored by
+opening it. `seq` orders records across files (a step logged again by a resumed run: the
+highest wins). `check` (`step ^ seq ^ MAGIC`) marks a complete record: a record torn by a crash is ignored by
 readers and cut by the next append. A run whose archive predates the table has no `scores/`
 folder, or a header with `"partial": true` (the table was started on a run that already had
-steps): `read_table` returns None and readers go to the step files as before.
+steps): `read_table` returns None and readers go to the step files as before. A table the
+writer cannot append to (damaged, or scores it cannot hold) is set aside (`abandon`), so that it
+never misses a step that the index has.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,7 +35,7 @@ import numpy as np
 
 from attnlog.layout import archive_name, plugin_dir
 
-__all__ = ["TABLE_DIR", "RunTable", "append_scores", "logged_steps", "read_table"]
+__all__ = ["TABLE_DIR", "RunTable", "abandon", "append_scores", "logged_steps", "read_table"]
 
 TABLE_DIR = "scores"
 MAGIC = 0x61746E6C6F67  # "atnlog": a zero-filled or torn record never checks out
@@ -89,6 +92,14 @@ def append_scores(
             data = data[os.write(fd, data) :]
     finally:
         os.close(fd)
+
+
+def abandon(folder: Path) -> None:
+    """Set the run's tables aside (renamed, kept for inspection): readers then read the step
+    files, and later events start a table marked partial, which readers do not trust either."""
+    tables = folder / TABLE_DIR
+    with contextlib.suppress(OSError):
+        tables.rename(folder / f"{TABLE_DIR}.abandoned.{os.getpid()}.{secrets.token_hex(4)}")
 
 
 def _table_path(folder: Path, header: dict[str, Any], partial: bool) -> Path:

@@ -157,3 +157,15 @@ def test_steps_logged_while_the_tab_is_open_appear(tmp_path):
     write_run(tmp_path, STEPS[2:], sink)  # training goes on; the plugin's caches must notice
     assert trend_impl(tmp_path, ".", "sep", 0, 1)["steps"] == list(STEPS)
     assert [s["step"] for s in runs_impl(tmp_path)["."]] == list(STEPS)
+
+
+def test_a_table_the_writer_cannot_append_to_is_set_aside(tmp_path, caplog):
+    sink = write_run(tmp_path, STEPS[:2])
+    (path,) = (plugin_dir(tmp_path) / TABLE_DIR).glob("*.bin")
+    path.write_bytes(b"overwritten by something else")
+    with caplog.at_level("WARNING", logger="attnlog"):
+        write_run(tmp_path, STEPS[2:], sink)  # the archive goes on
+    assert "score table" in caplog.text and "set aside" in caplog.text
+    assert [e["step"] for e in read_index(tmp_path)] == list(STEPS)
+    assert read_table(tmp_path) is None  # partial: readers use the step files
+    assert trend_impl(tmp_path, ".", "sep", 0, 1)["steps"] == list(STEPS)

@@ -30,10 +30,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from attnlog.layout import INDEX, archive_name, plugin_dir, probe_shapes, read_index
+from attnlog.layout import INDEX, archive_name, plugin_dir, probe_shapes, read_index, warn_once
 from attnlog.sinks.base import Sink, check_writable_dir
 from attnlog.sinks.owner import check_owner
-from attnlog.table import append_scores
+from attnlog.table import TABLE_DIR, abandon, append_scores
 
 if TYPE_CHECKING:
     from attnlog.patterns import ScoreTable
@@ -92,13 +92,26 @@ class ArchiveSink(Sink):
             if self._steps is None:
                 self._steps = {e["step"] for e in read_index(self.logdir)}
             layout = {"probes": shapes, "model_type": snapshot.model_type}
-            # Before the index line: an indexed step is always in the table.
-            append_scores(self.folder, step, table.scores, layout, bool(self._steps - {step}))
+            self._tabulate(step, table.scores, layout)
             if step in self._steps:
                 self._rewrite_index(entry)  # a resumed run logs this step again: replace its line
             else:
                 self._append_index(entry)
         self._steps.add(step)
+
+    def _tabulate(self, step: int, scores: dict, layout: dict) -> None:
+        """Append the step to the score table, before its index line: an indexed step is always
+        in the table. A table that cannot take it is set aside (readers then use the step
+        files): the archive itself must go on."""
+        try:
+            append_scores(self.folder, step, scores, layout, bool(self._steps - {step}))
+        except (OSError, ValueError) as exc:
+            abandon(self.folder)
+            warn_once(
+                self.folder / TABLE_DIR,
+                f"attnlog: the score table of {self.logdir} was set aside ({exc}); the archive "
+                "goes on, and browsing it reads every step file (slower on long runs)",
+            )
 
     def _save(self, snapshot: Snapshot, table: ScoreTable, path: Path) -> None:
         """Write the step's archive file (a method so that a benchmark can copy one instead)."""
