@@ -28,6 +28,7 @@ from typing import Any
 
 from attnlog.capture import Capturer, unwrap_model
 from attnlog.sinks.base import Sink, check_writable_dir, describe, sink_factory
+from attnlog.sinks.owner import claim, release
 from attnlog.writer import Event, EventWriter, ProcessWriter, ThreadWriter, WriterConfig, cause
 
 __all__ = ["AttentionLogger", "check_interval", "check_options"]
@@ -147,6 +148,8 @@ class AttentionLogger:
         self.sinks: list[Sink] = []  # the sinks in this process (thread writer only)
         self._writer: ProcessWriter | ThreadWriter | None = None
         if self.is_main_process:
+            if "archive" in planned:  # one training per archive: a second one is refused here
+                claim(self.logdir)
             self._writer = self._make_writer(planned, options, writer, queue_size, alerts)
             # A run that crashes never reaches close(): still write what is queued at exit.
             atexit.register(_close_at_exit, weakref.ref(self))
@@ -343,6 +346,7 @@ class AttentionLogger:
         if self._writer is None:
             return True
         done = self._writer.close(self.close_timeout if timeout is None else timeout)
+        release(self.logdir)
         self._raise_failure()
         return done
 

@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from attnlog.layout import INDEX, archive_path, plugin_dir, read_index, warn_once
+from attnlog.layout import INDEX, archive_name, archive_path, plugin_dir, read_index, warn_once
 from attnlog.snapshot import ProbeAttention, Snapshot
 from attnlog.snapshot import _load as _load_file  # the file format's own reader, for `load`
+from attnlog.table import logged_steps
 
 __all__ = [
     "UNBOUNDED",
@@ -187,7 +188,10 @@ def _index(logdir: str | os.PathLike) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"{root} does not exist")
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder; pass the logdir the logger wrote to")
-    index = read_index(root)
+    steps = logged_steps(root)  # the score table: one read, however long the run
+    index = (
+        read_index(root) if steps is None else [{"step": s, "file": archive_name(s)} for s in steps]
+    )
     if index:
         return index
     runs = sorted(str(p.parent.parent.parent) for p in root.glob(f"*/plugins/attnlog/{INDEX}"))

@@ -67,6 +67,7 @@ def test_resumed_step_replaces_its_index_line(tmp_path):
     assert sorted(p.name for p in plugin_dir(tmp_path).iterdir()) == [
         "index.jsonl",
         "index.lock",
+        "scores",
         "step_00000000.npz",
         "step_00000100.npz",
         "step_00000200.npz",

@@ -5,12 +5,17 @@ Layout under `plugin_dir(logdir)` (see `attnlog.layout`):
     step_<8 digits>.npz   one `Snapshot.save` archive per step, pattern scores included
     index.jsonl           one JSON line per step: step, file, probes, model_type, patterns,
                           probe_shapes (`layout.probe_shapes`, so readers need not open files)
-    index.lock            taken (fcntl.flock) around every index update
+    index.lock            taken (fcntl.flock) around every index and table update
+    training.lock         the training that owns the archive (`attnlog.sinks.owner`)
+    scores/<id>.bin       the run's score table (`attnlog.table`): what browsing a long run
+                          reads instead of every step file
 
-Two processes may write one logdir (a restarted writer overlapping the one it replaces, two
-jobs pointed at the same folder by mistake): each saves through a temporary name of its own and
-updates the index under a file lock, so neither corrupts the other's steps. We lock rather than
-refuse a second writer because refusing would drop the events of a legitimate restart.
+Two trainings in one logdir would overwrite each other's steps, so the logger claims the
+archive for its training when it is built (`attnlog.sinks.owner`), and this sink refuses to
+start when a live training other than its own process or its parent (the training a writer
+process serves: a restarted writer is never refused) holds it. Sinks without a claim (two jobs
+given one folder through this class directly) still save through temporary names of their own
+and update the index under a file lock, so neither corrupts the other's files.
 
 This sink is the only writer of the archive; the other sinks ignore `log_archive`.
 """
@@ -25,8 +30,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from attnlog.layout import INDEX, archive_name, plugin_dir, probe_shapes, read_index
+from attnlog.layout import INDEX, archive_name, plugin_dir, probe_shapes, read_index, warn_once
 from attnlog.sinks.base import Sink, check_writable_dir
+from attnlog.sinks.owner import check_owner
+from attnlog.table import TABLE_DIR, abandon, append_scores
 
 if TYPE_CHECKING:
     from attnlog.patterns import ScoreTable
@@ -46,6 +53,7 @@ class ArchiveSink(Sink):
 
     Raises:
         ValueError, PermissionError: `logdir` can never be written (checked before training).
+        LogdirInUseError: another training is logging to `logdir`.
     """
 
     name = "archive"
@@ -53,6 +61,7 @@ class ArchiveSink(Sink):
     def __init__(self, logdir: str | os.PathLike) -> None:
         self.folder = check_writable_dir(plugin_dir(logdir), "archive folder")
         self.logdir = Path(logdir)
+        check_owner(logdir, allowed=(os.getpid(), os.getppid()))
         self._steps: set[int] | None = None  # steps already in the index, read on first use
 
     def log_archive(self, snapshot: Snapshot, table: ScoreTable, step: int) -> None:
@@ -64,28 +73,49 @@ class ArchiveSink(Sink):
         name = archive_name(step)
         tmp = self.folder / f"{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
-            snapshot.save(tmp, scores=table.scores)
+            self._save(snapshot, table, tmp)
             tmp.replace(self.folder / name)
         except BaseException:
             for leftover in (tmp, tmp.with_name(tmp.name + ".tmp")):
                 leftover.unlink(missing_ok=True)  # a full disk must not leave a half file behind
             raise
+        shapes = [probe_shapes(p) for p in snapshot.probes]
         entry = {
             "step": step,
             "file": name,
             "probes": [p.name for p in snapshot.probes],
             "model_type": snapshot.model_type,
             "patterns": sorted(table.scores),
-            "probe_shapes": [probe_shapes(p) for p in snapshot.probes],
+            "probe_shapes": shapes,
         }
         with self._locked():
             if self._steps is None:
                 self._steps = {e["step"] for e in read_index(self.logdir)}
+            layout = {"probes": shapes, "model_type": snapshot.model_type}
+            self._tabulate(step, table.scores, layout)
             if step in self._steps:
                 self._rewrite_index(entry)  # a resumed run logs this step again: replace its line
             else:
                 self._append_index(entry)
         self._steps.add(step)
+
+    def _tabulate(self, step: int, scores: dict, layout: dict) -> None:
+        """Append the step to the score table, before its index line: an indexed step is always
+        in the table. A table that cannot take it is set aside (readers then use the step
+        files): the archive itself must go on."""
+        try:
+            append_scores(self.folder, step, scores, layout, bool(self._steps - {step}))
+        except (OSError, ValueError) as exc:
+            abandon(self.folder)
+            warn_once(
+                self.folder / TABLE_DIR,
+                f"attnlog: the score table of {self.logdir} was set aside ({exc}); the archive "
+                "goes on, and browsing it reads every step file (slower on long runs)",
+            )
+
+    def _save(self, snapshot: Snapshot, table: ScoreTable, path: Path) -> None:
+        """Write the step's archive file (a method so that a benchmark can copy one instead)."""
+        snapshot.save(path, scores=table.scores)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

@@ -2,7 +2,7 @@
 
 The archive (`<run>/plugins/attnlog/index.jsonl` + one `.npz` per step, see `attnlog.layout`) is
 not an event file, so this plugin reads it from the log folder directly instead of through the
-data provider, with the archive's own readers (`attnlog.load`, `load_scores`). Every route answers
+data provider, with the archive's own readers (`attnlog.snapshot.load`, `load_scores`). Every route answers
 small JSON (one head's matrix at a time); the page is an ES module that TensorBoard loads into an
 iframe (see `FrontendMetadata.es_module_path`). `/attention?words=1` serves a probe's word view
 (`attnlog.words.word_probe`: Clark et al.'s word-to-word attention, jieba for Chinese when it is
@@ -17,30 +17,31 @@ cannot be read is left out (warned once) and the rest is served.
 from __future__ import annotations
 
 import functools
+import json
 import logging
-import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tensorboard.backend import http_util
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
-from attnlog.layout import (
-    INDEX,
-    archive_path,
-    json_matrix,
-    plugin_dir,
-    probe_shapes,
-    read_index,
-    warn_once,
+from attnlog.layout import json_matrix
+from attnlog.snapshot import ProbeAttention
+from attnlog.tensorboard_plugin.runs import (
+    RequestError,
+    iter_runs,
+    load_by_key,
+    load_snapshot,
+    load_step_scores,
+    present,
+    run_folder,
+    run_steps,
+    step_key,
 )
-from attnlog.report import load
-from attnlog.snapshot import ProbeAttention, Snapshot, load_scores
 from attnlog.words import word_probe
 
 __all__ = [
@@ -64,56 +65,42 @@ VIEWS = {  # keys: layout.ARCHIVE_VIEWS
     "decoder_attention": ("decoder_tokens", "decoder_tokens"),
     "cross_attention": ("decoder_tokens", "tokens"),
 }
-MAX_RUN_NAME = 1024  # longer `run` values are refused before touching the file system
 ACTIVE_RECHECK_S = 30.0  # how often `is_active` may walk the logdir again while it finds nothing
-
-
-class RequestError(Exception):
-    """A client mistake, answered as `{"error": message}` with `code` (never a traceback)."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 # ---- the routes as plain functions ----------------------------------------------------------
 
 
 def runs_impl(logdir: Path | None) -> dict[str, list[dict[str, Any]]]:
-    """run -> [{step, patterns, probes: [{name, pooled, shapes: {view: [L, H, rows, cols]}}]}].
-
-    From the index alone where it records the shapes (archives from this version on); steps
-    whose archive file is missing or known to be unreadable are left out.
-    """
+    """run -> [{step, layout, patterns, scores: [L, H], probes: [{name, pooled, shapes: {view:
+    [L, H, rows, cols]}}]}] for the steps whose archive file is there. A layout (patterns,
+    probes and their shapes) is given in full at its first step only; later steps name it by
+    `layout`, so that a run of 10,000 steps is a small answer."""
     out = {}
     for run, folder in iter_runs(logdir):
-        steps = []
-        for entry in read_index(folder):
-            probes = entry.get("probe_shapes")
-            if not _stat(folder, entry):
-                continue
-            if not isinstance(probes, list):  # an older index: read the archive once
-                snapshot = _snapshot(folder, entry)
-                if snapshot is None:
-                    continue
-                probes = [probe_shapes(p) for p in snapshot.probes]
-            steps.append(
-                {"step": entry["step"], "patterns": entry.get("patterns", []), "probes": probes}
-            )
-        out[run] = steps
+        found = run_steps(folder)
+        listed, seen = [], set()
+        for i in present(folder, found):
+            layout = found.layout_of[i]
+            item = {"step": found.steps[i], "layout": layout}
+            if layout not in seen:
+                seen.add(layout)
+                item.update(found.layouts[layout])
+            listed.append(item)
+        out[run] = listed
     return out
 
 
 def scores_impl(logdir: Path | None, run: str, step: int) -> dict[str, Any]:
     """Every pattern's [layer][head] score matrix at one step (null where undefined)."""
     folder = run_folder(logdir, run)
-    entry = _entry(folder, step)
-    scores = _scores_of(folder, entry)
+    run_steps(folder).find(step)
+    scores = load_step_scores(folder, step)
     if scores is None:
         raise RequestError(404, f"the archive file of step {step} is missing or damaged")
     return {
         "run": run,
-        "step": entry["step"],
+        "step": step,
         "scores": {name: json_matrix(m) for name, m in sorted(scores.items())},
     }
 
@@ -139,16 +126,9 @@ def attention_impl(
     if words and view != "attention":
         raise RequestError(400, f"the word view is of self-attention only, not {view}")
     folder = run_folder(logdir, run)
-    entry = _entry(folder, step)
-    snapshot = _snapshot(folder, entry)
-    if snapshot is None:
-        raise RequestError(404, f"the archive file of step {step} is missing or damaged")
-    found = next((p for p in snapshot.probes if p.name == probe), None)
-    if found is None:
-        names = ", ".join(p.name for p in snapshot.probes)
-        raise RequestError(404, f"step {entry['step']} has no probe {probe!r} (it has {names})")
+    found = _probe(folder, step, probe)
     if words:
-        found = _word_view(folder, entry, found)
+        found = _word_view(folder, step, found)
     weights = getattr(found, view)
     if weights is None:
         raise RequestError(404, f"probe {probe!r} has no {view} (not an encoder-decoder)")
@@ -160,7 +140,7 @@ def attention_impl(
         rows = cols = list(found.labels)
     return {
         "run": run,
-        "step": entry["step"],
+        "step": step,
         "probe": probe,
         "view": view,
         "layer": layer,
@@ -173,26 +153,35 @@ def attention_impl(
     }
 
 
+def _probe(folder: Path, step: int, name: str) -> ProbeAttention:
+    """The probe `name` of a logged step, or a 404 saying what is missing."""
+    run_steps(folder).find(step)
+    snapshot = load_snapshot(folder, step)
+    if snapshot is None:
+        raise RequestError(404, f"the archive file of step {step} is missing or damaged")
+    found = next((p for p in snapshot.probes if p.name == name), None)
+    if found is None:
+        names = ", ".join(p.name for p in snapshot.probes)
+        raise RequestError(404, f"step {step} has no probe {name!r} (it has {names})")
+    return found
+
+
 def trend_impl(logdir: Path | None, run: str, pattern: str, layer: int, head: int) -> dict:
-    """One head's score for one pattern at every readable step (null where not scored)."""
+    """One head's score for one pattern at every step whose file is there (null where not
+    scored): from the run's score table, or from every step file for an archive without one."""
     folder = run_folder(logdir, run)
-    steps, values, shape = [], [], None
-    for entry in read_index(folder):
-        scores = _scores_of(folder, entry)
-        if scores is None:
-            continue  # missing or damaged: leave the step out
-        matrix = scores.get(pattern)
-        value = None
-        if matrix is not None:
-            shape = matrix.shape
-            if layer < matrix.shape[0] and head < matrix.shape[1]:
-                value = float(matrix[layer, head])
-        steps.append(entry["step"])
-        values.append(value)
-    if shape is None:
+    found = run_steps(folder)
+    shapes = [_score_shape(layout, pattern) for layout in found.layouts]
+    if not any(shapes):
         raise RequestError(404, f"run {run!r} has no scores for pattern {pattern!r}")
-    _in_range("layer", layer, shape[0], "layers")
-    _in_range("head", head, shape[1], "heads")
+    _in_range("layer", layer, max(s[0] for s in shapes if s), "layers")
+    _in_range("head", head, max(s[1] for s in shapes if s), "heads")
+    if found.table is not None:
+        keep = present(folder, found)
+        values = found.table.trend(pattern, layer, head)[keep].tolist()
+        steps = [found.steps[i] for i in keep]
+    else:
+        steps, values = _trend_from_files(folder, found.steps, pattern, layer, head)
     return {
         "run": run,
         "pattern": pattern,
@@ -203,105 +192,35 @@ def trend_impl(logdir: Path | None, run: str, pattern: str, layer: int, head: in
     }
 
 
-# ---- runs and steps -------------------------------------------------------------------------
+def _score_shape(layout: dict, pattern: str) -> tuple[int, int] | None:
+    return tuple(layout["scores"]) if pattern in layout["patterns"] else None
 
 
-def iter_runs(logdir: Path | None) -> Iterator[tuple[str, Path]]:
-    """(name, folder) of every folder holding an archive index, in a stable order."""
-    if logdir is None or not logdir.is_dir():
-        return
-    for folder, subdirs, _ in os.walk(logdir):
-        path = Path(folder)
-        if (plugin_dir(path) / INDEX).is_file():
-            yield path.relative_to(logdir).as_posix(), path
-        subdirs[:] = sorted(d for d in subdirs if d != "plugins")  # plugin data, not runs
+def _trend_from_files(folder: Path, steps: list[int], pattern: str, layer: int, head: int):
+    """An archive written before the score table: one step file at a time (readable ones)."""
+    kept, values = [], []
+    for step in steps:
+        scores = load_step_scores(folder, step)
+        if scores is None:
+            continue  # missing or damaged: leave the step out
+        matrix = scores.get(pattern)
+        value = None
+        if matrix is not None and layer < matrix.shape[0] and head < matrix.shape[1]:
+            value = float(matrix[layer, head])
+        kept.append(step)
+        values.append(value)
+    return kept, values
 
 
-def run_folder(logdir: Path | None, run: str) -> Path:
-    """The folder of `run` (a name listed by /runs) inside the logdir, or a 400/404."""
-    if (
-        len(run) > MAX_RUN_NAME
-        or ".." in re.split(r"[\\/]", run)
-        or os.path.isabs(run)
-        or "\0" in run
-    ):
-        raise RequestError(400, f"run must be a run name listed by /runs, got {run[:80]!r}")
-    if logdir is None:
-        raise RequestError(404, "TensorBoard was started without a --logdir")
-    folder = logdir / run
-    try:
-        inside = folder.resolve().is_relative_to(logdir.resolve())
-        found = inside and (plugin_dir(folder) / INDEX).is_file()
-    except (OSError, ValueError):  # a name too long for the file system, say
-        found = False
-    if not found:
-        raise RequestError(404, f"no attnlog archive for run {run[:80]!r}")
-    return folder
-
-
-def _entry(folder: Path, step: int) -> dict[str, Any]:
-    entry = next((e for e in read_index(folder) if e["step"] == step), None)
-    if entry is None:
-        raise RequestError(404, f"step {step} was not logged in this run")
-    return entry
-
-
-_BAD: set[tuple[str, int]] = set()  # (path, mtime) of archive files that failed to load
-
-
-def _stat(folder: Path, entry: dict[str, Any]) -> tuple[str, int] | None:
-    """(path, mtime) of the step's archive file; None (warned once) when missing or bad."""
-    path = archive_path(folder, entry)
-    try:
-        key = (str(path), path.stat().st_mtime_ns)
-    except OSError:
-        warn_once(path, f"attnlog: step {entry['step']}: {path} is missing; skipped")
-        return None
-    return None if key in _BAD else key
-
-
-def _read(folder: Path, entry: dict[str, Any], reader: Callable) -> Any:
-    """`reader(path, mtime)`, or None (warned once, remembered) when the file cannot be read."""
-    key = _stat(folder, entry)
-    if key is None:
-        return None
-    try:
-        return reader(*key)
-    except Exception as exc:  # truncated, not an archive, a newer format
-        _BAD.add(key)
-        warn_once(key, f"attnlog: step {entry['step']}: cannot read {key[0]}; skipped: {exc}")
-        return None
-
-
-def _snapshot(folder: Path, entry: dict[str, Any]) -> Snapshot | None:
-    return _read(folder, entry, _load)
-
-
-def _scores_of(folder: Path, entry: dict[str, Any]) -> dict[str, np.ndarray] | None:
-    return _read(folder, entry, _scores)
-
-
-@functools.lru_cache(maxsize=8)  # whole steps can be large: keep only a few
-def _load(path: str, mtime_ns: int) -> Snapshot:
-    """(path, mtime) keyed: a step rewritten by a resumed run is read again, not served stale."""
-    return load(path)
-
-
-@functools.lru_cache(maxsize=4096)
-def _scores(path: str, mtime_ns: int) -> dict[str, np.ndarray]:
-    """Only the `[L, H]` scores: the trend over many steps never decompresses attention."""
-    return load_scores(path)
-
-
-def _word_view(folder: Path, entry: dict[str, Any], probe: ProbeAttention) -> ProbeAttention:
+def _word_view(folder: Path, step: int, probe: ProbeAttention) -> ProbeAttention:
     """The probe's word view, or a 404 for a pooled probe or one whose words cannot be told."""
     if getattr(probe, "labels", None) is not None:
         raise RequestError(
             404, f"probe {probe.name!r} is stored by token block (a long probe): no word view"
         )
-    key = _stat(folder, entry)
+    key = step_key(folder, step)
     if key is None:
-        raise RequestError(404, f"the archive file of step {entry['step']} is missing or damaged")
+        raise RequestError(404, f"the archive file of step {step} is missing or damaged")
     try:
         return _words(*key, probe.name)
     except ValueError as exc:  # word ids that do not fit the tokens
@@ -310,8 +229,8 @@ def _word_view(folder: Path, entry: dict[str, Any], probe: ProbeAttention) -> Pr
 
 @functools.lru_cache(maxsize=16)
 def _words(path: str, mtime_ns: int, name: str) -> ProbeAttention:
-    """(path, mtime, probe) keyed like `_load`: each step's word view is aggregated once."""
-    return word_probe(next(p for p in _load(path, mtime_ns).probes if p.name == name))
+    """(path, mtime, probe) keyed like `load_by_key`: each step's word view is aggregated once."""
+    return word_probe(next(p for p in load_by_key(path, mtime_ns).probes if p.name == name))
 
 
 def _in_range(name: str, value: int, limit: int, what: str) -> None:
@@ -393,7 +312,11 @@ class AttentionPlugin(base_plugin.TBPlugin):
                 logger.exception("attnlog plugin: %s failed", request.path)
                 body = {"error": "could not read the archive; the TensorBoard log has the cause"}
                 code = 500
-            return http_util.Respond(request, body, "application/json", code=code)
+            # Serialised here: TensorBoard's own path walks every value again (json_util.Cleanse),
+            # which costs more than the route itself for a run of 10,000 steps. Values are
+            # already JSON-safe (`json_matrix` turns NaN into null).
+            text = json.dumps(body, allow_nan=False)
+            return http_util.Respond(request, text, "application/json", code=code)
 
         return app
 

@@ -3,7 +3,7 @@
 // Data text (tokens, names, errors) always goes in through textContent, never innerHTML.
 
 const SVG = "http://www.w3.org/2000/svg";
-const state = { runs: {}, runsJson: "", trend: null };
+const state = { runs: {}, patterns: {}, runsJson: "", trend: null, heatmap: null };
 const seq = { heatmap: 0, scores: 0, trend: 0 }; // drop answers that arrive after a newer request
 let ui = null;
 
@@ -113,7 +113,18 @@ async function loadRuns() {
   const json = JSON.stringify(runs);
   if (json === state.runsJson) return; // nothing new was logged
   state.runsJson = json;
-  state.runs = runs;
+  // /runs gives each layout (patterns, probes and their shapes) in full at its first step only
+  state.runs = {};
+  state.patterns = {};
+  for (const [name, list] of Object.entries(runs)) {
+    const layouts = {};
+    state.runs[name] = list.map((entry) => {
+      if (entry.probes) layouts[entry.layout] = entry;
+      const { patterns, probes } = layouts[entry.layout];
+      return { step: entry.step, patterns, probes };
+    });
+    state.patterns[name] = [...new Set(Object.values(layouts).flatMap((l) => l.patterns))].sort();
+  }
   const names = Object.keys(runs);
   setOptions(ui.run, names);
   if (!names.length) {
@@ -129,8 +140,7 @@ function onRun() {
   const atEnd = Number(ui.step.value) === Number(ui.step.max);
   ui.step.max = String(Math.max(0, list.length - 1));
   if (atEnd && !ui.step.dataset.touched) ui.step.value = ui.step.max; // follow training
-  const patterns = [...new Set(list.flatMap((s) => s.patterns))].sort();
-  setOptions(ui.pattern, patterns);
+  setOptions(ui.pattern, state.patterns[ui.run.value] || []);
   state.trend = null;
   onStep();
 }
@@ -187,6 +197,14 @@ async function drawHeatmap() {
   }
   if (token !== seq.heatmap) return;
   status("");
+  state.heatmap = data;
+  paintHeatmap();
+}
+
+// Draws the last fetched head again with the chosen colour scale (no new request).
+function paintHeatmap() {
+  const data = state.heatmap;
+  if (!data) return;
   const rows = data.query_tokens;
   const cols = data.tokens;
   const n = Math.max(rows.length, cols.length);
@@ -194,25 +212,44 @@ async function drawHeatmap() {
   const margin = 90;
   const root = ui.heatmap;
   root.replaceChildren();
-  root.setAttribute("width", margin + cols.length * cell + 16 + BAR.width + 50);
+  root.setAttribute("width", margin + cols.length * cell + 16 + BAR.width + 60);
   root.setAttribute("height", margin + rows.length * cell + 10);
   root.dataset.step = String(data.step);
   root.dataset.key = `${data.run}|${data.step}|${data.probe}|${data.view}|${data.layer}|${data.head}`;
   root.dataset.words = data.words ? "1" : "0";
-  const max = Math.max(1e-9, ...data.matrix.flat().filter((v) => v !== null));
+  const scale = colorScale(data.matrix, ui.scale.value);
+  root.dataset.scale = scale.kind;
   const grid = svg("g", { transform: `translate(${margin},${margin})` }, root);
   data.matrix.forEach((row, i) => {
     row.forEach((v, j) => {
       const rect = svg("rect", {
         class: "cell", x: j * cell, y: i * cell, width: cell, height: cell,
-        fill: color(v === null ? null : v / max),
+        fill: color(v === null ? null : scale.t(v, i)),
       }, grid);
       rect.dataset.value = v === null ? "" : String(v);
       tooltip(rect, `${rows[i]} → ${cols[j]}: ${fmt(v)}`);
     });
   });
-  const font = Math.min(12, Math.max(7, cell - 2));
+  drawLabels(root, rows, cols, margin, cell);
+  colorBar(root, margin + cols.length * cell + 16, margin, Math.max(rows.length * cell, 80), scale);
+  ui.heatmapCaption.textContent =
+    `step ${data.step} · ${data.probe} · ${data.view.replace("_", " ")}${data.words ? " by word" : ""} · ` +
+    `layer ${data.layer} head ${data.head} · ${scale.caption} (rows: queries, columns: keys)` +
+    (scale.faint ? " · most cells are near 0 here: the log or per-row colour scale shows more" : "");
+}
+
+// Token labels along both axes. When cells are too small for one label each (a long probe
+// pooled to hundreds of blocks), only every k-th label is drawn, spaced so that none overlap;
+// every label, drawn or not, is in the tooltip of its cells, and a drawn one shows its full
+// text on hover.
+const LABEL = { font: 9, room: 13 }; // font size of thinned labels, and the room each needs (px)
+
+function drawLabels(root, rows, cols, margin, cell) {
+  const every = cell >= 9 ? 1 : Math.ceil(LABEL.room / cell);
+  const font = every > 1 ? LABEL.font : Math.min(12, Math.max(7, cell - 2));
+  root.dataset.labelEvery = String(every);
   rows.forEach((t, i) => {
+    if (i % every) return;
     const g = svg("g", {}, root); // the <title> sits beside the <text>, not inside it
     tooltip(g, t);
     svg("text", {
@@ -221,6 +258,7 @@ async function drawHeatmap() {
     }, g, short(t));
   });
   cols.forEach((t, j) => {
+    if (j % every) return;
     const x = margin + j * cell + cell / 2;
     const g = svg("g", {}, root);
     tooltip(g, t);
@@ -229,19 +267,46 @@ async function drawHeatmap() {
       "dominant-baseline": "middle", "font-size": font,
     }, g, short(t));
   });
-  colorBar(root, margin + cols.length * cell + 16, margin, Math.max(rows.length * cell, 80), max);
-  ui.heatmapCaption.textContent =
-    `step ${data.step} · ${data.probe} · ${data.view.replace("_", " ")}${data.words ? " by word" : ""} · ` +
-    `layer ${data.layer} head ${data.head} · ` +
-    `darkest = ${max.toFixed(3)} (rows: queries, columns: keys)`;
 }
 
-// The colour scale of the heatmap: 0 (white) at the bottom to `max` (darkest) at the top.
+// Colour scales. Attention over n keys is near 1/n almost everywhere, so against the darkest
+// cell (often a sink at 0.5 to 1) a long probe is almost white: "log" spans from a quarter of
+// the 1st percentile of the positive values (so that the floor near 1/n is a light tint; at
+// least max / 10^4) to the max, "row" scales each query row to its own darkest key. `t(v, row)` gives 0 (white) .. 1 (darkest).
+const SCALES = { linear: "linear", log: "log", row: "per row" };
+
+function colorScale(matrix, kind) {
+  const values = matrix.flat().filter((v) => v !== null);
+  const max = values.reduce((m, v) => (v > m ? v : m), 1e-9);
+  if (kind === "log") {
+    const positive = values.filter((v) => v > 0).sort((a, b) => a - b);
+    const low = positive[Math.floor(positive.length / 100)] || max; // 1st percentile
+    const lo = Math.min(max / 10, Math.max(max / 1e4, low / 4));
+    const span = Math.log(max / lo);
+    return { kind, max, lo, caption: `log scale from ${tick(lo)} to ${tick(max)}`,
+             t: (v) => (v <= lo ? 0 : Math.log(v / lo) / span) };
+  }
+  if (kind === "row") {
+    const rowMax = matrix.map((r) => r.reduce((m, v) => (v !== null && v > m ? v : m), 1e-9));
+    return { kind, max, caption: "each row from 0 to its own darkest key", t: (v, i) => v / rowMax[i] };
+  }
+  // Spread thin over many keys (a long probe), not a sparse head: suggest another scale.
+  const sorted = [...values].sort((a, b) => a - b);
+  const p90 = sorted[Math.floor(sorted.length * 0.9)] || 0;
+  const faint = matrix.length >= 64 && p90 > 0 && p90 < max / 10;
+  return { kind: "linear", max, faint, caption: `darkest = ${max.toFixed(3)}`, t: (v) => v / max };
+}
+
+function tick(v) {
+  return v >= 0.01 ? v.toFixed(3) : v.toExponential(1);
+}
+
+// The colour bar beside the heatmap: white at the bottom to the scale's darkest at the top.
 const BAR = { width: 12, steps: 24 };
 
-function colorBar(root, x, y, height, max) {
+function colorBar(root, x, y, height, scale) {
   const g = svg("g", { class: "colorbar", transform: `translate(${x},${y})` }, root);
-  g.dataset.max = String(max);
+  g.dataset.max = String(scale.max);
   const h = height / BAR.steps;
   for (let i = 0; i < BAR.steps; i++) {
     const t = 1 - (i + 0.5) / BAR.steps;
@@ -252,9 +317,19 @@ function colorBar(root, x, y, height, max) {
   const label = (v, yy, baseline) => svg("text", {
     class: "axis colorbar-label", x: BAR.width + 4, y: yy, "dominant-baseline": baseline,
   }, g, v);
-  label(max.toFixed(3), 0, "hanging");
-  label((max / 2).toFixed(3), height / 2, "middle");
-  label("0", height, "auto");
+  if (scale.kind === "log") {
+    label(tick(scale.max), 0, "hanging");
+    label(tick(Math.sqrt(scale.max * scale.lo)), height / 2, "middle");
+    label(`≤ ${tick(scale.lo)}`, height, "auto");
+  } else if (scale.kind === "row") {
+    label("row max", 0, "hanging");
+    label("½", height / 2, "middle");
+    label("0", height, "auto");
+  } else {
+    label(scale.max.toFixed(3), 0, "hanging");
+    label((scale.max / 2).toFixed(3), height / 2, "middle");
+    label("0", height, "auto");
+  }
 }
 
 // ---- score grid --------------------------------------------------------------------------
@@ -346,6 +421,8 @@ async function drawTrend() {
   plotTrend(state.trend.data, sel.step);
 }
 
+const TREND_DOTS = 400; // more steps than this: a line without dots
+
 function plotTrend(data, step) {
   const root = ui.trend;
   root.replaceChildren();
@@ -390,22 +467,48 @@ function plotTrend(data, step) {
     pen = "L";
   });
   svg("path", { class: "trend-line", d }, root);
-  data.steps.forEach((s, i) => {
-    const v = data.values[i];
-    if (v === null) return;
-    const dot = svg("circle", { class: "trend-point", cx: x(s), cy: y(v), r: 3 }, root);
-    tooltip(dot, `step ${s}: ${fmt(v)}`);
-    dot.addEventListener("click", () => {
-      const index = steps().findIndex((e) => e.step === s);
-      if (index >= 0) {
-        ui.step.value = String(index);
-        ui.step.dataset.touched = "1";
-        onStep();
-      }
+  if (data.steps.length <= TREND_DOTS) {
+    data.steps.forEach((s, i) => {
+      const v = data.values[i];
+      if (v === null) return;
+      const dot = svg("circle", { class: "trend-point", cx: x(s), cy: y(v), r: 3 }, root);
+      tooltip(dot, `step ${s}: ${fmt(v)}`);
+      dot.addEventListener("click", () => goToStep(s));
     });
-  });
+  } else {
+    // A long run: one dot per step would be thousands of nodes. Clicking the plot goes to
+    // the nearest logged step instead.
+    const area = svg("rect", { class: "trend-area", x: pad.left, y: pad.top,
+      width: width - pad.left - pad.right, height: height - pad.top - pad.bottom }, root);
+    tooltip(area, "click to go to the nearest logged step");
+    area.addEventListener("click", (event) => {
+      const box = area.getBoundingClientRect();
+      const s = x0 + ((event.clientX - box.left) / box.width) * (x1 - x0);
+      goToStep(nearest(data.steps, s));
+    });
+  }
   ui.trendCaption.textContent =
     `${data.pattern} · layer ${data.layer} head ${data.head} over ${data.steps.length} steps`;
+}
+
+function nearest(sorted, value) {
+  let lo = 0;
+  let hi = sorted.length - 1;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (sorted[mid] < value) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo > 0 && value - sorted[lo - 1] < sorted[lo] - value ? sorted[lo - 1] : sorted[lo];
+}
+
+function goToStep(s) {
+  const index = steps().findIndex((e) => e.step === s);
+  if (index >= 0) {
+    ui.step.value = String(index);
+    ui.step.dataset.touched = "1";
+    onStep();
+  }
 }
 
 // ---- page --------------------------------------------------------------------------------
@@ -430,6 +533,9 @@ function layout() {
   ui.head = field("Head", html("select", { id: "head" }));
   ui.words = field("Words", html("input", { id: "words", type: "checkbox",
     title: "attention between words instead of tokens" }));
+  ui.scale = field("Colour", html("select", { id: "scale",
+    title: "log or per row: structure near 1/n shows on long probes" }));
+  setOptions(ui.scale, Object.keys(SCALES), Object.values(SCALES));
   ui.pattern = field("Pattern", html("select", { id: "pattern" }));
   ui.status = html("div", { id: "status", role: "status" }, body);
   const main = html("div", { id: "main" }, body);
@@ -461,6 +567,7 @@ export async function render() {
   ui.layer.addEventListener("change", onHead);
   ui.head.addEventListener("change", onHead);
   ui.words.addEventListener("change", drawHeatmap);
+  ui.scale.addEventListener("change", paintHeatmap);
   ui.pattern.addEventListener("change", () => {
     drawScores();
     drawTrend();
