@@ -62,10 +62,11 @@ class CallbackCore:
         logdir: str | os.PathLike,
         is_main_process: bool,
         options: dict[str, Any] | None = None,
+        note: str = "",
     ) -> None:
         """Begin a training run: a fresh logger bound to this run's model, then step 0 (or, when
         resumed from a checkpoint at `step`, the steps the interrupted run already logged are
-        skipped).
+        skipped). `note` ends the line that says where attention goes.
 
         A logger left open by a `train()`/`fit()` that was interrupted (an exception, Ctrl-C, a
         pruned trial) is closed first: it captures the previous model and remembers that run's
@@ -73,12 +74,13 @@ class CallbackCore:
         """
         self.close()
         self._last = None
-        self.logger = AttentionLogger(
-            model, tokenizer, self.probes, sinks=sinks, logdir=logdir,
-            is_main_process=is_main_process, **(self.options if options is None else options),
-        )  # fmt: skip
+        options = self.options if options is None else options
+        self.logger = AttentionLogger(model, tokenizer, self.probes, sinks=sinks, logdir=logdir,
+                                      is_main_process=is_main_process, **options)  # fmt: skip
         if is_main_process:
-            print(start_line(self.logger.logdir, sinks, self.every_n_steps), file=sys.stderr)
+            archive = options.get("archive", True)
+            line = start_line(self.logger.logdir, sinks, self.every_n_steps, archive)
+            print(line + note, file=sys.stderr)
         if step > 0:
             self.logger.resume_at(step)
         else:
@@ -122,12 +124,18 @@ class CallbackCore:
             logger.close()
 
 
-def start_line(logdir: str | os.PathLike, sinks: Any, every_n_steps: int) -> str:
+def start_line(
+    logdir: str | os.PathLike, sinks: Any, every_n_steps: int, archive: bool = True
+) -> str:
     """One line saying where attention goes and how to open it, so that a run whose tracker
     settings chose no sink (transformers' `report_to="none"`) does not log silently."""
-    names = [item if isinstance(item, str) else type(item).__name__ for item in sinks or []]
+    sinks = [sinks] if isinstance(sinks, str) else list(sinks or [])
+    names = [item if isinstance(item, str) else type(item).__name__ for item in sinks]
     names = [name for name in names if name != "archive"]
-    where = ", ".join(names) + " and the archive" if names else "the archive only"
+    if archive:
+        where = ", ".join(names) + " and the archive" if names else "the archive only"
+    else:
+        where = ", ".join(names) or "no sink"
     folder = Path(logdir).absolute()
     return (
         f"attnlog: logging attention every {every_n_steps} steps to {where} "

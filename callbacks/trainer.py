@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-from itertools import chain, count
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,11 @@ from attnlog.callbacks.core import CallbackCore
 __all__ = ["AttentionLoggerCallback"]
 
 log = logging.getLogger("attnlog")
+
+NO_TRACKER = (
+    '; report_to chose no tracker: add TrainingArguments(report_to=["tensorboard", '
+    '"mlflow"]) or AttentionLoggerCallback(sinks=[...]) to log there too'
+)
 
 
 class AttentionLoggerCallback(CallbackCore, TrainerCallback):
@@ -102,8 +106,9 @@ class AttentionLoggerCallback(CallbackCore, TrainerCallback):
         logdir = self._trials.folder(self.logdir or _tensorboard_dir(args), state)
         if state.is_hyper_param_search and "mlflow" in sinks and state.is_world_process_zero:
             _start_trial_run(args)
+        note = NO_TRACKER if self.sinks is None and not sinks else ""
         self.start(state.global_step, model, tokenizer, sinks=sinks, logdir=logdir,
-                   is_main_process=state.is_world_process_zero)  # fmt: skip
+                   is_main_process=state.is_world_process_zero, note=note)  # fmt: skip
 
     # -- events ------------------------------------------------------------------------------
 
@@ -180,8 +185,16 @@ class TrialFolders:
         if self.root is None:
             self.root = Path(base)
         name = state.trial_name
-        names = chain([name] if name else [], (f"{name or 'trial'}_{k}" for k in count(bool(name))))
-        return next(self.root / n for n in names if not (self.root / n).exists())
+        if not state.is_world_process_zero:  # writes nothing: no folder to claim
+            return self.root / (name or "trial")
+        candidate, k = name or "trial_0", 0
+        while True:  # claimed now: the previous trial's writer may not have made its folder yet
+            try:
+                (self.root / candidate).mkdir(parents=True)
+                return self.root / candidate
+            except FileExistsError:
+                k += 1
+                candidate = f"{name or 'trial'}_{k}"
 
 
 def _sinks_from_report_to(report_to: Any) -> list[str]:

@@ -147,6 +147,7 @@ def test_start_of_training_names_the_sinks_and_the_command_that_opens_them(early
     [line] = [line for line in said.splitlines() if line.startswith("attnlog: logging")]
     logs = (folder / "logs").absolute()
     assert "every 4 steps to the archive only" in line
+    assert 'report_to chose no tracker: add TrainingArguments(report_to=["tensorboard"' in line
     assert f"`tensorboard --logdir {logs}`" in line and "<logdir>" not in line
     assert str(logs / "plugins" / "attnlog") in line
 
