@@ -95,11 +95,13 @@ class AttentionLoggerCallback(CallbackCore, TrainerCallback):
         (MLflow's run) or the training data is touched."""
         self._saved_tokenizer = None
         self._trials = TrialFolders()  # a new Trainer: its search, its folders
-        if self.tokenizer is None and processing_class is None and model is not None:
+        given = self.tokenizer or processing_class or kwargs.get("tokenizer")  # transformers 4
+        if given is None and model is not None:
             self._saved_tokenizer = saved_tokenizer(model)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        tokenizer = self.tokenizer or kwargs.get("processing_class") or self._saved_tokenizer
+        tokenizer = (self.tokenizer or kwargs.get("processing_class") or kwargs.get("tokenizer")
+                     or self._saved_tokenizer)  # fmt: skip
         if tokenizer is None:
             tokenizer = saved_tokenizer(model)
         sinks = self.sinks if self.sinks is not None else _sinks_from_report_to(args.report_to)
@@ -143,7 +145,7 @@ class AttentionLoggerCallback(CallbackCore, TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         reloaded = args.load_best_model_at_end and state.best_model_checkpoint is not None
         if reloaded and self.logger is not None:
-            best = state.best_global_step
+            best = getattr(state, "best_global_step", None)  # not in older transformers 4
             logged = best in self.logger.logged_steps
             log.info(
                 "attnlog: the Trainer reloaded the best checkpoint (%s); its attention %s",
