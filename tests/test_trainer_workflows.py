@@ -101,39 +101,47 @@ class ScriptedMetric:
         return {"score": 1.0 / self.calls}
 
 
-@pytest.fixture(scope="module")
-def early_stopped(tokenizer, tmp_path_factory):
-    """Evaluates and saves every 2 steps; the best is step 2; patience 2 stops at step 6, which
-    is not on the logging interval (4). Our callback comes before EarlyStoppingCallback, so it
-    sees the stop only after its own on_evaluate."""
+class Weights(TrainerCallback):
+    """A copy of the model at the end of every step."""
+
+    def __init__(self) -> None:
+        self.at: dict[int, torch.nn.Module] = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.at[state.global_step] = copy.deepcopy(model)
+
+
+@pytest.fixture(scope="module", params=["steps", "best"])
+def early_stopped(request, tokenizer, tmp_path_factory):
+    """Evaluates every 2 steps; the best is step 2; patience 2 stops at step 6, which is not on
+    the logging interval (4). Our callback comes before EarlyStoppingCallback, so it sees the
+    stop only after its own on_evaluate; saving only the best, no on_save follows either."""
     folder = tmp_path_factory.mktemp("early")
     data = examples(tokenizer)
     args = arguments(folder, max_steps=20, eval_strategy="steps", eval_steps=2, save_steps=2,
-                     save_strategy="steps", load_best_model_at_end=True,
+                     save_strategy=request.param, load_best_model_at_end=True,
                      metric_for_best_model="score", greater_is_better=True)  # fmt: skip
+    weights = Weights()
     trainer = Trainer(
         model=tiny_model(tokenizer), args=args, train_dataset=data, eval_dataset=data[:4],
         processing_class=tokenizer, compute_metrics=ScriptedMetric(),
         callbacks=[callback(every_n_steps=4, logdir=folder / "logs"),
-                   EarlyStoppingCallback(early_stopping_patience=2)],
+                   EarlyStoppingCallback(early_stopping_patience=2), weights],
     )  # fmt: skip
     said = io.StringIO()
     with contextlib.redirect_stderr(said):
         trainer.train()
-    return folder, trainer, said.getvalue()
+    return folder, trainer, weights.at, said.getvalue()
 
 
 def test_early_stopping_logs_the_last_step_with_its_own_weights(early_stopped, tokenizer):
-    folder, trainer, _ = early_stopped
+    folder, trainer, weights, _ = early_stopped
     assert trainer.state.global_step == 6
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
     assert [e["step"] for e in read_index(folder / "logs")] == [0, 4, 6]
 
-    out = folder / "out"
-    own = fresh_capture(BertForSequenceClassification.from_pretrained(out / "checkpoint-6"),
-                        tokenizer, folder / "own", 6)  # fmt: skip
-    best = fresh_capture(BertForSequenceClassification.from_pretrained(out / "checkpoint-2"),
-                         tokenizer, folder / "best", 2)  # fmt: skip
+    own = fresh_capture(weights[6], tokenizer, folder / "own", 6)
+    best = fresh_capture(weights[2], tokenizer, folder / "best", 2)
     logged = attention(folder / "logs", 6)
     assert np.abs(logged - own).max() < 2e-3  # the archive keeps float16
     assert np.abs(logged - best).max() > 2e-2  # not the best checkpoint's weights
@@ -143,7 +151,7 @@ def test_early_stopping_logs_the_last_step_with_its_own_weights(early_stopped, t
 
 
 def test_start_of_training_names_the_sinks_and_the_command_that_opens_them(early_stopped):
-    folder, _, said = early_stopped
+    folder, _, _, said = early_stopped
     [line] = [line for line in said.splitlines() if line.startswith("attnlog: logging")]
     logs = (folder / "logs").absolute()
     assert "every 4 steps to the archive only" in line
