@@ -14,7 +14,12 @@ still see one run, and the two writers' lifetimes no longer depend on callback o
 stopping or evaluation after the last step.
 
 No tokenizer given and none on the Trainer: the one saved with the model (`model.name_or_path`,
-a local folder or the Hugging Face cache, never the network) is loaded, and the log says which.
+a local folder or the Hugging Face cache, never the network) is loaded, and the log says which;
+with none there either, building the Trainer fails (`on_init_end`), before MLflow starts a run.
+
+`Trainer.hyperparameter_search`: every trial logs to a folder of its own below the first
+trial's (`trial_<k>`), so trials never overwrite each other's archive and each is its own
+TensorBoard run; its MLflow events go to the run that holds that trial's metrics.
 """
 
 from __future__ import annotations
