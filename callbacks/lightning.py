@@ -19,13 +19,12 @@ except ModuleNotFoundError as ex:  # pragma: no cover - exercised only without t
         "`pip install 'attnlog[lightning]'`"
     ) from ex
 
-from attnlog.callbacks.options import check_options
-from attnlog.logger import AttentionLogger, check_interval
+from attnlog.callbacks.core import CallbackCore
 
 __all__ = ["AttentionLoggerCallback"]
 
 
-class AttentionLoggerCallback(Callback):
+class AttentionLoggerCallback(CallbackCore, Callback):
     """Log attention of probe sentences at step 0, every `every_n_steps`, and at the last step.
 
     Args:
@@ -55,86 +54,51 @@ class AttentionLoggerCallback(Callback):
         tokenizer: Any = None,
         **options: Any,
     ) -> None:
-        check_options(options, sinks)
-        self.probes = probes
-        self.every_n_steps = check_interval(every_n_steps)
-        self.sinks = sinks
-        self.logdir = logdir
-        self.tokenizer = tokenizer
-        self.options = options
-        self.logger: AttentionLogger | None = None
+        super().__init__(probes, every_n_steps, sinks, logdir, tokenizer, options)
 
-    # -- set-up ------------------------------------------------------------------------------
+    # -- events ------------------------------------------------------------------------------
 
-    def _make_logger(self, trainer: Any, pl_module: Any) -> AttentionLogger:
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         tokenizer = self.tokenizer or getattr(pl_module, "tokenizer", None)
         if tokenizer is None:
             raise ValueError(
                 "AttentionLoggerCallback needs a tokenizer: set `self.tokenizer` on the "
                 "LightningModule or pass AttentionLoggerCallback(tokenizer=tokenizer)"
             )
-        model = _hf_model(pl_module)
+        sinks, options = self._sinks(trainer)
+        self.start(trainer.global_step, _hf_model(pl_module), tokenizer, sinks=sinks,
+                   logdir=self.logdir or _default_logdir(trainer),
+                   is_main_process=trainer.is_global_zero, options=options)  # fmt: skip
+
+    def _sinks(self, trainer: Any) -> tuple[Any, dict[str, Any]]:
+        """The sinks and logger options: by default TensorBoard, and the MLFlowLogger's run."""
         options = dict(self.options)  # copied: a second fit() builds its logger the same way
         sink_options = {k: dict(v) for k, v in (options.pop("sink_options", None) or {}).items()}
-        sinks = self.sinks
-        if sinks is None:
-            sinks = ["tensorboard"]
-            mlflow_logger = _find_logger(trainer, "MLFlowLogger")
-            if mlflow_logger is not None:
-                sinks.append("mlflow")
-                mlflow_options = sink_options.setdefault("mlflow", {})
-                # MLFlowLogger keeps its URI private; its public `experiment` is the MlflowClient
-                # it logs with, whose `tracking_uri` is public.
-                client = mlflow_logger.experiment
-                mlflow_options.setdefault("tracking_uri", getattr(client, "tracking_uri", None))
-                mlflow_options.setdefault("run_id", mlflow_logger.run_id)
-        return AttentionLogger(
-            model,
-            tokenizer,
-            self.probes,
-            sinks=sinks,
-            logdir=self.logdir or _default_logdir(trainer),
-            sink_options=sink_options,
-            is_main_process=trainer.is_global_zero,
-            **options,
-        )
-
-    # -- events ------------------------------------------------------------------------------
-
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        if self.logger is None:
-            self.logger = self._make_logger(trainer, pl_module)
-        if trainer.global_step > 0:  # resumed from a checkpoint: its first step was logged
-            self.logger.resume_at(trainer.global_step)
-        else:
-            self.logger.log(0)
+        options["sink_options"] = sink_options
+        if self.sinks is not None:
+            return self.sinks, options
+        sinks = ["tensorboard"]
+        mlflow_logger = _find_logger(trainer, "MLFlowLogger")
+        if mlflow_logger is not None:
+            sinks.append("mlflow")
+            mlflow_options = sink_options.setdefault("mlflow", {})
+            # MLFlowLogger keeps its URI private; its public `experiment` is the MlflowClient
+            # it logs with, whose `tracking_uri` is public.
+            client = mlflow_logger.experiment
+            mlflow_options.setdefault("tracking_uri", getattr(client, "tracking_uri", None))
+            mlflow_options.setdefault("run_id", mlflow_logger.run_id)
+        return sinks, options
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
-        # With gradient accumulation several batches share a step: log it once.
-        if (
-            self.logger is not None
-            and step % self.every_n_steps == 0
-            and step not in self.logger.logged_steps
-        ):
-            self.logger.log(step)
+        self.log_due(trainer.global_step)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.logger is None:
-            return
-        if trainer.global_step not in self.logger.logged_steps:
-            self.logger.log(trainer.global_step)
-        self._close()
+        self.finish(trainer.global_step)  # Lightning never swaps the weights at the end
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._close()  # write what was queued before the crash
-
-    def _close(self) -> None:
-        if self.logger is not None:
-            self.logger.close()
-            self.logger = None
+        self.close()  # write what was queued before the crash
 
 
 def _hf_model(pl_module: Any) -> Any:

@@ -14,7 +14,12 @@ still see one run, and the two writers' lifetimes no longer depend on callback o
 stopping or evaluation after the last step.
 
 No tokenizer given and none on the Trainer: the one saved with the model (`model.name_or_path`,
-a local folder or the Hugging Face cache, never the network) is loaded, and the log says which.
+a local folder or the Hugging Face cache, never the network) is loaded, and the log says which;
+with none there either, building the Trainer fails (`on_init_end`), before MLflow starts a run.
+
+`Trainer.hyperparameter_search`: every trial logs to a folder of its own below the first
+trial's (`trial_<k>`), so trials never overwrite each other's archive and each is its own
+TensorBoard run; its MLflow events go to the run that holds that trial's metrics.
 """
 
 from __future__ import annotations
@@ -26,16 +31,26 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from attnlog.callbacks.options import check_options
-from attnlog.logger import AttentionLogger, check_interval
+from attnlog.callbacks.core import CallbackCore
 
 __all__ = ["AttentionLoggerCallback"]
 
 log = logging.getLogger("attnlog")
 
+NO_TRACKER = (
+    '; report_to chose no tracker: add TrainingArguments(report_to=["tensorboard", '
+    '"mlflow"]) or AttentionLoggerCallback(sinks=[...]) to log there too'
+)
 
-class AttentionLoggerCallback(TrainerCallback):
+
+class AttentionLoggerCallback(CallbackCore, TrainerCallback):
     """Log attention of probe sentences at step 0, every `every_n_steps`, and at the last step.
+
+    The last step is logged as soon as training is known to stop (the step limit, or a callback
+    such as `EarlyStoppingCallback` setting `should_training_stop`), before
+    `load_best_model_at_end` reloads the best checkpoint: every logged step holds that step's
+    own weights. The reloaded model is not logged again; its step was logged if it was on the
+    interval.
 
     Args:
         probes: sentences, (sentence_a, sentence_b) pairs, a probe file, or None (built-in set).
@@ -43,7 +58,8 @@ class AttentionLoggerCallback(TrainerCallback):
         sinks: sink names or Sink instances; None follows `TrainingArguments.report_to`
             (tensorboard and/or mlflow). The archive is always written.
         logdir: where TensorBoard events and the archive go; None: the Trainer's TensorBoard
-            folder (or `output_dir/runs/attnlog` when TensorBoard is off).
+            folder (or `output_dir/runs/attnlog` when TensorBoard is off). In a hyper-parameter
+            search each trial gets a folder of its own below it.
         tokenizer: the tokenizer; None takes the Trainer's `processing_class`, else the one
             saved with the model (`model.name_or_path`, local folder or cache only).
         log_on_evaluate: also log at each evaluation.
@@ -53,7 +69,7 @@ class AttentionLoggerCallback(TrainerCallback):
 
     Raises:
         TypeError, ValueError: an option AttentionLogger would refuse (checked here, before
-            the model loads).
+            the model loads); no tokenizer to be found (checked when the Trainer is built).
     """
 
     def __init__(
@@ -67,76 +83,125 @@ class AttentionLoggerCallback(TrainerCallback):
         flush_timeout: float = 60.0,
         **options: Any,
     ) -> None:
-        check_options(options, sinks)
+        super().__init__(probes, every_n_steps, sinks, logdir, tokenizer, options)
         if not flush_timeout > 0:
             raise ValueError(
                 f"flush_timeout must be a positive number of seconds, got {flush_timeout!r}"
             )
-        self.probes = probes
-        self.every_n_steps = check_interval(every_n_steps)
         self.flush_timeout = flush_timeout
-        self.sinks = sinks
-        self.logdir = logdir
-        self.tokenizer = tokenizer
         self.log_on_evaluate = log_on_evaluate
-        self.options = options
-        self.logger: AttentionLogger | None = None
+        self._saved_tokenizer: Any = None  # found when the Trainer was built
+        self._trials = TrialFolders()
 
     # -- set-up ------------------------------------------------------------------------------
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.logger is None:
-            self.logger = self._make_logger(args, state, model, kwargs)
-        if state.global_step > 0:  # resumed from a checkpoint: its first step was logged
-            self.logger.resume_at(state.global_step)
-        else:
-            self.logger.log(0)
+    def on_init_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        """Find the tokenizer when the Trainer is built: without one, fail before any tracker
+        (MLflow's run) or the training data is touched."""
+        self._saved_tokenizer = None
+        self._trials = TrialFolders()  # a new Trainer: its search, its folders
+        given = self.tokenizer or processing_class or kwargs.get("tokenizer")  # transformers 4
+        if given is None and model is not None:
+            self._saved_tokenizer = saved_tokenizer(model)
 
-    def _make_logger(self, args, state, model, kwargs) -> AttentionLogger:
-        tokenizer = self.tokenizer or kwargs.get("processing_class") or kwargs.get("tokenizer")
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        tokenizer = (self.tokenizer or kwargs.get("processing_class") or kwargs.get("tokenizer")
+                     or self._saved_tokenizer)  # fmt: skip
         if tokenizer is None:
             tokenizer = saved_tokenizer(model)
         sinks = self.sinks if self.sinks is not None else _sinks_from_report_to(args.report_to)
-        logdir = self.logdir or _tensorboard_dir(args)
-        return AttentionLogger(
-            model,
-            tokenizer,
-            self.probes,
-            sinks=sinks,
-            logdir=logdir,
-            is_main_process=state.is_world_process_zero,
-            **self.options,
-        )
+        logdir = self._trials.folder(self.logdir or _tensorboard_dir(args), state)
+        if state.is_hyper_param_search and "mlflow" in sinks and state.is_world_process_zero:
+            _start_trial_run(args)
+        note = NO_TRACKER if self.sinks is None and not sinks else ""
+        self.start(state.global_step, model, tokenizer, sinks=sinks, logdir=logdir,
+                   is_main_process=state.is_world_process_zero, note=note)  # fmt: skip
 
     # -- events ------------------------------------------------------------------------------
 
     def on_step_end(self, args, state, control, **kwargs):
-        step = state.global_step
-        if self.logger is None:
-            return
-        if (step % self.every_n_steps == 0 or step == state.max_steps) and self._fresh(step):
-            self.logger.log(step)
-        if step == state.max_steps:
+        self.log_due(state.global_step)
+        self._log_if_stopping(state, control)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.log_on_evaluate:
+            self.log_once(state.global_step)
+        self._log_if_stopping(state, control)
+
+    # Training is stopped by a callback's on_step_end or on_evaluate (EarlyStoppingCallback),
+    # which may come after ours; on_save, on_epoch_end and on_log (the Trainer logs its train
+    # metrics) still come before `load_best_model_at_end` replaces the weights.
+    def on_save(self, args, state, control, **kwargs):
+        self._log_if_stopping(state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._log_if_stopping(state, control)
+
+    def on_log(self, args, state, control, **kwargs):
+        self._log_if_stopping(state, control)
+
+    def _log_if_stopping(self, state, control) -> None:
+        if control.should_training_stop or state.global_step >= state.max_steps:
             # MLflowCallback ends its run in on_train_end, before ours runs: write everything
             # while the run is still open. Bounded: a hung sink must not hold the end of
             # training; the logger says which steps were left unwritten.
-            self.logger.flush(timeout=self.flush_timeout)
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        if self.log_on_evaluate and self.logger is not None and self._fresh(state.global_step):
-            self.logger.log(state.global_step)
-
-    def _fresh(self, step: int) -> bool:
-        """Not logged yet, in this run or by the interrupted run this one resumes."""
-        return step not in self.logger.logged_steps
+            self.log_last(state.global_step, self.flush_timeout)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.logger is None:
-            return
-        if self._fresh(state.global_step):
-            self.logger.log(state.global_step)
-        self.logger.close()
-        self.logger = None
+        reloaded = args.load_best_model_at_end and state.best_model_checkpoint is not None
+        if reloaded and self.logger is not None:
+            best = getattr(state, "best_global_step", None)  # not in older transformers 4
+            logged = best in self.logger.logged_steps
+            log.info(
+                "attnlog: the Trainer reloaded the best checkpoint (%s); its attention %s",
+                state.best_model_checkpoint,
+                f"is the one logged at step {best}" if logged else "was not logged",
+            )
+        self.finish(state.global_step, own_weights=not reloaded)
+
+
+def _start_trial_run(args) -> None:
+    """Give a hyper-parameter search's trial the MLflow run that its metrics will go to.
+
+    transformers' MLflowCallback starts a run for the first trial only; a later trial's metrics
+    go to the run MLflow starts at their first `log`, after our logger has chosen its run. When
+    the Trainer logs to MLflow and no run is active, start that run now (as MLflowCallback
+    would, by name): the Trainer then logs into it and ends it with the trial, and the trial's
+    attention sits beside its metrics.
+    """
+    if "mlflow" not in _sinks_from_report_to(args.report_to):
+        return
+    import mlflow
+
+    if mlflow.active_run() is None:
+        mlflow.start_run(run_name=args.run_name)
+
+
+class TrialFolders:
+    """A folder of its own for each trial of a hyper-parameter search, below the first trial's
+    folder, so that trials never overwrite each other's archive and each is its own TensorBoard
+    run. Named after the search's `hp_name` when it has one, else `trial_<k>`, the first free k.
+    """
+
+    def __init__(self) -> None:
+        self.root: Path | None = None  # found at the first trial, kept for the others
+
+    def folder(self, base: str | os.PathLike, state) -> Path:
+        if not state.is_hyper_param_search:
+            return Path(base)
+        if self.root is None:
+            self.root = Path(base)
+        name = state.trial_name
+        if not state.is_world_process_zero:  # writes nothing: no folder to claim
+            return self.root / (name or "trial")
+        candidate, k = name or "trial_0", 0
+        while True:  # claimed now: the previous trial's writer may not have made its folder yet
+            try:
+                (self.root / candidate).mkdir(parents=True)
+                return self.root / candidate
+            except FileExistsError:
+                k += 1
+                candidate = f"{name or 'trial'}_{k}"
 
 
 def _sinks_from_report_to(report_to: Any) -> list[str]:

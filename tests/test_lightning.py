@@ -145,3 +145,51 @@ def test_mlflow_logger_run_is_joined_through_its_public_client(tmp_path, minilm_
     assert run.info.run_id == mlflow_logger.run_id  # one run: the logger's
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "attn.cls.L0H0"))
     assert steps == [0, 2]
+
+
+class Crashes(PairClassifier):
+    """Fails in the middle of training, as an interrupted fit does."""
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 3:
+            raise RuntimeError("boom")
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory, minilm_path):
+    """A two-layer random BERT saved with the MiniLM tokenizer: a Lightning fit in seconds."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=37, num_labels=2)  # fmt: skip
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_callback_reused_after_a_crash_logs_the_next_fit_and_says_where(
+    tmp_path, tiny_path, capsys
+):
+    callback = AttentionLoggerCallback(probes=["The cat sat on the mat."], every_n_steps=2,
+                                       sinks=[], views=(), patterns=["cls"])  # fmt: skip
+
+    def fit(name: str, module: type[PairClassifier]) -> None:
+        trainer = Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False,
+                          default_root_dir=tmp_path / name, callbacks=[callback])  # fmt: skip
+        trainer.fit(module(tiny_path))
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fit("first", Crashes)
+    fit("second", PairClassifier)
+    runs = [tmp_path / "first" / "attnlog", tmp_path / "second" / "attnlog"]
+    assert [e["step"] for e in read_index(runs[0])] == [0, 2]  # written when the crash came
+    assert [e["step"] for e in read_index(runs[1])] == [0, 2, 4]
+    said = [line for line in capsys.readouterr().err.splitlines() if "attnlog: logging" in line]
+    assert len(said) == 2
+    for line, logdir in zip(said, runs):
+        assert "every 2 steps to the archive only" in line
+        assert f"`tensorboard --logdir {logdir.absolute()}`" in line

@@ -121,7 +121,7 @@ class TensorBoardSink(Sink):
         global _hint_shown
         if self.images_hint and not _hint_shown and images:
             _hint_shown = True
-            log.warning(IMAGES_HINT)
+            log.warning(IMAGES_HINT.replace("<logdir>", str(self.logdir)))
         fitted = {tag: self._fit(tag, image) for tag, image in images.items()}
         with self._writing() as writer:
             # `file_writer` is a public attribute of torch's (and tensorboardX's) SummaryWriter:
