@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from attnlog.layout import INDEX, archive_name, archive_path, plugin_dir, read_index, warn_once
+from attnlog.layout import INDEX, archive_name, archive_path, plugin_dir, read_index
+from attnlog.notes import warn_once
 from attnlog.snapshot import ProbeAttention, Snapshot
 from attnlog.snapshot import _load as _load_file  # the file format's own reader, for `load`
 from attnlog.table import logged_steps

@@ -12,7 +12,7 @@ pytest.importorskip("tensorboard")
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-import attnlog.sinks.tensorboard as tb_module  # noqa: E402
+from attnlog import notes  # noqa: E402
 from attnlog.layout import TB_ALERTS_TAG, TB_SETTINGS_TAG  # noqa: E402
 from attnlog.sinks.base import pattern_scalars  # noqa: E402
 from attnlog.sinks.tensorboard import TensorBoardSink  # noqa: E402
@@ -110,7 +110,7 @@ def test_large_images_are_scaled_down(tmp_path):
 
 
 def test_images_hint_is_shown_once(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(tb_module, "_hint_shown", False)
+    notes.forget("tensorboard/images-hint")
     sink = TensorBoardSink(tmp_path)
     with caplog.at_level(logging.WARNING, logger="attnlog"):
         sink.log_images(make_images(0), 0)

@@ -30,7 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from attnlog.layout import INDEX, archive_name, plugin_dir, probe_shapes, read_index, warn_once
+from attnlog.layout import INDEX, archive_name, plugin_dir, probe_shapes, read_index
+from attnlog.notes import warn_once
 from attnlog.sinks.base import Sink, check_writable_dir
 from attnlog.sinks.owner import check_owner
 from attnlog.table import TABLE_DIR, abandon, append_scores

@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from attnlog.layout import TB_ALERTS_TAG, TB_SETTINGS_TAG, html_dir
+from attnlog.notes import warn_once
 from attnlog.sinks.base import Sink, check_writable_dir, pattern_scalars
 
 if TYPE_CHECKING:
@@ -37,7 +38,6 @@ IMAGES_HINT = (
     "attnlog: TensorBoard shows only 10 images per tag by default; start it with "
     "`tensorboard --logdir <logdir> --samples_per_plugin images=1000` to see every logged step"
 )
-_hint_shown = False
 
 
 def _require_tensorboard() -> None:
@@ -118,10 +118,9 @@ class TensorBoardSink(Sink):
 
     def log_images(self, images: Mapping[str, np.ndarray], step: int) -> None:
         """`[height, width, 3]` uint8 images under their tags."""
-        global _hint_shown
-        if self.images_hint and not _hint_shown and images:
-            _hint_shown = True
-            log.warning(IMAGES_HINT.replace("<logdir>", str(self.logdir)))
+        if self.images_hint and images:
+            hint = IMAGES_HINT.replace("<logdir>", str(self.logdir))
+            warn_once("tensorboard/images-hint", hint, logger=log)
         fitted = {tag: self._fit(tag, image) for tag, image in images.items()}
         with self._writing() as writer:
             # `file_writer` is a public attribute of torch's (and tensorboardX's) SummaryWriter:

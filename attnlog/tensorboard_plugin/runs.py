@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from attnlog.layout import INDEX, archive_name, plugin_dir, probe_shapes, read_index, warn_once
+from attnlog.layout import INDEX, archive_name, plugin_dir, probe_shapes, read_index
+from attnlog.notes import warn_once
 from attnlog.report import load
 from attnlog.snapshot import Snapshot, load_scores
 from attnlog.table import TABLE_DIR, RunTable, read_table
@@ -183,7 +184,9 @@ def step_file(folder: Path, step: int) -> Path:
     return plugin_dir(folder) / archive_name(step)
 
 
-_BAD: set[tuple[str, int]] = set()  # (path, mtime) of archive files that failed to load
+_damaged: set[tuple[str, int]] = (
+    set()
+)  # (path, mtime) of archive files that failed to load: a cache, not a warning
 
 
 def present(folder: Path, found: Steps) -> list[int]:
@@ -199,7 +202,7 @@ def present(folder: Path, found: Steps) -> list[int]:
         if found.sizes is not None and st.st_size != found.sizes[i]:
             warn_once(path, f"attnlog: step {step}: {path} is cut short; skipped")
             continue
-        if (path, st.st_mtime_ns) not in _BAD:
+        if (path, st.st_mtime_ns) not in _damaged:
             keep.append(i)
     return keep
 
@@ -212,7 +215,7 @@ def _key(folder: Path, step: int) -> tuple[str, int] | None:
     except OSError:
         warn_once(path, f"attnlog: step {step}: {path} is missing; skipped")
         return None
-    return None if key in _BAD else key
+    return None if key in _damaged else key
 
 
 def _read(folder: Path, step: int, reader: Callable) -> Any:
@@ -223,7 +226,7 @@ def _read(folder: Path, step: int, reader: Callable) -> Any:
     try:
         return reader(*key)
     except Exception as exc:  # truncated, not an archive, a newer format
-        _BAD.add(key)
+        _damaged.add(key)
         warn_once(key, f"attnlog: step {step}: cannot read {key[0]}; skipped: {exc}")
         return None
 
