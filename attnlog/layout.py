@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from attnlog.notes import warn_once  # re-exported: the readers import it from here
+from attnlog.notes import warn_once
 
 if TYPE_CHECKING:
     from attnlog.snapshot import ProbeAttention
@@ -58,7 +58,6 @@ __all__ = [
     "scores_path",
     "tb_attention_tag",
     "tb_pattern_tag",
-    "warn_once",
 ]
 
 log = logging.getLogger(__name__)

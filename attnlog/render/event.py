@@ -31,8 +31,8 @@ from attnlog.layout import (
     page_path,
     tb_attention_tag,
     tb_pattern_tag,
-    warn_once,
 )
+from attnlog.notes import warn_once
 from attnlog.patterns import ScoreTable
 from attnlog.snapshot import ProbeAttention, Snapshot
 
