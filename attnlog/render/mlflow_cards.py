@@ -1,0 +1,210 @@
+"""Square overview images drawn for the cards of MLflow's "Model metrics" tab.
+
+MLflow 3.x shows each image key as a card about 225 px wide, drawn from a thumbnail it makes at
+256 px on the longer side, in a square box; a click opens the full image. TensorBoard's heatmaps
+(`heatmap.render_model`, `render_matrix`) are wide, with 11-15 px text: in a card their text
+is 3-5 px, and most of the square is empty. These cards are square, `CARD_PX` a side, with text
+of 22 px and more (11 px in the thumbnail), and say in their header what the card is about:
+
+- `probe_card`: every layer x head of one probe (rows "L0..", columns head numbers), the tiles
+  stretched to fill the square, the probe's text on top;
+- `pattern_card`: one pattern's `[L, H]` scores, its top head outlined and named on top.
+
+Pure functions: numpy and Pillow, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from attnlog.layout import tb_attention_tag, tb_pattern_tag
+from attnlog.render.fonts import font_for
+from attnlog.render.heatmap import colorize, display_token
+
+if TYPE_CHECKING:
+    from attnlog.patterns import ScoreTable
+    from attnlog.snapshot import Snapshot
+
+__all__ = ["CARD_PX", "covered", "pattern_card", "probe_card", "render_cards"]
+
+CARD_PX = 512  # 2x MLflow's 256 px thumbnail: text scales by 1/2, the click preview stays sharp
+_HEADER_PX = 26
+_LABEL_PX = 22
+_VALUE_PX = 14
+_PAD = 8
+_GAP = 2  # white between tiles
+_INK = (20, 20, 20)
+_MARK = (230, 30, 30)  # the outline of the top head
+
+
+def probe_card(
+    attention: np.ndarray, tokens: Sequence[str], step: int, special: Sequence[bool] | None = None
+) -> np.ndarray:
+    """All heads of one probe, `attention` `[L, H, n, n]` in [0, 1], as a square uint8 RGB card.
+
+    Queries run down and keys across in each tile, as in TensorBoard's images. The header shows
+    the probe's tokens, without the `special` ones ([CLS], [SEP]).
+    """
+    attention = np.asarray(attention, dtype=np.float32)
+    layers, heads = attention.shape[:2]
+    special = [False] * len(tokens) if special is None else list(special)
+    text = " ".join(display_token(t) for t, s in zip(tokens, special) if not s)
+    canvas, draw, box = _frame(f"step {step} \u00b7 {text}", layers, heads)
+    top, left, cell_h, cell_w = box
+    for layer in range(layers):
+        for head in range(heads):
+            y, x = top + int(layer * cell_h), left + int(head * cell_w)
+            h, w = int((layer + 1) * cell_h) - int(layer * cell_h), int(cell_w)
+            tile = _resize(attention[layer, head], max(1, h - _GAP), max(1, w - _GAP))
+            canvas[y : y + tile.shape[0], x : x + tile.shape[1]] = colorize(tile)
+    return np.asarray(canvas)
+
+
+def pattern_card(matrix: np.ndarray, step: int) -> np.ndarray:
+    """One pattern's `[L, H]` scores as a square uint8 RGB card, its top head outlined.
+
+    Colours span [0, 1] when the scores lie in it, else their own range; NaN is grey.
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    layers, heads = matrix.shape
+    finite = matrix[np.isfinite(matrix)]
+    lo, hi = (0.0, 1.0) if finite.size == 0 else (float(finite.min()), float(finite.max()))
+    if lo >= 0.0 and hi <= 1.0:
+        lo, hi = 0.0, 1.0
+    header = f"step {step}"
+    if finite.size:
+        layer, head = np.unravel_index(int(np.nanargmax(matrix)), matrix.shape)
+        header = f"step {step} \u00b7 top L{layer}H{head} = {matrix[layer, head]:.2f}"
+    canvas, draw, (top, left, cell_h, cell_w) = _frame(header, layers, heads, bar=(lo, hi))
+    rgb = colorize(matrix, lo, hi)
+    for row, col in np.ndindex(layers, heads):
+        y0, x0 = top + int(row * cell_h), left + int(col * cell_w)
+        y1, x1 = top + int((row + 1) * cell_h) - _GAP, left + int((col + 1) * cell_w) - _GAP
+        canvas[y0:y1, x0:x1] = rgb[row, col]
+    if finite.size:
+        y0, x0 = top + int(layer * cell_h), left + int(head * cell_w)
+        box = (x0 - 2, y0 - 2, x0 + int(cell_w) - _GAP + 1, y0 + int(cell_h) - _GAP + 1)
+        image = Image.fromarray(canvas)
+        ImageDraw.Draw(image).rectangle(box, outline=_MARK, width=4)
+        canvas = np.asarray(image).copy()
+    _draw_values(canvas, matrix, rgb, (top, left, cell_h, cell_w))
+    return canvas
+
+
+def render_cards(snapshot: Snapshot, table: ScoreTable) -> dict[str, np.ndarray]:
+    """A card per probe and per pattern scored somewhere, under the TensorBoard image tags
+    (`attention/<probe>/model`, `patterns/<pattern>`), so that both name an image alike."""
+    from attnlog.words import unit_probe
+
+    cards = {}
+    for probe in snapshot.probes:
+        shown = unit_probe(probe)  # pooled at capture: its blocks are the tokens
+        cards[tb_attention_tag(shown.name)] = probe_card(
+            shown.attention, shown.tokens, snapshot.step, shown.special
+        )
+    for pattern, matrix in table.scores.items():
+        if np.isfinite(matrix).any():
+            cards[tb_pattern_tag(pattern)] = pattern_card(matrix, snapshot.step)
+    return cards
+
+
+def covered(tag: str) -> bool:
+    """Whether `render_cards` draws the image TensorBoard logs under `tag` (a probe's model
+    image or a pattern's score matrix, not a layer's heads nor the word-level images)."""
+    parts = tag.split("/")
+    if parts[0] == "patterns":
+        return len(parts) == 2
+    return (
+        len(parts) == 3
+        and parts[0] == "attention"
+        and parts[2] == "model"
+        and not (parts[1].endswith("_words"))
+    )
+
+
+# ---- layout --------------------------------------------------------------------------------
+
+
+def _frame(header: str, layers: int, heads: int, bar: tuple[float, float] | None = None):
+    """A white square with the header, "L<l>" row labels and head-number column labels drawn;
+    returns (canvas, draw, (top, left, cell_h, cell_w)) of the grid's cells."""
+    image = Image.new("RGB", (CARD_PX, CARD_PX), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    head_font = font_for(header, _HEADER_PX)
+    draw.text((_PAD, _PAD), _fit(header, head_font, CARD_PX - 2 * _PAD), fill=_INK, font=head_font)
+    label_font = font_for("L0", _LABEL_PX)
+    top = _PAD + _HEADER_PX + 10 + _LABEL_PX + 6
+    left = _PAD + int(label_font.getlength(f"L{layers - 1}")) + 8
+    bottom = CARD_PX - _PAD - (_LABEL_PX + 24 if bar else 0)
+    cell_h, cell_w = (bottom - top) / layers, (CARD_PX - _PAD - left) / heads
+    every_row, every_col = _every(cell_h, _LABEL_PX), _every(cell_w, label_font.getlength("00"))
+    for layer in range(0, layers, every_row):
+        y = top + (layer + 0.5) * cell_h - _GAP / 2
+        draw.text((left - 8, y), f"L{layer}", fill=_INK, font=label_font, anchor="rm")
+    for head in range(0, heads, every_col):
+        x = left + (head + 0.5) * cell_w - _GAP / 2
+        draw.text((x, top - 6), str(head), fill=_INK, font=label_font, anchor="md")
+    canvas = np.asarray(image).copy()
+    if bar:
+        _draw_bar(canvas, bar, left, bottom + 8)
+    return canvas, draw, (top, left, cell_h, cell_w)
+
+
+def _draw_bar(canvas: np.ndarray, span: tuple[float, float], left: int, y: int) -> None:
+    """A horizontal colour bar under the grid, its ends labelled with the range."""
+    lo, hi = span
+    font = font_for("0", _LABEL_PX)
+    lo_text, hi_text = f"{lo:.3g}", f"{hi:.3g}"
+    x0 = left + int(font.getlength(lo_text)) + 10
+    x1 = CARD_PX - _PAD - int(font.getlength(hi_text)) - 10
+    canvas[y + 4 : y + _LABEL_PX - 4, x0:x1] = colorize(np.linspace(lo, hi, x1 - x0), lo, hi)
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    middle = y + _LABEL_PX / 2
+    draw.text((left, middle), lo_text, fill=_INK, font=font, anchor="lm")
+    draw.text((CARD_PX - _PAD, middle), hi_text, fill=_INK, font=font, anchor="rm")
+    canvas[...] = np.asarray(image)
+
+
+def _draw_values(canvas: np.ndarray, matrix: np.ndarray, rgb: np.ndarray, box) -> None:
+    """Each score in its cell, when the cells are wide enough for "0.00" at `_VALUE_PX`."""
+    top, left, cell_h, cell_w = box
+    font = font_for("0", _VALUE_PX)
+    if font.getlength("0.00") > cell_w - 6 or cell_h < _VALUE_PX + 4:
+        return
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    light = (0.2126 * rgb[..., 0] + 0.7152 * rgb[..., 1] + 0.0722 * rgb[..., 2]) > 140
+    for (layer, head), value in np.ndenumerate(matrix):
+        text = f"{value:.2f}" if np.isfinite(value) else "\u2013"
+        x = left + (head + 0.5) * cell_w - _GAP / 2
+        y = top + (layer + 0.5) * cell_h - _GAP / 2
+        ink = _INK if light[layer, head] else (255, 255, 255)
+        draw.text((x, y), text, fill=ink, font=font, anchor="mm")
+    canvas[...] = np.asarray(image)
+
+
+# ---- small helpers ---------------------------------------------------------------------------
+
+
+def _every(pixels_per_item: float, needed: float) -> int:
+    """Label every k-th row/column so that labels do not overlap."""
+    return max(1, int(np.ceil((needed + 4) / max(pixels_per_item, 1e-6))))
+
+
+def _resize(values: np.ndarray, height: int, width: int) -> np.ndarray:
+    """`values` `[n, m]` to `[height, width]`: blocks when enlarged, block means when shrunk."""
+    image = Image.fromarray(np.ascontiguousarray(values, dtype=np.float32))
+    return np.asarray(image.resize((width, height), Image.Resampling.BOX), dtype=np.float32)
+
+
+def _fit(text: str, font, max_w: float) -> str:
+    if font.getlength(text) <= max_w:
+        return text
+    while len(text) > 1 and font.getlength(text + "\u2026") > max_w:
+        text = text[:-1]
+    return text + "\u2026"
