@@ -16,6 +16,7 @@ Pure functions: numpy and Pillow, no I/O.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -53,15 +54,11 @@ def probe_card(
     layers, heads = attention.shape[:2]
     special = [False] * len(tokens) if special is None else list(special)
     text = " ".join(display_token(t) for t, s in zip(tokens, special) if not s)
-    canvas, draw, box = _frame(f"step {step} \u00b7 {text}", layers, heads)
-    top, left, cell_h, cell_w = box
-    for layer in range(layers):
-        for head in range(heads):
-            y, x = top + int(layer * cell_h), left + int(head * cell_w)
-            h, w = int((layer + 1) * cell_h) - int(layer * cell_h), int(cell_w)
-            tile = _resize(attention[layer, head], max(1, h - _GAP), max(1, w - _GAP))
-            canvas[y : y + tile.shape[0], x : x + tile.shape[1]] = colorize(tile)
-    return np.asarray(canvas)
+    canvas, (top, left, cell_h, cell_w) = _frame(f"step {step} \u00b7 {text}", layers, heads)
+    for layer, head in np.ndindex(layers, heads):
+        y0, x0, y1, x1 = _cell(top, left, cell_h, cell_w, layer, head)
+        canvas[y0:y1, x0:x1] = colorize(_resize(attention[layer, head], y1 - y0, x1 - x0))
+    return canvas
 
 
 def pattern_card(matrix: np.ndarray, step: int) -> np.ndarray:
@@ -75,23 +72,26 @@ def pattern_card(matrix: np.ndarray, step: int) -> np.ndarray:
     lo, hi = (0.0, 1.0) if finite.size == 0 else (float(finite.min()), float(finite.max()))
     if lo >= 0.0 and hi <= 1.0:
         lo, hi = 0.0, 1.0
+    top_head = None
     header = f"step {step}"
     if finite.size:
-        layer, head = np.unravel_index(int(np.nanargmax(matrix)), matrix.shape)
-        header = f"step {step} \u00b7 top L{layer}H{head} = {matrix[layer, head]:.2f}"
-    canvas, draw, (top, left, cell_h, cell_w) = _frame(header, layers, heads, bar=(lo, hi))
+        top_head = np.unravel_index(int(np.nanargmax(matrix)), matrix.shape)
+        name = f"L{top_head[0]}H{top_head[1]}"
+        header = f"step {step} \u00b7 top {name} = {matrix[top_head]:.2f}"
+    canvas, grid = _frame(header, layers, heads, bar=(lo, hi))
     rgb = colorize(matrix, lo, hi)
+    light = (0.2126 * rgb[..., 0] + 0.7152 * rgb[..., 1] + 0.0722 * rgb[..., 2]) > 140
+    values = _fits_values(grid)
     for row, col in np.ndindex(layers, heads):
-        y0, x0 = top + int(row * cell_h), left + int(col * cell_w)
-        y1, x1 = top + int((row + 1) * cell_h) - _GAP, left + int((col + 1) * cell_w) - _GAP
+        y0, x0, y1, x1 = _cell(*grid, row, col)
         canvas[y0:y1, x0:x1] = rgb[row, col]
-    if finite.size:
-        y0, x0 = top + int(layer * cell_h), left + int(head * cell_w)
-        box = (x0 - 2, y0 - 2, x0 + int(cell_w) - _GAP + 1, y0 + int(cell_h) - _GAP + 1)
-        image = Image.fromarray(canvas)
-        ImageDraw.Draw(image).rectangle(box, outline=_MARK, width=4)
-        canvas = np.asarray(image).copy()
-    _draw_values(canvas, matrix, rgb, (top, left, cell_h, cell_w))
+        if values:
+            text = f"{matrix[row, col]:.2f}" if np.isfinite(matrix[row, col]) else "\u2013"
+            ink = _INK if light[row, col] else (255, 255, 255)
+            _stamp(canvas, text, _VALUE_PX, ((x0 + x1) / 2, (y0 + y1) / 2), "mm", ink)
+    if top_head is not None:
+        y0, x0, y1, x1 = _cell(*grid, *top_head)
+        _outline(canvas, y0 - 2, x0 - 2, y1 + 2, x1 + 2, 4)
     return canvas
 
 
@@ -131,11 +131,10 @@ def covered(tag: str) -> bool:
 
 def _frame(header: str, layers: int, heads: int, bar: tuple[float, float] | None = None):
     """A white square with the header, "L<l>" row labels and head-number column labels drawn;
-    returns (canvas, draw, (top, left, cell_h, cell_w)) of the grid's cells."""
-    image = Image.new("RGB", (CARD_PX, CARD_PX), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
+    returns (canvas, (top, left, cell_h, cell_w)) of the grid's cells."""
+    canvas = np.full((CARD_PX, CARD_PX, 3), 255, dtype=np.uint8)
     head_font = font_for(header, _HEADER_PX)
-    draw.text((_PAD, _PAD), _fit(header, head_font, CARD_PX - 2 * _PAD), fill=_INK, font=head_font)
+    _stamp(canvas, _fit(header, head_font, CARD_PX - 2 * _PAD), _HEADER_PX, (_PAD, _PAD), "lt")
     label_font = font_for("L0", _LABEL_PX)
     top = _PAD + _HEADER_PX + 10 + _LABEL_PX + 6
     left = _PAD + int(label_font.getlength(f"L{layers - 1}")) + 8
@@ -144,14 +143,21 @@ def _frame(header: str, layers: int, heads: int, bar: tuple[float, float] | None
     every_row, every_col = _every(cell_h, _LABEL_PX), _every(cell_w, label_font.getlength("00"))
     for layer in range(0, layers, every_row):
         y = top + (layer + 0.5) * cell_h - _GAP / 2
-        draw.text((left - 8, y), f"L{layer}", fill=_INK, font=label_font, anchor="rm")
+        _stamp(canvas, f"L{layer}", _LABEL_PX, (left - 8, y), "rm")
     for head in range(0, heads, every_col):
         x = left + (head + 0.5) * cell_w - _GAP / 2
-        draw.text((x, top - 6), str(head), fill=_INK, font=label_font, anchor="md")
-    canvas = np.asarray(image).copy()
+        _stamp(canvas, str(head), _LABEL_PX, (x, top - 6), "mb")
     if bar:
         _draw_bar(canvas, bar, left, bottom + 8)
-    return canvas, draw, (top, left, cell_h, cell_w)
+    return canvas, (top, left, cell_h, cell_w)
+
+
+def _cell(top: int, left: int, cell_h: float, cell_w: float, row: int, col: int) -> tuple:
+    """(y0, x0, y1, x1) of one cell, `_GAP` px of white after it."""
+    y0, x0 = top + int(row * cell_h), left + int(col * cell_w)
+    y1 = max(y0 + 1, top + int((row + 1) * cell_h) - _GAP)
+    x1 = max(x0 + 1, left + int((col + 1) * cell_w) - _GAP)
+    return y0, x0, y1, x1
 
 
 def _draw_bar(canvas: np.ndarray, span: tuple[float, float], left: int, y: int) -> None:
@@ -162,30 +168,55 @@ def _draw_bar(canvas: np.ndarray, span: tuple[float, float], left: int, y: int) 
     x0 = left + int(font.getlength(lo_text)) + 10
     x1 = CARD_PX - _PAD - int(font.getlength(hi_text)) - 10
     canvas[y + 4 : y + _LABEL_PX - 4, x0:x1] = colorize(np.linspace(lo, hi, x1 - x0), lo, hi)
-    image = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(image)
     middle = y + _LABEL_PX / 2
-    draw.text((left, middle), lo_text, fill=_INK, font=font, anchor="lm")
-    draw.text((CARD_PX - _PAD, middle), hi_text, fill=_INK, font=font, anchor="rm")
-    canvas[...] = np.asarray(image)
+    _stamp(canvas, lo_text, _LABEL_PX, (left, middle), "lm")
+    _stamp(canvas, hi_text, _LABEL_PX, (CARD_PX - _PAD, middle), "rm")
 
 
-def _draw_values(canvas: np.ndarray, matrix: np.ndarray, rgb: np.ndarray, box) -> None:
-    """Each score in its cell, when the cells are wide enough for "0.00" at `_VALUE_PX`."""
-    top, left, cell_h, cell_w = box
-    font = font_for("0", _VALUE_PX)
-    if font.getlength("0.00") > cell_w - 6 or cell_h < _VALUE_PX + 4:
+def _fits_values(grid: tuple) -> bool:
+    """Whether the cells are wide and tall enough for "0.00" at `_VALUE_PX`."""
+    _, _, cell_h, cell_w = grid
+    return font_for("0", _VALUE_PX).getlength("0.00") <= cell_w - 6 and cell_h >= _VALUE_PX + 4
+
+
+def _outline(canvas: np.ndarray, y0: int, x0: int, y1: int, x1: int, width: int) -> None:
+    """A `_MARK` frame `width` px thick, inside (y0, x0)-(y1, x1), clipped to the canvas."""
+    y0, x0 = max(0, y0), max(0, x0)
+    y1, x1 = min(canvas.shape[0], y1), min(canvas.shape[1], x1)
+    canvas[y0 : y0 + width, x0:x1] = _MARK
+    canvas[y1 - width : y1, x0:x1] = _MARK
+    canvas[y0:y1, x0 : x0 + width] = _MARK
+    canvas[y0:y1, x1 - width : x1] = _MARK
+
+
+# ---- text ------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=4096)
+def _glyphs(text: str, size: int) -> np.ndarray:
+    """`text` as an alpha mask `[ascent + descent, width]` (cached: values repeat across cards)."""
+    font = font_for(text, size)
+    ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (size, 0)
+    image = Image.new("L", (int(font.getlength(text)) + 2, ascent + descent), 0)
+    ImageDraw.Draw(image).text((0, 0), text, fill=255, font=font)
+    return np.asarray(image)
+
+
+def _stamp(canvas, text: str, size: int, at: tuple[float, float], anchor: str, ink=_INK) -> None:
+    """Blend `text` into `canvas` at `at` = (x, y); `anchor` is horizontal l/m/r then vertical
+    t (top), m (middle) or b (bottom)."""
+    mask = _glyphs(text, size)
+    h, w = mask.shape
+    x = at[0] - {"l": 0, "m": w / 2, "r": w}[anchor[0]]
+    y = at[1] - {"t": 0, "m": h / 2, "b": h}[anchor[1]]
+    y0, x0 = max(0, int(round(y))), max(0, int(round(x)))
+    y1, x1 = min(canvas.shape[0], y0 + h), min(canvas.shape[1], x0 + w)
+    if y1 <= y0 or x1 <= x0:
         return
-    image = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(image)
-    light = (0.2126 * rgb[..., 0] + 0.7152 * rgb[..., 1] + 0.0722 * rgb[..., 2]) > 140
-    for (layer, head), value in np.ndenumerate(matrix):
-        text = f"{value:.2f}" if np.isfinite(value) else "\u2013"
-        x = left + (head + 0.5) * cell_w - _GAP / 2
-        y = top + (layer + 0.5) * cell_h - _GAP / 2
-        ink = _INK if light[layer, head] else (255, 255, 255)
-        draw.text((x, y), text, fill=ink, font=font, anchor="mm")
-    canvas[...] = np.asarray(image)
+    alpha = mask[: y1 - y0, : x1 - x0, None].astype(np.float32) * (1.0 / 255.0)
+    region = canvas[y0:y1, x0:x1].astype(np.float32)
+    blended = region * (1.0 - alpha) + np.asarray(ink, np.float32) * alpha
+    canvas[y0:y1, x0:x1] = (blended + 0.5).astype(np.uint8)
 
 
 # ---- small helpers ---------------------------------------------------------------------------
