@@ -164,3 +164,41 @@ def test_tensorboard_has_the_summary_scalars(tables, tmp_path):
     assert acc.Scalars("summary/top.cls")[-1].value == pytest.approx(
         float(tables[1].scores["cls"][CLS_HEAD])
     )
+
+
+def test_the_logger_sends_mlflow_cards_instead_of_tensorboards_renders(minilm, tmp_path):
+    """Through AttentionLogger and its writer process, on the real MiniLM: MLflow's overview
+    images are the square cards, once per step; TensorBoard keeps its own renders."""
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+    from PIL import Image as PILImage
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from attnlog import AttentionLogger
+
+    model, tokenizer = minilm
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    logdir = tmp_path / "run"
+    options = {"mlflow": {"tracking_uri": uri, "experiment_name": "cards"}}
+    probes = ["The old cat sat on the mat."]
+    with AttentionLogger(model, tokenizer, probes, sinks=["mlflow", "tensorboard"], logdir=logdir,
+                         sink_options=options, views=()) as logger:  # fmt: skip
+        assert logger.log(0) and logger.log(1)
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("cards").experiment_id])
+    images = image_files(client, run.info.run_id)
+    [probe_key] = [k for k in images if k.startswith("attention/")]
+    assert probe_key.endswith("/model") and "patterns/cls" in images
+    for key in (probe_key, "patterns/cls"):
+        assert {step: len(files) for step, files in images[key].items()} == {0: 2, 1: 2}
+        [full] = [f for f in images[key][1] if f.endswith(".png")]
+        local = client.download_artifacts(run.info.run_id, full, str(tmp_path / "dl"))
+        assert PILImage.open(local).size == (CARD_PX, CARD_PX)
+    assert [
+        m.step for m in client.get_metric_history(run.info.run_id, "attn.summary.max_change")
+    ] == [0, 1]
+    acc = EventAccumulator(str(logdir), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tb = acc.Images(probe_key)[-1]
+    assert (tb.width, tb.height) != (CARD_PX, CARD_PX)  # TensorBoard's own wide render
+    assert [e.step for e in acc.Scalars("summary/max_change")] == [0, 1]
