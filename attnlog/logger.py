@@ -160,6 +160,7 @@ class AttentionLogger:
         names = [item for item in planned if isinstance(item, str)]
         if "mlflow" in names:
             options["mlflow"] = {
+                "cards": True,  # images drawn for MLflow's cards (MLflowSink)
                 **_active_mlflow_run(options.get("mlflow", {})),
                 **options.get("mlflow", {}),
             }

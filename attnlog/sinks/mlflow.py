@@ -34,11 +34,13 @@ from attnlog.sinks.spool import (
     start_run,
     ui_url,
 )
+from attnlog.summary import SummaryTracker, describe_change
 
 if TYPE_CHECKING:
     import numpy as np
 
     from attnlog.patterns import ScoreTable
+    from attnlog.snapshot import Snapshot
 
 __all__ = ["MLflowSink", "default_spool_dir", "mlflow_key"]
 
@@ -97,6 +99,9 @@ class MLflowSink(Sink):
         timeout_s: HTTP timeout of the sink's requests (no retries: the spool retries).
         retry_interval_s: after a failure, later events go straight to the spool for this long
             instead of waiting on the server again; `flush()`/`close()` always retry.
+        cards: draw the probes' overview and the patterns' score images for MLflow's image
+            cards (`attnlog.render.mlflow_cards`, at `log_archive`) instead of logging
+            TensorBoard's renders of them; other images are logged as given.
 
     Raises:
         ModuleNotFoundError: mlflow is not installed.
@@ -116,6 +121,7 @@ class MLflowSink(Sink):
         spool_dir: str | os.PathLike | None = None,
         timeout_s: int = 5,
         retry_interval_s: float = 30.0,
+        cards: bool = False,
     ) -> None:
         require_mlflow()
         import mlflow
@@ -145,6 +151,8 @@ class MLflowSink(Sink):
         self._retry_at = 0.0  # monotonic time before which events go straight to the spool
         self._outage: str | None = None  # the cause of the current outage, reported once
         self._closed = False
+        self.cards = bool(cards)
+        self._summary = SummaryTracker()
 
     # -- Sink ------------------------------------------------------------------------------
 
@@ -178,16 +186,43 @@ class MLflowSink(Sink):
         """Each image with `key=<tag>` and `step`, so the MLflow UI shows a step slider."""
         import numpy as np
 
+        from attnlog.render.mlflow_cards import covered
+
         now = _now_ms()
         entries = []
         for tag, image in images.items():
+            if self.cards and covered(tag):
+                continue  # its card comes with `log_archive`
             array = np.asarray(image)
             if array.ndim != 3 or array.shape[2] not in (3, 4) or array.dtype != np.uint8:
                 raise ValueError(
                     f"image {tag!r} must be uint8 [height, width, 3], got {array.shape}"
                 )
             entries.append({"key": mlflow_key(tag), "step": step, "timestamp": now, "array": array})
-        self._submit(_event(step, images=entries))
+        if entries:
+            self._submit(_event(step, images=entries))
+
+    def log_archive(self, snapshot: Snapshot, table: ScoreTable, step: int) -> None:
+        """Summary metrics `attn.summary.*` (`attnlog.summary`) and the heads they point at as
+        tags, with the image cards when `cards` is on: one event."""
+        from attnlog.render.mlflow_cards import render_cards
+
+        summary = self._summary.update(table)
+        now = _now_ms()
+        metrics = [
+            [mlflow_key(f"attn.summary.{k}"), v, now, step] for k, v in summary.metrics().items()
+        ]
+        tops = ", ".join(f"{p} {h}" for p, h in summary.top_head.items())
+        tags = {
+            "attnlog.summary.most_changed": describe_change(summary.most_changed),
+            "attnlog.summary.top_heads": tops,
+        }
+        cards = render_cards(snapshot, table) if self.cards else {}
+        images = [
+            {"key": mlflow_key(tag), "step": step, "timestamp": now, "array": image}
+            for tag, image in cards.items()
+        ]
+        self._submit(_event(step, metrics=metrics, tags=tags, images=images))
 
     def log_html(self, files: Mapping[str, str], step: int) -> None:
         """Views as artifacts at their `html_path`."""

@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING, Any
 from attnlog.layout import TB_ALERTS_TAG, TB_SETTINGS_TAG, html_dir
 from attnlog.notes import warn_once
 from attnlog.sinks.base import Sink, check_writable_dir, pattern_scalars
+from attnlog.summary import SummaryTracker
 
 if TYPE_CHECKING:
     import numpy as np
 
     from attnlog.patterns import ScoreTable
+    from attnlog.snapshot import Snapshot
 
 __all__ = ["IMAGES_HINT", "TensorBoardSink"]
 
@@ -90,6 +92,7 @@ class TensorBoardSink(Sink):
         self._writer = writer
         self._owns_writer = writer is None
         self._closed = False
+        self._summary = SummaryTracker()
 
     @property
     def writer(self) -> Any:
@@ -115,6 +118,12 @@ class TensorBoardSink(Sink):
                 writer.add_scalar(tag, float(value), step)
             if table.alerts:
                 writer.add_text(TB_ALERTS_TAG, "\n\n".join(table.alerts), step)
+
+    def log_archive(self, snapshot: Snapshot, table: ScoreTable, step: int) -> None:
+        """The run's summary (`attnlog.summary`) as scalars `summary/<name>`."""
+        with self._writing() as writer:
+            for name, value in self._summary.update(table).metrics().items():
+                writer.add_scalar(f"summary/{name}", float(value), step)
 
     def log_images(self, images: Mapping[str, np.ndarray], step: int) -> None:
         """`[height, width, 3]` uint8 images under their tags."""

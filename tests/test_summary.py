@@ -1,0 +1,204 @@
+"""Run summaries (attnlog.summary) and MLflow's image cards, read back from real stores."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_sinks_contract import make_images, make_snapshot
+
+from attnlog.patterns import score
+from attnlog.render.mlflow_cards import CARD_PX, covered, pattern_card, probe_card
+from attnlog.summary import CHANGE_THRESHOLD, SummaryTracker, summarize
+
+CLS_HEAD = (1, 2)  # the head that learns to attend to [CLS] between the two events
+
+
+def trained(step: int):
+    """The contract snapshot with layer 1, head 2 sending 90 % of every row to [CLS]."""
+    snapshot = make_snapshot(0)
+    probes = []
+    for probe in snapshot.probes:
+        attention = probe.attention.copy()
+        n = attention.shape[-1]
+        attention[CLS_HEAD] = 0.1 / (n - 1)
+        attention[CLS_HEAD][:, 0] = 0.9
+        probes.append(dataclasses.replace(probe, attention=attention))
+    return dataclasses.replace(snapshot, step=step, probes=probes)
+
+
+@pytest.fixture(scope="module")
+def tables():
+    return score(make_snapshot(0), step=0), score(trained(100), step=100)
+
+
+def test_the_head_that_moved_is_named_and_counted(tables):
+    first, later = tables
+    summary = summarize(first, later)
+    cls_move = abs(later.scores["cls"][CLS_HEAD] - first.scores["cls"][CLS_HEAD])
+    assert cls_move > 0.5
+    assert summary.max_change >= cls_move - 1e-6
+    assert summary.most_changed.head == "L1H2"
+    assert summary.changed_heads == 1  # every other head kept its attention
+    assert summary.top_head["cls"] == "L1H2"
+    assert summary.top_score["cls"] == pytest.approx(float(later.scores["cls"][CLS_HEAD]))
+    entropy = float(np.nanmean(later.scores["entropy_nats"]))
+    assert summary.metrics()["mean_entropy"] == pytest.approx(entropy)
+    assert summary.metrics()["top.cls"] == summary.top_score["cls"]
+
+
+def test_nothing_changed_at_the_first_event_and_unbounded_scores_never_count(tables):
+    first, later = tables
+    tracker = SummaryTracker()
+    at_start = tracker.update(first)
+    assert (at_start.changed_heads, at_start.max_change, at_start.most_changed) == (0, 0.0, None)
+    assert tracker.update(later).most_changed.head == "L1H2"  # against the first table kept
+    # A head whose logits grew a lot changed no score in [0, 1]: not a change.
+    logits = dataclasses.replace(first, scores={**first.scores})
+    logits.scores["max_logit"] = first.scores["max_logit"] + 10 * CHANGE_THRESHOLD + 5
+    logits.scores["entropy_nats"] = first.scores["entropy_nats"] + 1
+    assert summarize(first, logits).changed_heads == 0
+
+
+def test_pattern_card_is_square_and_outlines_the_top_head(tables):
+    _, later = tables
+    card = pattern_card(later.scores["cls"], 100)
+    assert card.shape == (CARD_PX, CARD_PX, 3) and card.dtype == np.uint8
+    red = (card[..., 0] > 200) & (card[..., 1] < 60) & (card[..., 2] < 60)
+    ys, xs = np.nonzero(red)
+    # the outline sits in the lower layer's row (2 layers) and the last head's column (3 heads)
+    assert ys.min() > CARD_PX * 0.4 and xs.min() > CARD_PX * 0.6
+    other = pattern_card(later.scores["prev_token"], 100)
+    assert not np.array_equal(card, other)
+
+
+def test_probe_card_fills_the_square_with_every_head():
+    probe = trained(100).probes[0]
+    card = probe_card(probe.attention, probe.tokens, 100, probe.special)
+    assert card.shape == (CARD_PX, CARD_PX, 3)
+    coloured = (np.ptp(card.astype(int), axis=2) > 30).mean()  # viridis, not white or grey
+    assert coloured > 0.5
+
+
+def test_cards_cover_the_overview_images_only():
+    assert covered("attention/cat/model") and covered("patterns/cls")
+    assert not covered("attention/cat/layer_0") and not covered("patterns/cls/max")
+    assert not covered("attention/cat_words/model")
+
+
+# ---- read back from real stores -----------------------------------------------------------
+
+
+def image_files(client, run_id: str) -> dict[str, dict[int, list[str]]]:
+    """{key: {step: [files]}} of `log_image(key=, step=)` artifacts (`/` in keys as `~`)."""
+    out: dict[str, dict[int, list[str]]] = {}
+    for info in client.list_artifacts(run_id, "images"):
+        match = re.match(r"images/(.+?)\+step\+(\d+)\+", info.path)
+        if match:
+            key = match.group(1).replace("~", "/")
+            out.setdefault(key, {}).setdefault(int(match.group(2)), []).append(info.path)
+    return out
+
+
+def test_mlflow_holds_the_summary_and_one_square_card_per_overview(tables, tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    from attnlog.sinks.mlflow import MLflowSink
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    client.create_experiment("exp", artifact_location=str(tmp_path / "art"))
+    sink = MLflowSink(uri, experiment_name="exp", spool_dir=tmp_path / "spool", cards=True)
+    snapshots = {0: make_snapshot(0), 100: trained(100)}
+    for (step, snapshot), table in zip(snapshots.items(), tables):
+        sink.log_scores(table, step)
+        sink.log_images(make_images(step), step)  # TensorBoard's renders, as the writer sends
+        sink.log_archive(snapshot, table, step)
+    sink.close()
+
+    run = client.get_run(sink.run_id)
+    history = client.get_metric_history(run.info.run_id, "attn.summary.changed_heads")
+    assert [(m.step, m.value) for m in history] == [(0, 0.0), (100, 1.0)]
+    [_, last] = client.get_metric_history(run.info.run_id, "attn.summary.max_change")
+    assert last.value == pytest.approx(summarize(*tables).max_change)
+    assert "attn.summary.mean_entropy" in run.data.metrics
+    assert run.data.metrics["attn.summary.top.cls"] == pytest.approx(
+        float(tables[1].scores["cls"][CLS_HEAD])
+    )
+    assert " L1H2 " in run.data.tags["attnlog.summary.most_changed"]
+    assert "cls L1H2" in run.data.tags["attnlog.summary.top_heads"]
+
+    images = image_files(client, run.info.run_id)
+    patterns = {f"patterns/{p}" for p, m in tables[0].scores.items() if np.isfinite(m).any()}
+    overviews = {"attention/cat/model", "attention/pair/model"} | patterns
+    assert overviews | {"attention/cat/layer_0"} == set(images)  # layer images as given
+    for key in overviews:  # one card per step, TensorBoard's render of it left out
+        assert {step: len(files) for step, files in images[key].items()} == {0: 2, 100: 2}
+    files = images["patterns/cls"][100]
+    [full] = [f for f in files if f.endswith(".png")]  # the click preview shows this one
+    [thumb] = [f for f in files if f.endswith("+compressed.webp")]  # the card shows this one
+    local = client.download_artifacts(run.info.run_id, full, str(tmp_path / "dl"))
+    assert Image.open(local).size == (CARD_PX, CARD_PX)
+    local = client.download_artifacts(run.info.run_id, thumb, str(tmp_path / "dl"))
+    assert Image.open(local).size == (256, 256)  # what the card shows: square, fills its box
+
+
+def test_tensorboard_has_the_summary_scalars(tables, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from attnlog.sinks.tensorboard import TensorBoardSink
+
+    sink = TensorBoardSink(tmp_path)
+    for (step, snapshot), table in zip({0: make_snapshot(0), 100: trained(100)}.items(), tables):
+        sink.log_scores(table, step)
+        sink.log_archive(snapshot, table, step)
+    sink.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("summary/changed_heads")] == [(0, 0), (100, 1)]
+    assert acc.Scalars("summary/top.cls")[-1].value == pytest.approx(
+        float(tables[1].scores["cls"][CLS_HEAD])
+    )
+
+
+def test_the_logger_sends_mlflow_cards_instead_of_tensorboards_renders(minilm, tmp_path):
+    """Through AttentionLogger and its writer process, on the real MiniLM: MLflow's overview
+    images are the square cards, once per step; TensorBoard keeps its own renders."""
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+    from PIL import Image as PILImage
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from attnlog import AttentionLogger
+
+    model, tokenizer = minilm
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    logdir = tmp_path / "run"
+    options = {"mlflow": {"tracking_uri": uri, "experiment_name": "cards"}}
+    probes = ["The old cat sat on the mat."]
+    with AttentionLogger(model, tokenizer, probes, sinks=["mlflow", "tensorboard"], logdir=logdir,
+                         sink_options=options, views=()) as logger:  # fmt: skip
+        assert logger.log(0) and logger.log(1)
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("cards").experiment_id])
+    images = image_files(client, run.info.run_id)
+    [probe_key] = [k for k in images if k.startswith("attention/")]
+    assert probe_key.endswith("/model") and "patterns/cls" in images
+    for key in (probe_key, "patterns/cls"):
+        assert {step: len(files) for step, files in images[key].items()} == {0: 2, 1: 2}
+        [full] = [f for f in images[key][1] if f.endswith(".png")]
+        local = client.download_artifacts(run.info.run_id, full, str(tmp_path / "dl"))
+        assert PILImage.open(local).size == (CARD_PX, CARD_PX)
+    assert [
+        m.step for m in client.get_metric_history(run.info.run_id, "attn.summary.max_change")
+    ] == [0, 1]
+    acc = EventAccumulator(str(logdir), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tb = acc.Images(probe_key)[-1]
+    assert (tb.width, tb.height) != (CARD_PX, CARD_PX)  # TensorBoard's own wide render
+    assert [e.step for e in acc.Scalars("summary/max_change")] == [0, 1]
