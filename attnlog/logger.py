@@ -1,8 +1,7 @@
 """AttentionLogger: the training process's side of logging — measure, then hand off.
 
-`log(step)` runs the probe pass (scores on the device when there is one) and hands a host copy
-to the writer (attnlog/writer.py), which renders and writes to every sink in another process
-(default) or on a thread. After construction `log()` never raises for a logging failure:
+`log(step)` runs the probe pass and hands its host copy to the writer (`attnlog.writer`), which
+scores, renders and writes to every sink in another process (default) or on a thread. After construction `log()` never raises for a logging failure:
 failures are contained, reported once with their cause, and counted in `stats` (`strict=True`
 raises them at `flush`/`close` instead, for tests). Configuration errors fail fast in
 `__init__`, and a wrong argument to `log()` itself raises TypeError, like any mistyped call.
@@ -28,7 +27,15 @@ from typing import Any
 
 from attnlog.capture import Capturer, unwrap_model
 from attnlog.sinks.base import Sink, check_writable_dir, describe, sink_factory
-from attnlog.writer import Event, EventWriter, ProcessWriter, ThreadWriter, WriterConfig, cause
+from attnlog.writer import (
+    Containment,
+    Event,
+    EventWriter,
+    ProcessWriter,
+    ThreadWriter,
+    WriterConfig,
+    cause,
+)
 
 __all__ = ["AttentionLogger", "check_interval", "check_options"]
 
@@ -139,6 +146,9 @@ class AttentionLogger:
         self.capturer = Capturer(model, tokenizer, probes, **capture_options)
         self.stats: Counter[str] = Counter()
         self._reported: set[str] = set()
+        self._contained = Containment(
+            self.stats, self._report_once, strict=strict, raise_strict=True
+        )
         self._logged_steps: set[int] = set()
         self._closed = False
         if check:  # before the sinks: a model without attention leaves nothing behind
@@ -259,17 +269,6 @@ class AttentionLogger:
         return getattr(self._writer, "pid", None)
 
     # -- errors ---------------------------------------------------------------------------------
-
-    def _contained(self, what: str, fn, *args, **kwargs):
-        """Run fn; on error count it in `stats["errors.<what>"]` and report the first per `what`."""
-        try:
-            return fn(*args, **kwargs)
-        except Exception as ex:
-            if self.strict:
-                raise
-            self.stats[f"errors.{what}"] += 1
-            self._report_once(what, f"{what} failed: {cause(ex)}")
-            return None
 
     def _report_once(self, key: str, message: str) -> None:
         if key in self._reported:
