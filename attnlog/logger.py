@@ -36,6 +36,7 @@ from attnlog.writer import (
     WriterConfig,
     cause,
 )
+from attnlog.writer.spill import DEFAULT_SPILL_MB, Spill, spill_root
 
 __all__ = ["AttentionLogger", "check_interval", "check_options"]
 
@@ -69,8 +70,11 @@ class AttentionLogger:
             token-labelled from the archive.
         sink_options: extra keyword arguments per sink name, e.g.
             `{"mlflow": {"tracking_uri": "sqlite:///mlflow.db"}}`.
-        queue_size: events waiting for the writer; when full, the oldest waiting event is
-            dropped (counted in `stats["dropped"]` and reported once), so training never waits.
+        queue_size: events waiting for the writer in memory. More wait on disk, in order,
+            under `<logdir>/attnlog-outbox/` (written by a background thread: training never
+            waits), and are written when the writer gets to them.
+        spill_mb: the most that events waiting on disk may take (MiB). Past it an event is
+            dropped, counted in `stats["dropped"]` and `stats["lost"]`, and named in a warning.
         writer: where events are rendered and written.
             "process" (default): a writer process (`python -m attnlog.writer`, started at the
             first event). Rendering and the tracking clients hold Python's GIL for about a
@@ -100,8 +104,11 @@ class AttentionLogger:
             `induction_probe` (see Capturer).
 
     Attributes:
-        stats: counters: `events`, `dropped`, `lost`, `writer_restarts`, `errors.<where>`,
-            `training_thread_ms` (the training process's share) and `writer_cpu_ms`.
+        stats: counters: `events`; `lost` (every event handed over and not written), of which
+            `dropped` (the outbox on disk was full) and `set_aside` (an event that killed the
+            writer process twice, kept in `<logdir>/attnlog-outbox/set-aside/`);
+            `writer_restarts`, `errors.<where>`, `training_thread_ms` (the training process's
+            share) and `writer_cpu_ms`.
     """
 
     def __init__(
@@ -119,6 +126,7 @@ class AttentionLogger:
         sink_options: dict[str, dict[str, Any]] | None = None,
         alerts: bool = True,
         queue_size: int = 4,
+        spill_mb: float = DEFAULT_SPILL_MB,
         writer: str = "process",
         close_timeout: float = 60.0,
         is_main_process: bool | None = None,
@@ -130,6 +138,8 @@ class AttentionLogger:
         self.patterns = _check_patterns(patterns)
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
             raise ValueError(f"queue_size must be a positive integer, got {queue_size!r}")
+        if not spill_mb > 0:
+            raise ValueError(f"spill_mb must be a positive number of MiB, got {spill_mb!r}")
         if writer not in WRITERS:
             raise ValueError(f"writer must be one of {WRITERS}, got {writer!r}")
         if not close_timeout > 0:
@@ -151,6 +161,8 @@ class AttentionLogger:
         )
         self._logged_steps: set[int] = set()
         self._closed = False
+        self._missing_said = 0  # lost steps that flush() has reported
+        self._spill = Spill(spill_root(self.logdir), int(spill_mb * 2**20))
         if check:  # before the sinks: a model without attention leaves nothing behind
             self.capturer.check()
         self.sinks: list[Sink] = []  # the sinks in this process (thread writer only)
@@ -183,7 +195,7 @@ class AttentionLogger:
         if writer == "process":
             why = _why_not_a_process(planned, config)
             if why is None:
-                return ProcessWriter(config, queue_size, self.stats, self._report_once)
+                return ProcessWriter(config, queue_size, self._spill, self.stats, self._report_once)
             _note_once(
                 f"attnlog: {why}, so rendering and writing run on a thread of the training "
                 "process, where they compete with training for the GIL (slow on a GPU). To "
@@ -199,7 +211,7 @@ class AttentionLogger:
             else:
                 self.sinks.append(item)
         event_writer = EventWriter(self.sinks, config, report=self._report_once, stats=self.stats)
-        return ThreadWriter(event_writer, queue_size, self.stats, self._report_once)
+        return ThreadWriter(event_writer, queue_size, self._spill, self.stats, self._report_once)
 
     # -- the training process ------------------------------------------------------------------
 
@@ -226,14 +238,7 @@ class AttentionLogger:
         snapshot, table = measured
         if snapshot is None:  # not rank 0 of a sharded pass
             return False
-        dropped = self._writer.submit(Event(step, snapshot, table))
-        if dropped is not None:
-            self.stats["dropped"] += 1
-            self._report_once(
-                "dropped",
-                f"the writer fell behind; dropped the event of step {dropped.step} "
-                "(log less often, or with fewer views, to keep every event)",
-            )
+        self._writer.submit(Event(step, snapshot, table))
         self._logged_steps.add(step)
         self.stats["events"] += 1
         return True
@@ -303,7 +308,8 @@ class AttentionLogger:
             timeout: seconds to wait at most (default: `close_timeout`).
 
         Returns:
-            False when the time ran out first (said once, with the steps still waiting).
+            False when the time ran out first (said once, with the steps still waiting), or
+            when events were lost since the last flush (said, with their steps).
         """
         if self._writer is None or self._closed:
             return True
@@ -315,8 +321,21 @@ class AttentionLogger:
                 f"flush did not finish within {timeout:g} s (a sink hangs?); not written yet: "
                 f"steps {self._writer.unwritten()}",
             )
+        lost = self._say_lost()
         self._raise_failure()
-        return done
+        return done and not lost
+
+    def _say_lost(self, said: bool = False) -> list[int]:
+        """The steps lost since the last call, said in a warning unless `said` already."""
+        missing = self._writer.missing[self._missing_said :]
+        self._missing_said += len(missing)
+        if missing and not said:
+            self._report_once(
+                f"lost {missing}",
+                f"the events of steps {missing} were not written (see the warnings above for "
+                "why; counted in stats['lost'])",
+            )
+        return missing
 
     def _raise_failure(self) -> None:
         """strict: the writer's first error, raised in the caller's thread."""
@@ -333,7 +352,7 @@ class AttentionLogger:
                 reported.
 
         Returns:
-            False when it gave up.
+            False when it gave up, or when events were lost since the last flush.
         """
         if self._closed:
             return True
@@ -341,8 +360,9 @@ class AttentionLogger:
         if self._writer is None:
             return True
         done = self._writer.close(self.close_timeout if timeout is None else timeout)
+        lost = self._say_lost(said=not done)  # a stalled close named them
         self._raise_failure()
-        return done
+        return done and not lost
 
     def __enter__(self) -> AttentionLogger:
         return self

@@ -97,6 +97,8 @@ class MLflowSink(Sink):
         timeout_s: HTTP timeout of the sink's requests (no retries: the spool retries).
         retry_interval_s: after a failure, later events go straight to the spool for this long
             instead of waiting on the server again; `flush()`/`close()` always retry.
+        end_run: end the run at `close` (default: only a run the sink starts). A restarted
+            writer process passes `run_id` and `end_run=True` to go on with the run it started.
 
     Raises:
         ModuleNotFoundError: mlflow is not installed.
@@ -116,6 +118,7 @@ class MLflowSink(Sink):
         spool_dir: str | os.PathLike | None = None,
         timeout_s: int = 5,
         retry_interval_s: float = 30.0,
+        end_run: bool | None = None,
     ) -> None:
         require_mlflow()
         import mlflow
@@ -139,7 +142,7 @@ class MLflowSink(Sink):
         self.timeout_s = int(timeout_s)
         self.retry_interval_s = retry_interval_s
         self._client = client if client is not None else MlflowClient(self.tracking_uri)
-        self._owns_run = run_id is None  # the sink starts the run itself, so it ends it
+        self._owns_run = run_id is None if end_run is None else end_run  # it ends the run
         self._marked = False  # the run's experiment has its kind tag (checked once)
         self._alerts: int | None = None  # alerts tagged so far in this run
         self._retry_at = 0.0  # monotonic time before which events go straight to the spool
@@ -214,6 +217,13 @@ class MLflowSink(Sink):
                 "attnlog: %d MLflow events are still in %s; send them with %s",
                 len(self.spool.entries()), self.spool.folder, self._sync_hint(),
             )  # fmt: skip
+
+    def resume_options(self) -> dict[str, Any]:
+        """What a sink built after this one (a restarted writer process) needs to go on with
+        this sink's run, and to end it if this sink would have."""
+        if self.run_id is None:
+            return {}
+        return {"run_id": self.run_id, "end_run": self._owns_run}
 
     # -- delivery --------------------------------------------------------------------------
 

@@ -43,7 +43,10 @@ def _serve(config: WriterConfig, frames, acks) -> None:
             reported.add(key)
             reports.append((key, message))
 
-    writer = EventWriter.from_config(config, report=report)
+    def resume(options: dict) -> None:
+        write_frame(acks, encode(("resume", options)))
+
+    writer = EventWriter.from_config(config, report=report, on_resume=resume)
     sent_stats: Counter[str] = Counter()
     cpu_before = time.process_time()
     while True:
@@ -67,7 +70,7 @@ def _serve(config: WriterConfig, frames, acks) -> None:
         delta = writer.stats - sent_stats
         sent_stats = Counter(writer.stats)
         failure = writer.take_failure()
-        write_frame(acks, encode((seq, dict(delta), reports[:], failure and cause(failure))))
+        write_frame(acks, encode(("ack", seq, dict(delta), reports[:], failure and cause(failure))))
         reports.clear()
         if kind == "close":
             return

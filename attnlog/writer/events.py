@@ -70,8 +70,11 @@ class EventWriter:
         *,
         report: Callable[[str, str], None],
         stats: Counter[str] | None = None,
+        on_resume: Callable[[dict[str, dict[str, Any]]], None] | None = None,
     ) -> None:
         self.sinks = list(sinks)
+        self.on_resume = on_resume
+        self._resume: dict[str, dict[str, Any]] = {}
         self.config = config
         self.stats: Counter[str] = Counter() if stats is None else stats
         self.contained = Containment(self.stats, report, strict=config.strict)
@@ -144,6 +147,22 @@ class EventWriter:
     def to_sinks(self, method: str, *args: Any) -> None:
         for sink in self.sinks:
             self.contained(sink.name, getattr(sink, method), *args, method=method)
+        if self.on_resume is not None:
+            resume = self.resume_options()
+            if resume != self._resume:
+                self._resume = resume
+                self.on_resume(resume)
+
+    def resume_options(self) -> dict[str, dict[str, Any]]:
+        """Per sink name, the options with which a restarted writer's sink goes on where this
+        one is (the MLflow run this writer started): a sink's optional `resume_options()`."""
+        out = {}
+        for sink in self.sinks:
+            resume = getattr(sink, "resume_options", None)  # optional in the Sink protocol
+            options = self.contained(sink.name, resume) if resume is not None else None
+            if options:
+                out[sink.name] = options
+        return out
 
 
 def _build(name: str, options: Mapping[str, Any], logdir: str) -> Sink:

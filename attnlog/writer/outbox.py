@@ -13,7 +13,9 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from attnlog.writer.contain import cause
 from attnlog.writer.events import Event, EventWriter
+from attnlog.writer.spill import Spill, Spilled
 
 __all__ = ["Marker", "Outbox", "ThreadWriter", "Writer"]
 
@@ -29,51 +31,98 @@ class Marker:
 
 
 class Outbox:
-    """Events waiting for the writer. Full: the oldest waiting event is dropped (never a marker)."""
+    """Events waiting for the writer, in order: up to `maxsize` in memory, the newer ones on disk.
 
-    def __init__(self, maxsize: int) -> None:
+    `put` never blocks and never writes: a background thread moves the newest in-memory events
+    to `spill` while more than `maxsize` wait, and `get` reads them back in turn. An event that
+    cannot be spilled (past the disk bound, or an unwritable folder) is dropped and passed to
+    `on_dropped(step, why)`.
+    """
+
+    def __init__(self, maxsize: int, spill: Spill, on_dropped: Callable[[int, str], None]) -> None:
         self.maxsize = maxsize
-        self._items: deque[Event | Marker] = deque()
+        self.spill = spill
+        self.on_dropped = on_dropped
+        self._items: deque[Event | Marker | Spilled] = deque()
+        self._memory = 0  # events held in memory
         self._cond = threading.Condition()
+        self._spiller: threading.Thread | None = None
 
-    def put(self, item: Event | Marker) -> Event | None:
-        """Queue `item`; returns the event dropped to make room, if any."""
-        dropped = None
+    def put(self, item: Event | Marker) -> None:
         with self._cond:
-            if isinstance(item, Event):
-                events = [i for i in self._items if isinstance(i, Event)]
-                if len(events) >= self.maxsize:
-                    dropped = events[0]
-                    self._items.remove(dropped)
             self._items.append(item)
-            self._cond.notify()
-        return dropped
+            if isinstance(item, Event):
+                self._memory += 1
+                if self._memory > self.maxsize and self._spiller is None:
+                    self._spiller = threading.Thread(
+                        target=self._spill_forever, name="attnlog-spill", daemon=True
+                    )
+                    self._spiller.start()
+            self._cond.notify_all()
 
     def get(self) -> Event | Marker:
-        with self._cond:
-            while not self._items:
-                self._cond.wait()
-            return self._items.popleft()
+        """The oldest item (an event read back from disk when it waited there)."""
+        while True:
+            with self._cond:
+                while not self._items:
+                    self._cond.wait()
+                item = self._items.popleft()
+                if isinstance(item, Event):
+                    self._memory -= 1
+            if not isinstance(item, Spilled):
+                return item
+            try:
+                return self.spill.read(item)
+            except Exception as ex:  # a damaged or removed file: that event is gone
+                self.on_dropped(item.step, f"reading it back from {item.path} failed: {cause(ex)}")
 
     def steps(self) -> list[int]:
         with self._cond:
-            return [i.step for i in self._items if isinstance(i, Event)]
+            return [i.step for i in self._items if not isinstance(i, Marker)]
+
+    def _spill_forever(self) -> None:
+        while True:
+            with self._cond:
+                while self._memory <= self.maxsize:
+                    self._cond.wait()
+                event = next(i for i in reversed(self._items) if isinstance(i, Event))
+            try:
+                spilled, why = self.spill.write(event), "the outbox on disk is full"
+            except Exception as ex:
+                spilled, why = None, f"writing it to {self.spill.folder} failed: {cause(ex)}"
+            with self._cond:  # dropped under the lock: counted before a later flush is done
+                index = next((n for n, i in enumerate(self._items) if i is event), None)
+                if index is not None:
+                    self._memory -= 1
+                    if spilled is None:
+                        del self._items[index]
+                        self.on_dropped(event.step, why)
+                    else:
+                        self._items[index] = spilled
+            if index is None and spilled is not None:  # taken meanwhile: sent from memory
+                self.spill.discard(spilled)
 
 
 class Writer:
-    """What the logger needs from either writer: submit, flush, close, and what is unwritten."""
+    """What the logger needs from either writer: submit, flush, close, and what is unwritten.
 
-    def __init__(self, queue_size: int, stats: Counter[str], report: Report) -> None:
+    Every event handed over is written, or counted in `stats["lost"]` with its step in
+    `missing` (`stats["dropped"]` too when the outbox on disk was full).
+    """
+
+    def __init__(self, queue_size: int, spill: Spill, stats: Counter[str], report: Report) -> None:
         self.stats = stats
         self.report = report
-        self._outbox = Outbox(queue_size)
+        self.missing: list[int] = []  # steps handed over and never written
+        self._outbox = Outbox(queue_size, spill, self._dropped)
         self._closed = False
+        self._abandoned = False  # close() gave up: what is left was counted lost there
         self.progress = 0  # events and requests done so far: close() waits while it grows
 
-    def submit(self, event: Event) -> Event | None:
-        """Queue an event (never blocks); returns the event dropped to make room, if any."""
+    def submit(self, event: Event) -> None:
+        """Queue an event; never blocks, never writes."""
         self._ensure_started()
-        return self._outbox.put(event)
+        self._outbox.put(event)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted so far is written and the sinks flushed.
@@ -92,8 +141,8 @@ class Writer:
 
         It waits while events keep being written, and gives up after `timeout` seconds in
         which none was (a hung sink), so a slow but working writer on a busy machine finishes.
-        Then the writer is abandoned (a process is killed) and the steps left unwritten are
-        reported.
+        Then the writer is abandoned (a process is killed), and the steps left unwritten are
+        counted lost and reported.
         """
         if self._closed:
             return True
@@ -109,15 +158,33 @@ class Writer:
                 break
             seen = self.progress  # a busy machine slows the writer: wait while it moves
         else:
+            self._outbox.spill.remove()
             return True
         left = self.unwritten()
+        self._abandoned = True
         self._abandon()
+        for step in left:
+            self.lose(step)
         self.report(
             "close",
             f"closing did not finish: nothing was written for {timeout:g} s (a sink hangs?); "
             f"left unwritten: steps {left}",
         )
         return False
+
+    def lose(self, step: int) -> None:
+        """Count an event handed over and never written."""
+        self.stats["lost"] += 1
+        self.missing.append(step)
+
+    def _dropped(self, step: int, why: str) -> None:
+        self.stats["dropped"] += 1
+        self.lose(step)
+        self.report(
+            "dropped",
+            f"dropped the event of step {step}: {why} (the writer fell behind; raise spill_mb, "
+            "or log less often or with fewer views)",
+        )
 
     def unwritten(self) -> list[int]:
         """Steps handed over and not written yet."""
@@ -149,9 +216,14 @@ class ThreadWriter(Writer):
     """
 
     def __init__(
-        self, writer: EventWriter, queue_size: int, stats: Counter[str], report: Report
+        self,
+        writer: EventWriter,
+        queue_size: int,
+        spill: Spill,
+        stats: Counter[str],
+        report: Report,
     ) -> None:
-        super().__init__(queue_size, stats, report)
+        super().__init__(queue_size, spill, stats, report)
         self.writer = writer
         self._thread: threading.Thread | None = None
         self._current: int | None = None  # the step being written

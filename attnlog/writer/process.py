@@ -28,21 +28,23 @@ from attnlog.writer.contain import cause
 from attnlog.writer.events import Event, WriterConfig
 from attnlog.writer.frames import Frame, encode, receive, write_frame
 from attnlog.writer.outbox import Marker, Report, Writer
+from attnlog.writer.spill import Spill
 
-__all__ = ["MAX_ATTEMPTS", "MAX_RESTARTS", "ProcessWriter"]
+__all__ = ["MAX_KILLS", "MAX_RESTARTS", "ProcessWriter"]
 
 log = logging.getLogger("attnlog")
 
-MAX_RESTARTS = 3  # a writer that keeps dying is given up on, not restarted forever
-MAX_ATTEMPTS = 2  # an event is sent at most twice: one that kills every writer is counted lost
+MAX_RESTARTS = 3  # deaths in a row, with no event written between them: then it is given up on
+MAX_KILLS = 2  # an event being written when the writer died twice is set aside, not resent
 
 
 @dataclass
 class _Sent:
     step: int | None  # None for a marker
     frame: Frame
+    event: Event | None = None
     marker: Marker | None = None
-    attempts: int = 0
+    kills: int = 0  # writers that died while this was the oldest unacknowledged frame
 
 
 class ProcessWriter(Writer):
@@ -54,9 +56,14 @@ class ProcessWriter(Writer):
     """
 
     def __init__(
-        self, config: WriterConfig, queue_size: int, stats: Counter[str], report: Report
+        self,
+        config: WriterConfig,
+        queue_size: int,
+        spill: Spill,
+        stats: Counter[str],
+        report: Report,
     ) -> None:
-        super().__init__(queue_size, stats, report)
+        super().__init__(queue_size, spill, stats, report)
         self.config = config
         self._feeder: threading.Thread | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -64,7 +71,7 @@ class ProcessWriter(Writer):
         self._books = threading.Lock()
         self._pending: OrderedDict[int, _Sent] = OrderedDict()  # sent, not acknowledged
         self._seq = 0
-        self._restarts = 0
+        self._restarts = 0  # in a row: reset by every acknowledgement
         self._gave_up = False
         self._acked_any = False
         self._failure: BaseException | None = None  # strict: the child's first error
@@ -102,9 +109,9 @@ class ProcessWriter(Writer):
             with self._pipe:
                 self._seq += 1
                 if isinstance(item, Event):
-                    sent = _Sent(item.step, encode(("event", self._seq, item)))
+                    sent = _Sent(item.step, encode(("event", self._seq, item)), event=item)
                 else:
-                    sent = _Sent(None, encode((item.kind, self._seq)), item)
+                    sent = _Sent(None, encode((item.kind, self._seq)), marker=item)
                 if self._gave_up:
                     self._lose(sent)
                 else:
@@ -116,7 +123,6 @@ class ProcessWriter(Writer):
 
     def _send(self, sent: _Sent) -> None:
         """Write one frame (`_pipe` held). A dead child is noticed by its reader, which resends."""
-        sent.attempts += 1
         write_frame(self._proc.stdin, sent.frame)
 
     def _spawn(self) -> None:
@@ -157,7 +163,10 @@ class ProcessWriter(Writer):
                 message = receive(proc.stdout)
                 if message is None:
                     break
-                self._acknowledged(*message)
+                if message[0] == "resume":
+                    self._resume(message[1])
+                else:
+                    self._acknowledged(*message[1:])
         except Exception as ex:  # a torn frame: the child died mid-write
             log.debug("attnlog: reading the writer's acknowledgements failed: %s", cause(ex))
         finally:
@@ -172,6 +181,7 @@ class ProcessWriter(Writer):
         with self._books:
             sent = self._pending.pop(seq, None)
             self._acked_any = True
+            self._restarts = 0
         self.progress += 1
         if sent is not None and sent.marker is not None:
             sent.marker.done.set()
@@ -194,20 +204,51 @@ class ProcessWriter(Writer):
                 self._lose_pending(lambda sent: True)
                 self.report(
                     "writer.gone",
-                    f"the writer process {how}, {self._restarts} times; gave up on it: the "
-                    "events it held and every later event are counted in stats['lost']",
+                    f"the writer process {how}, {self._restarts} times in a row; gave up on it: "
+                    "the events it held and every later event are counted in stats['lost']",
                 )
                 return
             self.report(
                 "writer.restart",
                 f"the writer process {how}; restarted it and resent the events it held",
             )
-            self._lose_pending(lambda sent: sent.attempts >= MAX_ATTEMPTS)
+            if pending:
+                self._blame(pending[0][0], how)
             self._spawn()
             with self._books:
                 resend = list(self._pending.values())
             for sent in resend:
                 self._send(sent)
+
+    def _blame(self, seq: int, how: str) -> None:
+        """The oldest unacknowledged frame was being written when the writer died: the second
+        time, its event is set aside (to a file, named in the warning) instead of resent."""
+        with self._books:
+            sent = self._pending[seq]
+            sent.kills += 1
+            if sent.kills < MAX_KILLS:
+                return
+            del self._pending[seq]
+        self._lose(sent)
+        if sent.event is None:
+            return
+        try:
+            where = f"set aside in {self._outbox.spill.set_aside(sent.event)}"
+        except Exception as ex:
+            where = f"could not be set aside ({cause(ex)})"
+        self.stats["set_aside"] += 1
+        self.report(
+            f"writer.kill.{sent.step}",
+            f"the writer process {how} twice while writing the event of step {sent.step}; "
+            f"that event is {where}, counted in stats['lost'], and the run goes on",
+        )
+
+    def _resume(self, options: dict[str, dict]) -> None:
+        """What a restarted writer needs to go on where this one is (the MLflow run it made)."""
+        with self._books:
+            self.config.sinks = [
+                (name, {**opts, **options.get(name, {})}) for name, opts in self.config.sinks
+            ]
 
     def _lose_pending(self, which: Callable[[_Sent], bool]) -> None:
         with self._books:
@@ -216,8 +257,8 @@ class ProcessWriter(Writer):
                 self._lose(self._pending.pop(seq))
 
     def _lose(self, sent: _Sent) -> None:
-        if sent.step is not None:
-            self.stats["lost"] += 1
+        if sent.step is not None and not self._abandoned:
+            self.lose(sent.step)
         if sent.marker is not None:
             sent.marker.done.set()
 
