@@ -153,6 +153,7 @@ class AttentionLogger:
         options = {k: dict(v) for k, v in (sink_options or {}).items()}
         planned = _plan_sinks(sinks, archive, options, self.logdir)  # fail fast, build nothing
         self.is_main_process = _is_main_process() if is_main_process is None else is_main_process
+        self._pid = os.getpid()  # a child made with os.fork() does not own the writer
         self.capturer = Capturer(model, tokenizer, probes, **capture_options)
         self.stats: Counter[str] = Counter()
         self._reported: set[str] = set()
@@ -223,7 +224,7 @@ class AttentionLogger:
         error in the caller and raises TypeError (ValueError if negative), on every call.
         """
         step = _check_step(step)
-        if self._closed:
+        if self._closed or self._forked():
             return False
         sharded = getattr(self.capturer, "sharded", False)
         if not self.is_main_process and not sharded:  # only rank 0 captures and writes
@@ -311,7 +312,7 @@ class AttentionLogger:
             False when the time ran out first (said once, with the steps still waiting), or
             when events were lost since the last flush (said, with their steps).
         """
-        if self._writer is None or self._closed:
+        if self._writer is None or self._closed or self._forked():
             return True
         timeout = self.close_timeout if timeout is None else timeout
         done = self._writer.flush(timeout)
@@ -337,6 +338,11 @@ class AttentionLogger:
             )
         return missing
 
+    def _forked(self) -> bool:
+        """In a child made with os.fork(): the writer's threads did not follow, and the parent
+        still writes; the child neither logs nor waits for the parent's events at exit."""
+        return os.getpid() != self._pid
+
     def _raise_failure(self) -> None:
         """strict: the writer's first error, raised in the caller's thread."""
         failure = self._writer.take_failure() if self._writer is not None else None
@@ -357,7 +363,7 @@ class AttentionLogger:
         if self._closed:
             return True
         self._closed = True
-        if self._writer is None:
+        if self._writer is None or self._forked():  # the parent closes its writer
             return True
         done = self._writer.close(self.close_timeout if timeout is None else timeout)
         lost = self._say_lost(said=not done)  # a stalled close named them

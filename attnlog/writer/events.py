@@ -133,6 +133,8 @@ class EventWriter:
         images = self.contained("render", probe_images, probe, step, layers=layers, words=words)
         if images:
             self.to_sinks("log_images", images, step)
+        if not views:  # nothing to pool or check against the HTML cap
+            return
         files = self.contained("render", probe_views, probe, step, views)
         if files:
             self.to_sinks("log_html", files, step)

@@ -37,6 +37,15 @@ log = logging.getLogger("attnlog")
 MAX_RESTARTS = 3  # deaths in a row, with no event written between them: then it is given up on
 MAX_KILLS = 2  # an event being written when the writer died twice is set aside, not resent
 
+# `python -m attnlog.writer` would put the working folder first on sys.path, where a user's
+# `secrets.py` shadows the standard library. `-c` puts "" there, removed before any import
+# (`-P` does that too, but only from Python 3.11); the training process's sys.path follows at
+# the end, once the configuration arrives, so the writer imports what training imports.
+_BOOT = (
+    "import sys; sys.path[:1] = [p for p in sys.path[:1] if p]; "
+    "from attnlog.writer.child import main; sys.exit(main())"
+)
+
 
 @dataclass
 class _Sent:
@@ -141,7 +150,7 @@ class ProcessWriter(Writer):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         env.setdefault("OMP_NUM_THREADS", "1")  # the writer must not compete for the cores
         proc = subprocess.Popen(
-            [sys.executable, "-m", "attnlog.writer"],
+            [sys.executable, "-c", _BOOT],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
