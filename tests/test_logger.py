@@ -175,7 +175,7 @@ def test_nan_attention_is_logged_without_nan_values(minilm, tmp_path):
 
 def test_queue_overflow_waits_on_disk_in_order_and_drops_nothing(minilm, tmp_path):
     sink = BlockingSink()
-    logger = make_logger(minilm, tmp_path, [sink], queue_size=1)
+    logger = make_logger(minilm, tmp_path, [sink], queue_size=1, archive=False)
     outbox = tmp_path / "attnlog-outbox"
     try:
         logger.log(0)
@@ -190,7 +190,6 @@ def test_queue_overflow_waits_on_disk_in_order_and_drops_nothing(minilm, tmp_pat
         sink.release.set()
     assert logger.close() is True
     assert sink.steps("log_archive") == [0, 1, 2, 3, 4]
-    assert [e["step"] for e in read_index(tmp_path)] == [0, 1, 2, 3, 4]
     assert logger.stats["dropped"] == 0 and logger.stats["lost"] == 0
     assert not outbox.exists()  # emptied and removed
     assert logger.logged_steps == {0, 1, 2, 3, 4}

@@ -39,11 +39,11 @@ class Spilled:
 
 
 class Spill:
-    """One training process's overflow folder, `<root>/<pid>/`, created at the first spill."""
+    """One writer's overflow folder, `<root>/<pid>-<name>/`, created at the first spill."""
 
-    def __init__(self, root: Path, max_bytes: int) -> None:
+    def __init__(self, root: Path, max_bytes: int, name: str = "writer") -> None:
         self.root = root
-        self.folder = root / str(os.getpid())
+        self.folder = root / f"{os.getpid()}-{name}"
         self.max_bytes = max_bytes
         self.bytes = 0
         self._names = itertools.count()
