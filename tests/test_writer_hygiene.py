@@ -100,3 +100,34 @@ def test_without_views_the_writer_does_no_html_work(minilm, tmp_path, monkeypatc
             assert cap_warnings == [] and sink.of("log_html") == []
             assert not [k for k in logger.stats if k.startswith("errors")]
     assert len(cap_warnings) == 1  # the control: with a view, the cap is checked and said
+
+
+class ModulesSink(MemorySink):
+    """Writes which heavy modules its (writer) process has imported, at each `log_scores`."""
+
+    name = "modules"
+
+    def __init__(self, logdir=None, out: str = "modules.txt") -> None:
+        super().__init__()
+        self.out = Path(out)
+
+    def log_scores(self, table, step) -> None:
+        heavy = ("transformers", "tensorflow", "IPython", "mlflow")
+        self.out.write_text(" ".join(m for m in heavy if m in sys.modules) or "none")
+
+
+def test_the_writer_process_does_not_import_transformers(minilm, tmp_path, monkeypatch):
+    """Start-up costs of the writer: it imports what it uses, not the model's library."""
+    from attnlog import AttentionLogger
+    from attnlog.sinks.base import SINKS
+
+    monkeypatch.setitem(SINKS, "modules", ModulesSink)
+    out = tmp_path / "modules.txt"
+    model, tokenizer = minilm
+    with AttentionLogger(model, tokenizer, ["The cat sat."], sinks=["modules", "tensorboard"],
+                         logdir=tmp_path / "run", sink_options={"modules": {"out": str(out)}},
+                         ) as logger:  # fmt: skip
+        logger.log(0)
+        assert logger.flush(timeout=120)
+        assert logger.writer_pid != os.getpid()
+    assert out.read_text() == "none"
