@@ -199,3 +199,38 @@ def test_a_restarted_writer_goes_on_with_the_mlflow_run_it_started(minilm, tmp_p
     assert runs[0].info.status == "FINISHED"  # ended by the writer that went on with it
     history = client.get_metric_history(runs[0].info.run_id, "attn.cls.L0H0")
     assert sorted(m.step for m in history) == [0, 10]
+
+
+@pytest.mark.slow
+def test_an_mlflow_outage_costs_no_step(minilm, tmp_path):
+    """A real `mlflow server`, killed while events are logged and started again: the steps logged
+    meanwhile wait in the sink's spool and reach the run, none dropped on the way."""
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+    from servers import MlflowServer
+
+    server = MlflowServer(tmp_path)
+    try:
+        server.start()
+        logger = make_logger(minilm, tmp_path / "run", ["mlflow"], queue_size=1,
+                             sink_options={"mlflow": {"tracking_uri": server.uri}})  # fmt: skip
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            for step in (0, 1, 2):  # logged while the writer process starts
+                assert logger.log(step)
+            assert logger.flush(timeout=300) is True
+            server.stop()  # SIGKILL: an outage
+            for step in (3, 4, 5, 6):
+                assert logger.log(step)
+            assert logger.flush(timeout=300) is True  # spooled, not lost
+            server.start()
+            assert logger.log(7)
+            assert logger.close(timeout=300) is True
+        client = MlflowClient(server.uri)
+        [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        history = client.get_metric_history(run.info.run_id, "attn.cls.L0H0")
+        assert sorted(m.step for m in history) == list(range(8))
+        assert run.info.status == "FINISHED"
+        assert logger.stats["lost"] == 0 and logger.stats["dropped"] == 0
+    finally:
+        server.stop()
