@@ -11,8 +11,10 @@ The training process only measures (the probe pass and one device→host copy) a
   another process, or when the user asks for it (`writer="thread"`).
 
 Modules: `events` (what is done with one event), `outbox` (the training process's queue and the
-thread writer), `process` (the child process and its restarts), `frames` (the pipe codec),
-`child` (the child's loop), `contain` (error containment, shared with the logger).
+thread writer), `spill` (events that wait on disk), `process` (the child process and its
+restarts), `split` (named sinks in the process, Sink objects on a thread), `plan` (which sink runs
+where), `frames` (the pipe codec), `child` (the child's loop), `contain` (error containment,
+shared with the logger).
 """
 
 from attnlog.writer.contain import Containment, cause

@@ -47,6 +47,13 @@ class Outbox:
         self._memory = 0  # events held in memory
         self._cond = threading.Condition()
         self._spiller: threading.Thread | None = None
+        self._closed = False
+
+    def close(self) -> None:
+        """The writer is done: the spilling thread ends."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
     def put(self, item: Event | Marker) -> None:
         with self._cond:
@@ -83,8 +90,10 @@ class Outbox:
     def _spill_forever(self) -> None:
         while True:
             with self._cond:
-                while self._memory <= self.maxsize:
+                while self._memory <= self.maxsize and not self._closed:
                     self._cond.wait()
+                if self._closed:
+                    return
                 event = next(i for i in reversed(self._items) if isinstance(i, Event))
             try:
                 spilled, why = self.spill.write(event), "the outbox on disk is full"
@@ -158,8 +167,10 @@ class Writer:
                 break
             seen = self.progress  # a busy machine slows the writer: wait while it moves
         else:
+            self._outbox.close()
             self._outbox.spill.remove()
             return True
+        self._outbox.close()
         left = self.unwritten()
         self._abandoned = True
         self._abandon()

@@ -22,6 +22,7 @@ class SplitWriter:
         self.process = process
         self.thread = thread
         self._writers = (process, thread)
+        thread.missing = process.missing  # one append-only list: the logger reads it by position
 
     @property
     def pid(self) -> int | None:
@@ -29,7 +30,7 @@ class SplitWriter:
 
     @property
     def missing(self) -> list[int]:
-        return sorted({*self.process.missing, *self.thread.missing})
+        return self.process.missing
 
     def submit(self, event: Event) -> None:
         for writer in self._writers:
