@@ -197,6 +197,10 @@ def _demo(args: argparse.Namespace) -> int:
     print(
         f"\nDone: training loss {result['train_loss']:.3f}, held-out accuracy {result['accuracy']:.0%}"
     )
+    if result["missing_steps"]:
+        print(
+            f"Not written (see the warnings above): the events of steps {result['missing_steps']}"
+        )
     if result["changes"]:
         print("Heads whose attention changed most:")
         for row in result["changes"]:

@@ -14,7 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEMO_PROBES", "biggest_changes", "make_examples", "minilm_path", "run_demo"]
+__all__ = [
+    "DEMO_PROBES",
+    "biggest_changes",
+    "make_examples",
+    "minilm_path",
+    "missing_steps",
+    "run_demo",
+]
 
 NOUNS = [
     "cat",
@@ -142,6 +149,7 @@ def run_demo(
         "train_loss": float(result.training_loss),
         "accuracy": _accuracy(trainer.model, tokenizer, make_examples(200, seed=seed + 1)),
         "changes": biggest_changes(tb_dir),
+        "missing_steps": missing_steps(tb_dir, steps, every),
         # what the task needs: sentence B's noun attending to the same noun in sentence A
         "cross_sentence": biggest_changes(tb_dir, top=1, patterns=("identical_token_other",)),
     }
@@ -254,6 +262,15 @@ def _trainer_environment(tb_dir: Path, tracking_uri: str) -> Iterator[None]:
             yield
         finally:
             mlflow.set_tracking_uri(previous)
+
+
+def missing_steps(logdir: str | Path, steps: int, every: int) -> list[int]:
+    """The steps the callback logs (0, every `every`-th, the last) that the archive lacks:
+    what a user browsing the run would find missing, said in the demo's closing summary."""
+    from attnlog.layout import read_index
+
+    expected = {0, steps, *range(every, steps + 1, every)}
+    return sorted(expected - {entry["step"] for entry in read_index(logdir)})
 
 
 def biggest_changes(

@@ -1,8 +1,7 @@
 """AttentionLogger: the training process's side of logging — measure, then hand off.
 
-`log(step)` runs the probe pass (scores on the device when there is one) and hands a host copy
-to the writer (attnlog/writer.py), which renders and writes to every sink in another process
-(default) or on a thread. After construction `log()` never raises for a logging failure:
+`log(step)` runs the probe pass and hands its host copy to the writer (`attnlog.writer`), which
+scores, renders and writes to every sink in another process (default) or on a thread. After construction `log()` never raises for a logging failure:
 failures are contained, reported once with their cause, and counted in `stats` (`strict=True`
 raises them at `flush`/`close` instead, for tests). Configuration errors fail fast in
 `__init__`, and a wrong argument to `log()` itself raises TypeError, like any mistyped call.
@@ -11,12 +10,9 @@ raises them at `flush`/`close` instead, for tests). Configuration errors fail fa
 from __future__ import annotations
 
 import atexit
-import importlib.util
-import inspect
 import logging
 import operator
 import os
-import pickle
 import sys
 import time
 import warnings
@@ -27,18 +23,25 @@ from pathlib import Path
 from typing import Any
 
 from attnlog.capture import Capturer, unwrap_model
-from attnlog.sinks.base import Sink, check_writable_dir, describe, sink_factory
+from attnlog.sinks.base import Sink, describe
 from attnlog.sinks.owner import claim, release
-from attnlog.writer import Event, EventWriter, ProcessWriter, ThreadWriter, WriterConfig, cause
+from attnlog.writer import (
+    Containment,
+    Event,
+    ProcessWriter,
+    ThreadWriter,
+    WriterConfig,
+    cause,
+)
+from attnlog.writer.plan import active_mlflow_run, build_writer, plan_sinks
+from attnlog.writer.spill import DEFAULT_SPILL_MB, Spill, spill_root
+from attnlog.writer.split import SplitWriter
 
 __all__ = ["AttentionLogger", "check_interval", "check_options"]
 
 log = logging.getLogger("attnlog")
 
 WRITERS = ("process", "thread")
-DEFAULT_SINKS = ("tensorboard", "mlflow")  # those installed; see `_default_sinks`
-_BACKENDS = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # sink name -> package it needs
-_noted: set[str] = set()  # one-time notes, per process
 
 
 class AttentionLogger:
@@ -64,8 +67,11 @@ class AttentionLogger:
             token-labelled from the archive.
         sink_options: extra keyword arguments per sink name, e.g.
             `{"mlflow": {"tracking_uri": "sqlite:///mlflow.db"}}`.
-        queue_size: events waiting for the writer; when full, the oldest waiting event is
-            dropped (counted in `stats["dropped"]` and reported once), so training never waits.
+        queue_size: events waiting for the writer in memory. More wait on disk, in order,
+            under `<logdir>/attnlog-outbox/` (written by a background thread: training never
+            waits), and are written when the writer gets to them.
+        spill_mb: the most that events waiting on disk may take (MiB). Past it an event is
+            dropped, counted in `stats["dropped"]` and `stats["lost"]`, and named in a warning.
         writer: where events are rendered and written.
             "process" (default): a writer process (`python -m attnlog.writer`, started at the
             first event). Rendering and the tracking clients hold Python's GIL for about a
@@ -77,10 +83,11 @@ class AttentionLogger:
             competes with training for the GIL and the cores: on an H200 that slowed training
             by about 60 % at one event every 50 steps. Choose it for short CPU runs, notebooks
             that cannot start processes, or sinks that must live in the training process.
-            Sink objects (not names), and sink options that cannot be pickled (a
-            `SummaryWriter`), always run on the thread, with a one-time note; to move a custom
-            sink into the writer process, `register_sink("name", MySink)` in an importable
-            module and pass "name".
+            Sink objects (not names) cannot be rebuilt in another process: they run on the
+            thread (which renders for them), with a one-time note, while the named sinks stay
+            in the writer process. Sink options that cannot be pickled (a `SummaryWriter`) put
+            every sink on the thread. To move a custom sink into the writer process,
+            `register_sink("name", MySink)` in an importable module and pass "name".
         close_timeout: seconds that `flush()` waits at most, and that `close()` and the exit
             handler wait without any event being written (a hung sink), before they give up
             and say which steps were left unwritten. A slow writer that keeps writing is waited
@@ -95,8 +102,11 @@ class AttentionLogger:
             `induction_probe` (see Capturer).
 
     Attributes:
-        stats: counters: `events`, `dropped`, `lost`, `writer_restarts`, `errors.<where>`,
-            `training_thread_ms` (the training process's share) and `writer_cpu_ms`.
+        stats: counters: `events`; `lost` (every event handed over and not written), of which
+            `dropped` (the outbox on disk was full) and `set_aside` (an event that killed the
+            writer process twice, kept in `<logdir>/attnlog-outbox/set-aside/`);
+            `writer_restarts`, `errors.<where>`, `training_thread_ms` (the training process's
+            share) and `writer_cpu_ms`.
     """
 
     def __init__(
@@ -114,6 +124,7 @@ class AttentionLogger:
         sink_options: dict[str, dict[str, Any]] | None = None,
         alerts: bool = True,
         queue_size: int = 4,
+        spill_mb: float = DEFAULT_SPILL_MB,
         writer: str = "process",
         close_timeout: float = 60.0,
         is_main_process: bool | None = None,
@@ -123,48 +134,55 @@ class AttentionLogger:
     ) -> None:
         self.views = _check_views(views)
         self.patterns = _check_patterns(patterns)
-        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
-            raise ValueError(f"queue_size must be a positive integer, got {queue_size!r}")
-        if writer not in WRITERS:
-            raise ValueError(f"writer must be one of {WRITERS}, got {writer!r}")
-        if not close_timeout > 0:
-            raise ValueError(
-                f"close_timeout must be a positive number of seconds, got {close_timeout!r}"
-            )
+        _check_writer_options(queue_size, spill_mb, writer, close_timeout)
         self.layer_images = layer_images
         self.strict = strict
         self.close_timeout = float(close_timeout)
         self.logdir = Path(logdir)
         options = {k: dict(v) for k, v in (sink_options or {}).items()}
-        planned = _plan_sinks(sinks, archive, options, self.logdir)  # fail fast, build nothing
+        planned = plan_sinks(sinks, archive, options, self.logdir)  # fail fast, build nothing
         self.is_main_process = _is_main_process() if is_main_process is None else is_main_process
+        self._pid = os.getpid()  # a child made with os.fork() does not own the writer
         self.capturer = Capturer(model, tokenizer, probes, **capture_options)
         self.stats: Counter[str] = Counter()
         self._reported: set[str] = set()
+        self._contained = _containment(self.stats, self._report_once, strict)
         self._logged_steps: set[int] = set()
         self._closed = False
+        self._missing_said = 0  # lost steps that flush() has reported
         if check:  # before the sinks: a model without attention leaves nothing behind
             self.capturer.check()
-        self.sinks: list[Sink] = []  # the sinks in this process (thread writer only)
-        self._writer: ProcessWriter | ThreadWriter | None = None
+        self.sinks: list[Sink] = []  # the sinks in this process (on the thread writer)
+        self._writer: ProcessWriter | ThreadWriter | SplitWriter | None = None
         if self.is_main_process:
             if "archive" in planned:  # one training per archive: a second one is refused here
                 claim(self.logdir)
-            self._writer = self._make_writer(planned, options, writer, queue_size, alerts)
+            self._make_writer(planned, options, alerts, writer, queue_size, spill_mb)
             # A run that crashes never reaches close(): still write what is queued at exit.
             atexit.register(_close_at_exit, weakref.ref(self))
 
     # -- configuration -----------------------------------------------------------------------
 
-    def _make_writer(self, planned, options, writer, queue_size, alerts):
+    def _make_writer(self, planned, options, alerts, kind, queue_size, spill_mb) -> None:
         names = [item for item in planned if isinstance(item, str)]
+        self._writer, self.sinks = build_writer(
+            planned,
+            self._writer_config(names, options, alerts),
+            kind=kind,
+            queue_size=queue_size,
+            spill=lambda name: Spill(spill_root(self.logdir), int(spill_mb * 2**20), name),
+            stats=self.stats,
+            report=self._report_once,
+        )
+
+    def _writer_config(self, names: list[str], options: dict, alerts: bool) -> WriterConfig:
         if "mlflow" in names:
             options["mlflow"] = {
                 "cards": True,  # images drawn for MLflow's cards (MLflowSink)
-                **_active_mlflow_run(options.get("mlflow", {})),
+                **active_mlflow_run(options.get("mlflow", {})),
                 **options.get("mlflow", {}),
             }
-        config = WriterConfig(
+        return WriterConfig(
             sinks=[(name, options.get(name, {})) for name in names],
             logdir=str(self.logdir.absolute()),
             patterns=self.patterns,
@@ -175,26 +193,6 @@ class AttentionLogger:
             strict=self.strict,
             sys_path=list(sys.path),
         )
-        if writer == "process":
-            why = _why_not_a_process(planned, config)
-            if why is None:
-                return ProcessWriter(config, queue_size, self.stats, self._report_once)
-            _note_once(
-                f"attnlog: {why}, so rendering and writing run on a thread of the training "
-                "process, where they compete with training for the GIL (slow on a GPU). To "
-                "run a custom sink in the writer process, register it with "
-                "`attnlog.register_sink(name, factory)` in an importable module and pass its name",
-                warn=True,
-            )
-        for item in planned:
-            if isinstance(item, str):
-                self.sinks.append(
-                    sink_factory(item)(**{"logdir": self.logdir, **options.get(item, {})})
-                )
-            else:
-                self.sinks.append(item)
-        event_writer = EventWriter(self.sinks, config, report=self._report_once, stats=self.stats)
-        return ThreadWriter(event_writer, queue_size, self.stats, self._report_once)
 
     # -- the training process ------------------------------------------------------------------
 
@@ -206,7 +204,7 @@ class AttentionLogger:
         error in the caller and raises TypeError (ValueError if negative), on every call.
         """
         step = _check_step(step)
-        if self._closed:
+        if self._closed or self._forked():
             return False
         sharded = getattr(self.capturer, "sharded", False)
         if not self.is_main_process and not sharded:  # only rank 0 captures and writes
@@ -221,14 +219,7 @@ class AttentionLogger:
         snapshot, table = measured
         if snapshot is None:  # not rank 0 of a sharded pass
             return False
-        dropped = self._writer.submit(Event(step, snapshot, table))
-        if dropped is not None:
-            self.stats["dropped"] += 1
-            self._report_once(
-                "dropped",
-                f"the writer fell behind; dropped the event of step {dropped.step} "
-                "(log less often, or with fewer views, to keep every event)",
-            )
+        self._writer.submit(Event(step, snapshot, table))
         self._logged_steps.add(step)
         self.stats["events"] += 1
         return True
@@ -265,17 +256,6 @@ class AttentionLogger:
 
     # -- errors ---------------------------------------------------------------------------------
 
-    def _contained(self, what: str, fn, *args, **kwargs):
-        """Run fn; on error count it in `stats["errors.<what>"]` and report the first per `what`."""
-        try:
-            return fn(*args, **kwargs)
-        except Exception as ex:
-            if self.strict:
-                raise
-            self.stats[f"errors.{what}"] += 1
-            self._report_once(what, f"{what} failed: {cause(ex)}")
-            return None
-
     def _report_once(self, key: str, message: str) -> None:
         if key in self._reported:
             return
@@ -309,9 +289,10 @@ class AttentionLogger:
             timeout: seconds to wait at most (default: `close_timeout`).
 
         Returns:
-            False when the time ran out first (said once, with the steps still waiting).
+            False when the time ran out first (said once, with the steps still waiting), or
+            when events were lost since the last flush (said, with their steps).
         """
-        if self._writer is None or self._closed:
+        if self._writer is None or self._closed or self._forked():
             return True
         timeout = self.close_timeout if timeout is None else timeout
         done = self._writer.flush(timeout)
@@ -321,8 +302,26 @@ class AttentionLogger:
                 f"flush did not finish within {timeout:g} s (a sink hangs?); not written yet: "
                 f"steps {self._writer.unwritten()}",
             )
+        lost = self._say_lost()
         self._raise_failure()
-        return done
+        return done and not lost
+
+    def _say_lost(self, said: bool = False) -> list[int]:
+        """The steps lost since the last call, said in a warning unless `said` already."""
+        missing = self._writer.missing[self._missing_said :]
+        self._missing_said += len(missing)
+        if missing and not said:
+            self._report_once(
+                f"lost {missing}",
+                f"the events of steps {missing} were not written (see the warnings above for "
+                "why; counted in stats['lost'])",
+            )
+        return missing
+
+    def _forked(self) -> bool:
+        """In a child made with os.fork(): the writer's threads did not follow, and the parent
+        still writes; the child neither logs nor waits for the parent's events at exit."""
+        return os.getpid() != self._pid
 
     def _raise_failure(self) -> None:
         """strict: the writer's first error, raised in the caller's thread."""
@@ -339,17 +338,18 @@ class AttentionLogger:
                 reported.
 
         Returns:
-            False when it gave up.
+            False when it gave up, or when events were lost since the last flush.
         """
         if self._closed:
             return True
         self._closed = True
-        if self._writer is None:
+        if self._writer is None or self._forked():  # the parent closes its writer
             return True
         done = self._writer.close(self.close_timeout if timeout is None else timeout)
         release(self.logdir)
+        lost = self._say_lost(said=not done)  # a stalled close named them
         self._raise_failure()
-        return done
+        return done and not lost
 
     def __enter__(self) -> AttentionLogger:
         return self
@@ -366,6 +366,24 @@ def check_interval(every_n_steps: Any) -> int:
 
 
 # ---- argument checks ------------------------------------------------------------------------
+
+
+def _containment(stats: Counter[str], report: Any, strict: bool) -> Containment:
+    """The training process's policy: under `strict`, errors are raised in the caller."""
+    return Containment(stats, report, strict=strict, raise_strict=True)
+
+
+def _check_writer_options(queue_size: Any, spill_mb: Any, writer: Any, close_timeout: Any) -> None:
+    if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+        raise ValueError(f"queue_size must be a positive integer, got {queue_size!r}")
+    if not spill_mb > 0:
+        raise ValueError(f"spill_mb must be a positive number of MiB, got {spill_mb!r}")
+    if writer not in WRITERS:
+        raise ValueError(f"writer must be one of {WRITERS}, got {writer!r}")
+    if not close_timeout > 0:
+        raise ValueError(
+            f"close_timeout must be a positive number of seconds, got {close_timeout!r}"
+        )
 
 
 def _check_step(step: Any) -> int:
@@ -417,108 +435,7 @@ def check_options(options: dict[str, Any], sinks: Any = ()) -> None:
     if "patterns" in options:
         _check_patterns(options["patterns"])
     sink_options = options.get("sink_options") or {}
-    _plan_sinks([] if sinks is None else sinks, False, sink_options, logdir=None)
-
-
-def _plan_sinks(sinks: Any, archive: bool, options: dict, logdir: Path | None) -> list[str | Sink]:
-    """The sinks to use, checked without building any: names (known, installed, options that
-    their factory takes) and Sink objects. The folder is checked when a named sink writes it."""
-    if sinks is None:
-        sinks = _default_sinks()
-    elif isinstance(sinks, (str, Sink)):
-        sinks = [sinks]
-    planned = list(sinks)
-    named = {i if isinstance(i, str) else getattr(i, "name", None) for i in planned}
-    if archive and "archive" not in named:
-        planned.append("archive")
-    for item in planned:
-        if not isinstance(item, str):
-            if not isinstance(item, Sink):
-                raise TypeError(f"{item!r} is not a sink name or a Sink (see attnlog.sinks.Sink)")
-            continue
-        factory = sink_factory(item)  # unknown name: ValueError listing the choices
-        package = _BACKENDS.get(item)
-        if package and importlib.util.find_spec(package) is None:
-            raise ModuleNotFoundError(
-                f"attnlog's {item} sink needs the `{package}` package; install it with "
-                f"`pip install 'attnlog[{item}]'`"
-            )
-        _check_options(item, factory, options.get(item, {}))
-    for name in options:  # a misspelt key would be ignored silently
-        sink_factory(name)
-    if logdir is not None and any(isinstance(item, str) and item != "memory" for item in planned):
-        check_writable_dir(logdir)
-    return planned
-
-
-def _check_options(name: str, factory: Any, options: dict) -> None:
-    try:
-        signature = inspect.signature(factory)
-    except (TypeError, ValueError):  # not introspectable: the factory will say
-        return
-    try:
-        signature.bind(**{"logdir": None, **options})
-    except TypeError as ex:
-        raise TypeError(f"sink_options[{name!r}] does not fit {factory!r}: {ex}") from None
-
-
-def _default_sinks() -> list[str]:
-    """TensorBoard and MLflow, those whose packages are installed (found, not imported)."""
-    found = [name for name in DEFAULT_SINKS if importlib.util.find_spec(_BACKENDS[name])]
-    missing = [name for name in DEFAULT_SINKS if name not in found]
-    text = f"attnlog: logging to {', '.join([*found, 'the archive'])}"
-    if missing:
-        hints = ", ".join(f"`pip install 'attnlog[{m}]'`" for m in missing)
-        text += f" ({', '.join(missing)} not installed: {hints} to add it, or pass sinks=[...])"
-    _note_once(text, warn=bool(missing))
-    return found
-
-
-def _why_not_a_process(planned: list, config: WriterConfig) -> str | None:
-    """Why the writer cannot run in another process, or None: everything pickles by name."""
-    from attnlog.sinks.base import SINKS
-
-    objects = [item for item in planned if not isinstance(item, str)]
-    if objects:
-        return f"the sink {type(objects[0]).__name__} is an object, not a name"
-    factories = {name: SINKS[name] for name, _ in config.sinks if name in SINKS}
-    for name, factory in factories.items():
-        if getattr(factory, "__module__", "__main__") == "__main__":
-            return f"the sink {name!r} is registered from the script's __main__"
-    try:
-        config.factories = pickle.dumps(factories, protocol=5) if factories else b""
-        pickle.dumps(config, protocol=5)
-    except Exception as ex:
-        return f"the sink options cannot be sent to another process ({cause(ex)})"
-    return None
-
-
-def _active_mlflow_run(options: dict) -> dict[str, str]:
-    """The training process's MLflow run and tracking URI, for the writer process to join.
-
-    Only when mlflow is already imported (never imported here) and has an active run in this
-    thread; a `tracking_uri` option that points elsewhere is left alone.
-    """
-    mlflow = sys.modules.get("mlflow")
-    if mlflow is None or "run_id" in options:
-        return {}
-    uri = str(mlflow.get_tracking_uri())
-    if options.get("tracking_uri") not in (None, uri):
-        return {}
-    out = {"tracking_uri": uri}
-    active = mlflow.active_run()
-    if active is not None:
-        out["run_id"] = active.info.run_id
-    return out
-
-
-def _note_once(text: str, warn: bool = False) -> None:
-    if text in _noted:
-        return
-    _noted.add(text)
-    log.info(text)
-    if warn:
-        warnings.warn(text, UserWarning, stacklevel=4)
+    plan_sinks([] if sinks is None else sinks, False, sink_options, logdir=None)
 
 
 def _is_main_process() -> bool:

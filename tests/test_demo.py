@@ -42,6 +42,7 @@ def test_demo_keeps_the_progress_bar_clean_and_the_environment_as_it_was(tmp_pat
     err = capfd.readouterr().err
     assert "10 images per tag" not in err, err[-3000:]  # the CLI prints it after training
     assert [e["step"] for e in read_index(result["logdir"])] == [0, 1, 2], err[-3000:]
+    assert result["missing_steps"] == []  # the closing summary names any step not written
     # one TensorBoard run: the Trainer's loss and attnlog's scores in the same folder
     run = Path(result["logdir"])
     files = sorted(p.relative_to(run) for p in run.rglob("events.out.tfevents.*"))

@@ -172,22 +172,39 @@ def test_nan_attention_is_logged_without_nan_values(minilm, tmp_path):
     assert "attention/p0_the_cat_sat/model" in images
 
 
-def test_queue_overflow_drops_the_oldest_waiting_event(minilm, tmp_path):
+def test_queue_overflow_waits_on_disk_in_order_and_drops_nothing(minilm, tmp_path):
     sink = BlockingSink()
-    logger = make_logger(minilm, tmp_path, [sink], queue_size=1)
+    logger = make_logger(minilm, tmp_path, [sink], queue_size=1, archive=False)
+    outbox = tmp_path / "attnlog-outbox"
     try:
         logger.log(0)
         assert sink.entered.wait(timeout=60)  # the worker holds step 0 inside the sink
-        logger.log(1)  # waits in the queue
-        with pytest.warns(RuntimeWarning, match="dropped the event of step 1"):
-            assert logger.log(2) is True  # step 1 makes way; training does not wait
-        logger.log(3)  # dropped again: counted, not reported again
+        for step in (1, 2, 3, 4):
+            assert logger.log(step) is True  # training does not wait
+        spilled = lambda: sorted(p.name for p in outbox.glob("*/*.frame"))  # noqa: E731
+        names = wait_for(lambda: len(spilled()) == 3 and spilled(), "the overflow on disk")
+        assert [n.split("-")[1] for n in names] == ["step_00000002.frame", "step_00000003.frame",
+                                                    "step_00000004.frame"]  # fmt: skip
     finally:
         sink.release.set()
-        logger.close()
-    assert sink.steps("log_archive") == [0, 3]
-    assert logger.stats["dropped"] == 2
-    assert logger.logged_steps == {0, 1, 2, 3}  # steps handed to the logger, written or not
+    assert logger.close() is True
+    assert sink.steps("log_archive") == [0, 1, 2, 3, 4]
+    assert logger.stats["dropped"] == 0 and logger.stats["lost"] == 0
+    assert not outbox.exists()  # emptied and removed
+    assert logger.logged_steps == {0, 1, 2, 3, 4}
+
+
+def wait_for(condition, what: str, seconds: float = 120.0):
+    """Poll until `condition()` is true; fail naming `what` if it never is (not a timing test)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"gave up waiting for {what}")
 
 
 def test_other_processes_write_nothing_and_start_no_worker(minilm, tmp_path):

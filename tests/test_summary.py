@@ -117,7 +117,7 @@ def test_mlflow_holds_the_summary_and_one_square_card_per_overview(tables, tmp_p
     for (step, snapshot), table in zip(snapshots.items(), tables):
         sink.log_scores(table, step)
         sink.log_images(make_images(step), step)  # TensorBoard's renders, as the writer sends
-        sink.log_archive(snapshot, table, step)
+        sink.log_event(snapshot, table, step)
     sink.close()
 
     run = client.get_run(sink.run_id)
@@ -156,7 +156,7 @@ def test_tensorboard_has_the_summary_scalars(tables, tmp_path):
     sink = TensorBoardSink(tmp_path)
     for (step, snapshot), table in zip({0: make_snapshot(0), 100: trained(100)}.items(), tables):
         sink.log_scores(table, step)
-        sink.log_archive(snapshot, table, step)
+        sink.log_event(snapshot, table, step)
     sink.close()
     acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
     acc.Reload()

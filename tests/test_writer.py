@@ -279,3 +279,30 @@ def test_training_is_bit_identical_with_the_writer_process(minilm_path, tmp_path
 
     plain, logged = train(False), train(True)
     assert all(torch.equal(plain[k], logged[k]) for k in plain)
+
+
+def test_a_sink_object_runs_on_a_thread_and_the_named_sinks_in_the_writer_process(
+    minilm, tmp_path, monkeypatch
+):
+    from attnlog.layout import read_index
+    from attnlog.writer import plan
+
+    monkeypatch.setattr(plan, "_noted", set())  # the note is said once per process
+
+    memory = MemorySink()
+    logdir = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with make_logger(minilm, logdir, [memory, "tensorboard"]) as logger:
+            assert logger.log(0) and logger.log(1)
+            assert logger.flush(timeout=120)
+            pid = logger.writer_pid
+            assert pid is not None and pid != os.getpid()
+            assert logger.sinks == [memory]  # only the object lives in the training process
+    assert memory.steps("log_archive") == [0, 1] and memory.closed
+    assert scalar_steps(logdir, "patterns/cls/max") == [0, 1]  # written by the writer process
+    assert [e["step"] for e in read_index(logdir)] == [0, 1]
+    [note] = [str(w.message) for w in record if issubclass(w.category, UserWarning)]
+    assert "the sink MemorySink is an object" in note
+    assert "the named sinks run in the writer process" in note
+    assert not [k for k in logger.stats if k.startswith(("errors", "lost"))]

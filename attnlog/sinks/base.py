@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUILTIN_SINKS",
+    "OPTIONAL_SINK_METHODS",
     "SINK_METHODS",
     "SINKS",
     "Sink",
@@ -45,6 +46,10 @@ SINK_METHODS = (
     "flush",
     "close",
 )
+# Calls a sink may leave out (not part of the structural check): `log_event(snapshot, table,
+# step)` gets the whole event, for a sink that draws or summarises it its own way (MLflow's
+# image cards and run summary); `resume_options()` names what a restarted writer goes on with.
+OPTIONAL_SINK_METHODS = ("log_event", "resume_options")
 
 
 @runtime_checkable

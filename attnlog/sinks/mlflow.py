@@ -100,8 +100,10 @@ class MLflowSink(Sink):
         retry_interval_s: after a failure, later events go straight to the spool for this long
             instead of waiting on the server again; `flush()`/`close()` always retry.
         cards: draw the probes' overview and the patterns' score images for MLflow's image
-            cards (`attnlog.render.mlflow_cards`, at `log_archive`) instead of logging
+            cards (`attnlog.render.mlflow_cards`, at `log_event`) instead of logging
             TensorBoard's renders of them; other images are logged as given.
+        end_run: end the run at `close` (default: only a run the sink starts). A restarted
+            writer process passes `run_id` and `end_run=True` to go on with the run it started.
 
     Raises:
         ModuleNotFoundError: mlflow is not installed.
@@ -122,6 +124,7 @@ class MLflowSink(Sink):
         timeout_s: int = 5,
         retry_interval_s: float = 30.0,
         cards: bool = False,
+        end_run: bool | None = None,
     ) -> None:
         require_mlflow()
         import mlflow
@@ -145,7 +148,7 @@ class MLflowSink(Sink):
         self.timeout_s = int(timeout_s)
         self.retry_interval_s = retry_interval_s
         self._client = client if client is not None else MlflowClient(self.tracking_uri)
-        self._owns_run = run_id is None  # the sink starts the run itself, so it ends it
+        self._owns_run = run_id is None if end_run is None else end_run  # it ends the run
         self._marked = False  # the run's experiment has its kind tag (checked once)
         self._alerts: int | None = None  # alerts tagged so far in this run
         self._retry_at = 0.0  # monotonic time before which events go straight to the spool
@@ -192,7 +195,7 @@ class MLflowSink(Sink):
         entries = []
         for tag, image in images.items():
             if self.cards and covered(tag):
-                continue  # its card comes with `log_archive`
+                continue  # its card comes with `log_event`
             array = np.asarray(image)
             if array.ndim != 3 or array.shape[2] not in (3, 4) or array.dtype != np.uint8:
                 raise ValueError(
@@ -202,7 +205,7 @@ class MLflowSink(Sink):
         if entries:
             self._submit(_event(step, images=entries))
 
-    def log_archive(self, snapshot: Snapshot, table: ScoreTable, step: int) -> None:
+    def log_event(self, snapshot: Snapshot, table: ScoreTable, step: int) -> None:
         """Summary metrics `attn.summary.*` (`attnlog.summary`) and the heads they point at as
         tags, with the image cards when `cards` is on: one event."""
         from attnlog.render.mlflow_cards import render_cards
@@ -249,6 +252,13 @@ class MLflowSink(Sink):
                 "attnlog: %d MLflow events are still in %s; send them with %s",
                 len(self.spool.entries()), self.spool.folder, self._sync_hint(),
             )  # fmt: skip
+
+    def resume_options(self) -> dict[str, Any]:
+        """What a sink built after this one (a restarted writer process) needs to go on with
+        this sink's run, and to end it if this sink would have."""
+        if self.run_id is None:
+            return {}
+        return {"run_id": self.run_id, "end_run": self._owns_run}
 
     # -- delivery --------------------------------------------------------------------------
 

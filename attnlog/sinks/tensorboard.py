@@ -119,7 +119,7 @@ class TensorBoardSink(Sink):
             if table.alerts:
                 writer.add_text(TB_ALERTS_TAG, "\n\n".join(table.alerts), step)
 
-    def log_archive(self, snapshot: Snapshot, table: ScoreTable, step: int) -> None:
+    def log_event(self, snapshot: Snapshot, table: ScoreTable, step: int) -> None:
         """The run's summary (`attnlog.summary`) as scalars `summary/<name>`."""
         with self._writing() as writer:
             for name, value in self._summary.update(table).metrics().items():
