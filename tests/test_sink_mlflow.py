@@ -326,7 +326,7 @@ model = BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidd
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
 batch = tok(["a b c", "d e f g"], padding=True, return_tensors="pt")
 probes = [{"name": name, "text": "The cat sat on the mat."}]
-with AttentionLogger(model, tok, probes, sinks=["mlflow"], logdir=name, views=("head",),
+with AttentionLogger(model, tok, probes, sinks=["mlflow"], logdir=name, views=("head", "per_probe"),
                      strict=True) as log:
     for step in range(3):
         model(**batch, labels=torch.tensor([0, 1])).loss.backward()
