@@ -26,7 +26,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from attnlog.capture import Capturer, unwrap_model
+from attnlog.capturing import Capturer, unwrap_model
+from attnlog.settings import check_environment
 from attnlog.sinks.base import Sink, check_writable_dir, describe, sink_factory
 from attnlog.writer import Event, EventWriter, ProcessWriter, ThreadWriter, WriterConfig, cause
 
@@ -119,6 +120,7 @@ class AttentionLogger:
         check: bool = True,
         **capture_options: Any,
     ) -> None:
+        check_environment()
         self.views = _check_views(views)
         self.patterns = _check_patterns(patterns)
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
@@ -244,7 +246,7 @@ class AttentionLogger:
         if getattr(self.capturer, "sharded", False):
             # Every rank must skip the same steps, or one enters a probe pass alone and waits;
             # only rank 0 writes the index, and other ranks may not share its file system.
-            from attnlog.capture import broadcast_from_rank_zero
+            from attnlog.capturing import broadcast_from_rank_zero
 
             steps = broadcast_from_rank_zero(steps)
         self._logged_steps |= set(steps)

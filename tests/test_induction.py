@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnlog.capture import capture
+from attnlog import capture
 from attnlog.patterns import PatternContext, score
 from attnlog.probes import Probe, ProbeSet, encode_probe, induction_probe
 from attnlog.snapshot import ProbeAttention
