@@ -28,7 +28,7 @@ from attnlog.capturing.models import (
 from attnlog.capturing.options import CaptureOptions
 from attnlog.capturing.pooling import pool_attention, pooled_size, span_labels
 from attnlog.capturing.stream import Stream
-from attnlog.probes import EncodedProbe, ProbeSet, induction_probe, model_max_length
+from attnlog.probes import EncodedProbe, ProbeSet, builtin_induction_probe, model_max_length
 from attnlog.snapshot import ProbeAttention, Snapshot
 
 __all__ = ["Capturer", "capture"]
@@ -326,8 +326,9 @@ def _context(p: EncodedProbe, causal: bool, device: Any) -> Any:
 
 
 def _with_induction_probe(probe_set: ProbeSet, tokenizer: Any) -> ProbeSet:
-    """The probe set plus the built-in induction probe, unless a probe has its name."""
-    probe = induction_probe(tokenizer)
-    if any(p.name == probe.name for p in probe_set):
+    """The probe set plus the built-in induction probe, unless a probe has its name or the
+    vocabulary is too small for one."""
+    if any(p.name == "induction" for p in probe_set):
         return probe_set
-    return ProbeSet([*probe_set, probe])
+    probe = builtin_induction_probe(tokenizer)
+    return probe_set if probe is None else ProbeSet([*probe_set, probe])
