@@ -1,7 +1,7 @@
 """attnlog: watch transformer attention change while the model trains.
 
-One-shot capture is `attnlog.capture.capture(model, tokenizer, probes)` (the submodule owns the
-name `attnlog.capture`). `attnlog.load(logdir_or_npz)` reads an archived step back as a
+One-shot capture is `attnlog.capture(model, tokenizer, probes)` and `attnlog.score(snapshot)`
+scores it. `attnlog.load(logdir_or_npz)` reads an archived step back as a
 `Snapshot` with its `.scores`. `import attnlog` stays light: transformers, mlflow and
 tensorboard are imported only when the names that need them are first used.
 """
@@ -23,6 +23,7 @@ __all__ = [
     "ProbeSet",
     "Sink",
     "Snapshot",
+    "capture",
     "load",
     "register_pattern",
     "register_sink",
@@ -35,6 +36,7 @@ _LAZY = {
     "Probe": "attnlog.probes",
     "ProbeSet": "attnlog.probes",
     "Snapshot": "attnlog.snapshot",
+    "capture": "attnlog.capturing",
     "load": "attnlog.report",
     "register_pattern": "attnlog.patterns",
     "score": "attnlog.patterns",
@@ -44,6 +46,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from attnlog.callbacks.trainer import AttentionLoggerCallback
+    from attnlog.capturing import capture
     from attnlog.logger import AttentionLogger
     from attnlog.patterns import register_pattern, score
     from attnlog.probes import Probe, ProbeSet

@@ -22,7 +22,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from attnlog.capture import Capturer, unwrap_model
+from attnlog.capturing import Capturer, unwrap_model
+from attnlog.settings import check_environment
 from attnlog.sinks.base import Sink, describe
 from attnlog.sinks.owner import claim, release
 from attnlog.writer import (
@@ -132,6 +133,7 @@ class AttentionLogger:
         check: bool = True,
         **capture_options: Any,
     ) -> None:
+        check_environment()
         self.views = _check_views(views)
         self.patterns = _check_patterns(patterns)
         _check_writer_options(queue_size, spill_mb, writer, close_timeout)
@@ -240,7 +242,7 @@ class AttentionLogger:
         if getattr(self.capturer, "sharded", False):
             # Every rank must skip the same steps, or one enters a probe pass alone and waits;
             # only rank 0 writes the index, and other ranks may not share its file system.
-            from attnlog.capture import broadcast_from_rank_zero
+            from attnlog.capturing import broadcast_from_rank_zero
 
             steps = broadcast_from_rank_zero(steps)
         self._logged_steps |= set(steps)

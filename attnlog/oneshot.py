@@ -75,7 +75,7 @@ def write_snapshot(
     """Capture `probes` once with the model in `model_dir` and write views, heatmaps and scores
     under `out`. Returns a printable summary: the strongest heads and where the files went.
     """
-    from attnlog.capture import Capturer
+    from attnlog.capturing import Capturer
     from attnlog.render.event import render_images, render_views
     from attnlog.sinks.archive import ArchiveSink
     from attnlog.sinks.folder import FolderSink

@@ -27,6 +27,7 @@ __all__ = [
     "ProbeSet",
     "bare_token",
     "encode_probe",
+    "builtin_induction_probe",
     "induction_probe",
     "is_punctuation",
     "model_max_length",
@@ -109,9 +110,7 @@ def _check_ids(ids: Any, name: str | None) -> tuple[int, ...]:
 def _sink_key(name: str) -> str:
     """What the sinks make of a probe name (layout.safe_name), ignoring case as some file
     systems do: two probes must never share it."""
-    from attnlog.layout import safe_name
-
-    return safe_name(name).casefold()
+    return safe_probe_name(name).casefold()
 
 
 def safe_probe_name(name: str) -> str:
@@ -343,14 +342,6 @@ def encode_probe(
     token_type_ids = full.get("token_type_ids")
     token_type_ids = None if token_type_ids is None else np.asarray(token_type_ids, dtype=np.int64)
     segment = _segments(full, special, token_type_ids, probe.pair is not None)
-    word_ids = None
-    if getattr(full, "is_fast", False):
-        words = full.word_ids()
-        word_ids = np.asarray([-1 if w is None else w for w in words], dtype=np.int64)
-        if probe.pair is not None:  # word ids restart at 0 in sentence B: keep them distinct
-            offset = word_ids[segment == 0].max(initial=-1) + 1
-            word_ids = np.where((segment == 1) & (word_ids >= 0), word_ids + offset, word_ids)
-        word_ids[special] = -1
     return EncodedProbe(
         name=probe.name or _slug(probe.text),
         input_ids=ids,
@@ -358,11 +349,24 @@ def encode_probe(
         special=special,
         punct=punct,
         segment=segment,
-        word_ids=word_ids,
+        word_ids=_word_ids(full, segment, special),
         token_type_ids=token_type_ids,
         is_pair=probe.pair is not None,
         truncated=truncated,
     )
+
+
+def _word_ids(encoding: Any, segment: np.ndarray, special: np.ndarray) -> np.ndarray | None:
+    """Word of each token (-1 for special tokens); None from a slow tokenizer."""
+    if not getattr(encoding, "is_fast", False):
+        return None
+    words = encoding.word_ids()
+    word_ids = np.asarray([-1 if w is None else w for w in words], dtype=np.int64)
+    if segment.any():  # word ids restart at 0 in sentence B: keep them distinct
+        offset = word_ids[segment == 0].max(initial=-1) + 1
+        word_ids = np.where((segment == 1) & (word_ids >= 0), word_ids + offset, word_ids)
+    word_ids[special] = -1
+    return word_ids
 
 
 def _too_long(probe: Probe, n: int, max_length: int | None, on_long: str) -> bool:
@@ -407,14 +411,21 @@ def _encode_ids(
     )
 
 
+#: Tokens in one copy of the built-in induction probe.
+INDUCTION_LENGTH = 20
+#: Fewer ordinary tokens than this: no built-in induction probe (2 or 3 say little).
+MIN_INDUCTION_LENGTH = 4
+
+
 def induction_probe(
-    tokenizer: Any, length: int = 20, seed: int = 0, name: str = "induction"
+    tokenizer: Any, length: int = INDUCTION_LENGTH, seed: int = 0, name: str = "induction"
 ) -> Probe:
     """[BOS] + `length` random ordinary token ids, repeated twice: the `induction` score's probe.
 
     The ids are drawn without replacement (so only the second copy repeats tokens) by numpy's
     `Generator` with a fixed seed from the tokenizer's sorted ordinary vocabulary (no special,
-    added or bracketed tokens such as `[unused7]`): the same tokenizer gives the same probe in every run, at every step.
+    added or bracketed tokens such as `[unused7]`): the same tokenizer gives the same probe in
+    every run, at every step.
 
     Args:
         tokenizer: the model's tokenizer (needs `get_vocab`).
@@ -424,12 +435,7 @@ def induction_probe(
     """
     if not isinstance(length, int) or length < 2:
         raise ValueError(f"length must be an integer >= 2, got {length!r}")
-    vocab = tokenizer.get_vocab()
-    added = getattr(tokenizer, "get_added_vocab", dict)()
-    skip = set(getattr(tokenizer, "all_special_ids", []) or []) | set(added.values())
-    # Bracketed tokens ([unused7], <extra_id_0>) are special in all but name: skipped too.
-    skip |= {i for t, i in vocab.items() if re.fullmatch(r"\[.+\]|<.+>", t)}
-    ordinary = np.asarray(sorted(set(vocab.values()) - skip), dtype=np.int64)
+    ordinary = ordinary_token_ids(tokenizer)
     if ordinary.size < length:
         raise ValueError(
             f"the tokenizer has {ordinary.size} ordinary tokens, fewer than length={length}"
@@ -438,6 +444,36 @@ def induction_probe(
     bos = getattr(tokenizer, "bos_token_id", None)
     ids = ([bos] if bos is not None else []) + chosen.tolist() * 2
     return Probe(text=f"{length} random tokens, repeated (seed {seed})", name=name, ids=ids)
+
+
+def ordinary_token_ids(tokenizer: Any) -> np.ndarray:
+    """Sorted ids of the vocabulary's ordinary tokens: not special, not added, not bracketed
+    (`[unused7]`, `<extra_id_0>` are special in all but name)."""
+    vocab = tokenizer.get_vocab()
+    added = getattr(tokenizer, "get_added_vocab", dict)()
+    skip = set(getattr(tokenizer, "all_special_ids", []) or []) | set(added.values())
+    skip |= {i for t, i in vocab.items() if re.fullmatch(r"\[.+\]|<.+>", t)}
+    return np.asarray(sorted(set(vocab.values()) - skip), dtype=np.int64)
+
+
+def builtin_induction_probe(tokenizer: Any) -> Probe | None:
+    """The induction probe a causal model gets unasked, so it never fails construction: a small
+    vocabulary (characters, DNA, amino acids) gets a shorter one, a tiny one none, with a warning."""
+    available = int(ordinary_token_ids(tokenizer).size)
+    if available >= INDUCTION_LENGTH:
+        return induction_probe(tokenizer)
+    short = available >= MIN_INDUCTION_LENGTH
+    outcome = (
+        f"repeats {available} random tokens instead of {INDUCTION_LENGTH}"
+        if short
+        else "is left out, so the induction score is undefined (pass a probe that repeats a "
+        "sequence of tokens to score induction heads)"
+    )
+    warnings.warn(
+        f"the tokenizer has {available} ordinary tokens: the built-in induction probe {outcome}",
+        stacklevel=3,
+    )
+    return induction_probe(tokenizer, length=available) if short else None
 
 
 def _segments(encoding: Any, special: np.ndarray, token_type_ids, is_pair: bool) -> np.ndarray:

@@ -152,7 +152,9 @@ def bare_forward(model, capturer, repeats: int, device="cpu") -> float:
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize(device)
 
-    inputs = capturer._batch_inputs(capturer.encoded, device)
+    from attnlog.capturing.batches import batch_inputs
+
+    inputs = batch_inputs(capturer.tokenizer, capturer.encoded, device)
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     model.eval()

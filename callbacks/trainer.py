@@ -224,7 +224,7 @@ def saved_tokenizer(model: Any) -> Any:
     """
     from transformers import AutoTokenizer
 
-    from attnlog.capture import unwrap_model
+    from attnlog.capturing import unwrap_model
 
     source = getattr(unwrap_model(model), "name_or_path", None) if model is not None else None
     if source:

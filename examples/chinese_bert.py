@@ -24,8 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast  # noqa: E402
 
-from attnlog import AttentionLogger  # noqa: E402
-from attnlog.capture import capture  # noqa: E402
+from attnlog import AttentionLogger, capture  # noqa: E402
 from attnlog.probes import Probe  # noqa: E402
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from attnlog.capture import AttentionUnavailableError, Capturer, capture, unwrap_model
+from attnlog import capture
+from attnlog.capturing import AttentionUnavailableError, Capturer, unwrap_model
 from attnlog.probes import Probe
 
 PAIR = ("The cat sat on the mat.", "The cat was very happy.")
@@ -58,6 +59,34 @@ def test_minilm_matches_plain_eager_forward(minilm, probes):
         host = snapshot.to_host(np.float32).probes[texts.index(text)]
         np.testing.assert_array_equal(host.attention, probe.attention.numpy())
         np.testing.assert_array_equal(host.special, probe.special.numpy())
+
+
+def test_the_documented_one_shot_snippet_runs(minilm):
+    """`from attnlog import capture, score` as the quickstart shows it: capture, then score."""
+    from attnlog import capture, score
+
+    model, tokenizer = minilm
+    snap = capture(model, tokenizer, ["The cat sat."])
+    table = score(snap)
+    assert [p.tokens for p in snap.probes] == [["[CLS]", "the", "cat", "sat", ".", "[SEP]"]]
+    assert table.scores["cls"].shape == (6, 12) and np.isfinite(table.scores["cls"]).all()
+
+
+def test_capture_options_are_checked_in_one_place_naming_the_fix(minilm):
+    from attnlog.capturing import CaptureOptions
+
+    model, tokenizer = minilm
+    with pytest.raises(TypeError, match="unknown option 'batch_sise'; did you mean 'batch_size'"):
+        capture(model, tokenizer, ["fine"], batch_sise=2)
+    with pytest.raises(ValueError, match="on_long must be 'truncate' or 'error'"):
+        CaptureOptions(on_long="drop")
+    with pytest.raises(TypeError, match="record_qk must be True or False"):
+        Capturer(model, tokenizer, ["fine"], record_qk="no")
+    with pytest.raises(TypeError, match="archive_mb must be a number of MiB"):
+        CaptureOptions(archive_mb=float("nan"))
+    options = CaptureOptions(batch_size=1, record_qk=False)
+    snapshot = Capturer(model, tokenizer, ["The cat sat.", "Hi."], options)(0)
+    assert snapshot.probes[0].queries is None and len(snapshot.probes) == 2
 
 
 def test_queries_and_keys_give_the_attention_logits(minilm):
@@ -381,7 +410,7 @@ def _ids_probe(n: int, seed: int = 0, name: str = "long") -> Probe:
 
 
 def test_probe_over_the_full_attention_limit_is_stored_pooled(minilm):
-    from attnlog.capture import pool_attention
+    from attnlog.capturing import pool_attention
 
     _, tokenizer = minilm
     model = _tiny("llama")

@@ -21,7 +21,7 @@ def tiny_scores(tokenizer, seed):
     import torch
     from transformers import BertConfig, BertModel
 
-    from attnlog.capture import capture
+    from attnlog.capturing import capture
     from attnlog.patterns import score
 
     torch.manual_seed(seed)

@@ -276,7 +276,7 @@ def test_hostile_tokens_and_names_cannot_end_the_data_script(snapshot):
 
 def test_page_is_a_fraction_of_the_per_probe_pages(minilm):
     """Default views of a MiniLM probe set: one page, at most a third of the per-probe pages."""
-    from attnlog.capture import capture
+    from attnlog import capture
 
     model, tokenizer = minilm
     snapshot = capture(model, tokenizer, None).to_host()

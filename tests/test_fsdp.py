@@ -36,9 +36,9 @@ def _rank_main(out: Path, tokenizer_dir: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoTokenizer
 
-    import attnlog.capture as capture_module
+    import attnlog.capturing.stream as capture_module
     from attnlog import AttentionLogger
-    from attnlog.capture import Capturer
+    from attnlog.capturing import Capturer
     from attnlog.patterns import score
 
     dist.init_process_group("gloo")
@@ -80,15 +80,15 @@ def _rank_main(out: Path, tokenizer_dir: str) -> None:
         cap.__dict__.pop("_accumulator", None)
 
         # A rank whose reduction fails mid-forward: the forward still completes everywhere.
-        original = capture_module._Stream._take
+        original = capture_module.Stream._take
         if rank == 1:
-            capture_module._Stream._take = lambda *args: _fail()
+            capture_module.Stream._take = lambda *args: _fail()
         try:
             cap.measure(5)
             result["reduce_failure"] = "no error"
         except Exception as ex:
             result["reduce_failure"] = str(ex)
-        capture_module._Stream._take = original
+        capture_module.Stream._take = original
 
         # FSDP1 (the FullyShardedDataParallel wrapper) works the same way.
         from torch.distributed.fsdp import FullyShardedDataParallel

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnlog.capture import capture
+from attnlog import capture
 from attnlog.patterns import PatternContext, score
 from attnlog.probes import Probe, ProbeSet, encode_probe, induction_probe
 from attnlog.snapshot import ProbeAttention
@@ -172,3 +172,56 @@ def test_induction_score_through_a_causal_model(minilm):
     assert ind.shape == (2, 4) and np.isfinite(ind).all()
     # An untrained model is no induction model: near the uniform causal head's 1/i.
     assert ind.max() < 0.5
+
+
+def _character_tokenizer(alphabet: str):
+    """A real character-level fast tokenizer: one token per character, with <s>, <pad>, <unk>."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "<unk>": 2} | {c: i + 3 for i, c in enumerate(alphabet)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", unk_token="<unk>"
+    )
+
+
+def _tiny_decoder(vocab_size: int):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=128)  # fmt: skip
+    return tf.LlamaForCausalLM(config).eval()
+
+
+def test_a_small_vocabulary_gets_a_shorter_induction_probe():
+    """18 ordinary tokens (a character-level model): the built-in probe repeats all 18, with a
+    warning, instead of failing construction for a probe the user did not ask for."""
+    from attnlog.capturing import Capturer
+
+    tokenizer = _character_tokenizer("abcdefghijklmnopqr")
+    model = _tiny_decoder(len(tokenizer))
+    with pytest.warns(UserWarning, match="18 ordinary tokens.*repeats 18 random tokens"):
+        cap = Capturer(model, tokenizer, ["abc cab"])
+    probe = cap.probe_set[-1]
+    assert probe.name == "induction" and len(probe.ids) == 1 + 2 * 18
+    assert sorted(probe.ids[1:19]) == list(range(3, 21)) and probe.ids[1:19] == probe.ids[19:]
+    snapshot, table = cap.measure(0)
+    assert np.isfinite(table.per_probe["induction"]["induction"]).all()
+
+
+def test_a_tiny_vocabulary_leaves_the_induction_probe_out_with_a_warning(tmp_path):
+    """Three ordinary tokens are too few for a meaningful probe: the logger is built without it."""
+    from attnlog import AttentionLogger
+
+    tokenizer = _character_tokenizer("012")
+    model = _tiny_decoder(len(tokenizer))
+    with pytest.warns(UserWarning, match="3 ordinary tokens.*left out"):
+        logger = AttentionLogger(model, tokenizer, ["0120"], sinks=[], archive=False,
+                                 logdir=tmp_path, writer="thread")  # fmt: skip
+    with logger:
+        assert [p.name for p in logger.capturer.probe_set] == ["p0_0120"]
+        assert logger.log(0)

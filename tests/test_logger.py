@@ -239,7 +239,7 @@ def test_unknown_names_fail_fast_listing_the_choices(minilm, tmp_path, option, c
 def test_a_model_without_attention_fails_at_construction(minilm, tmp_path):
     from transformers import MambaConfig, MambaModel
 
-    from attnlog.capture import AttentionUnavailableError
+    from attnlog.capturing import AttentionUnavailableError
 
     _, tokenizer = minilm
     config = MambaConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnlog.capture import Capturer
+from attnlog.capturing import Capturer
 from attnlog.probes import Probe
 
 
@@ -94,7 +94,7 @@ def test_4k_token_probe_chunked_matches_the_full_computation(minilm):
 def test_eager_attention_in_row_chunks_equals_the_whole_layer(minilm, monkeypatch):
     """A layer bigger than CHUNK_BYTES runs the model's eager attention on chunks of query
     rows: the output, the attention and the scores are those of one whole eager call."""
-    import attnlog.capture as capture_module
+    import attnlog.capturing.stream as capture_module
 
     model, tokenizer = minilm
     probes = [Probe("The cat sat on the mat.", "The cat was very happy.", name="pair"),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from attnlog.alerts import AlertTracker
-from attnlog.capture import capture
+from attnlog.capturing import capture
 from attnlog.patterns import PatternContext, ScoreAccumulator, score
 
 PROBES = [

@@ -418,7 +418,7 @@ def test_cap_is_configurable(monkeypatch):
 def test_probe_pooled_at_capture_renders_with_its_span_labels(minilm, monkeypatch):
     """A probe over the capture's full-attention limit arrives pooled (`spans`, `labels`):
     heatmaps and views show its blocks, labelled as the capture labelled them."""
-    from attnlog.capture import capture
+    from attnlog.capturing import capture
     from attnlog.render.event import MAX_HTML_BYTES, probe_images, probe_views
 
     model, tokenizer = minilm

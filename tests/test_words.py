@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from browser import browser, wait_for  # noqa: F401  (session fixture)
 
-from attnlog.capture import capture
+from attnlog.capturing import capture
 from attnlog.probes import Probe
 from attnlog.render.event import probe_images, probe_views
 from attnlog.words import aggregate, pool_probe, word_probe, word_units
