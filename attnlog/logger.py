@@ -157,15 +157,14 @@ class AttentionLogger:
         self.sinks: list[Sink] = []  # the sinks in this process (on the thread writer)
         self._writer: ProcessWriter | ThreadWriter | SplitWriter | None = None
         if self.is_main_process:
-            if "archive" in planned:  # one training per archive: a second one is refused here
-                claim(self.logdir)
             self._make_writer(planned, options, alerts, writer, queue_size, spill_mb)
-            # A run that crashes never reaches close(): still write what is queued at exit.
-            atexit.register(_close_at_exit, weakref.ref(self))
 
     # -- configuration -----------------------------------------------------------------------
 
     def _make_writer(self, planned, options, alerts, kind, queue_size, spill_mb) -> None:
+        """The main process's writer; a second training in the same archive is refused here."""
+        if "archive" in planned:
+            claim(self.logdir)
         names = [item for item in planned if isinstance(item, str)]
         self._writer, self.sinks = build_writer(
             planned,
@@ -176,6 +175,8 @@ class AttentionLogger:
             stats=self.stats,
             report=self._report_once,
         )
+        # A run that crashes never reaches close(): still write what is queued at exit.
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     def _writer_config(self, names: list[str], options: dict, alerts: bool) -> WriterConfig:
         if "mlflow" in names:
