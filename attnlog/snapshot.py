@@ -1,7 +1,8 @@
 """What one logging event captured: per probe, tokens, masks and attention.
 
-A `Snapshot` lives on the training device while scores are computed, then `to_host()` turns it
-into small CPU copies (float16 attention) that the worker thread renders and the sinks write.
+A `Snapshot` lives on the training device during the probe pass, then `to_host()` turns it into
+small CPU copies that the writer scores (probes kept whole; pooled probes are scored in the
+pass), renders and hands to the sinks.
 `save`/`load` give the archive format other tools read back: one `.npz` per step, plain numpy
 arrays plus one JSON string, so no attnlog import is needed to read it.
 
