@@ -1,9 +1,10 @@
 """What one logging event captured: per probe, tokens, masks and attention.
 
-A `Snapshot` lives on the training device while scores are computed, then `to_host()` turns it
-into small CPU copies (float16 attention) that the worker thread renders and the sinks write.
-`save` writes the archive format other tools read back (`attnlog.load` reads it): one `.npz` per
-step, plain numpy arrays plus one JSON string, so no attnlog import is needed to read it.
+A `Snapshot` lives on the training device during the probe pass, then `to_host()` turns it into
+small CPU copies that the writer scores (probes kept whole; pooled probes are scored in the
+pass), renders and hands to the sinks. `save` writes the archive format other tools read back
+(`attnlog.load` reads it): one `.npz` per step, plain numpy arrays plus one JSON string, so no
+attnlog import is needed to read it.
 
 A probe longer than the capture's full-attention limit (256 tokens by default) keeps its attention
 pooled by blocks of tokens instead: `attention` is then `[L, H, m, m]` with `m` <= 256, `spans`

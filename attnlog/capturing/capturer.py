@@ -11,11 +11,13 @@ success so that a failing rank stalls nobody.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 from attnlog.capturing import batches
 from attnlog.capturing.attention import Pass, probe_pass
+from attnlog.capturing.budget import plan_storage
 from attnlog.capturing.distributed import agree, rank, settle
 from attnlog.capturing.models import (
     AttentionUnavailableError,
@@ -26,7 +28,7 @@ from attnlog.capturing.models import (
     unwrap_model,
 )
 from attnlog.capturing.options import CaptureOptions
-from attnlog.capturing.pooling import pool_attention, pooled_size, span_labels
+from attnlog.capturing.pooling import pool_attention, span_labels
 from attnlog.capturing.stream import Stream
 from attnlog.probes import EncodedProbe, ProbeSet, builtin_induction_probe, model_max_length
 from attnlog.snapshot import ProbeAttention, Snapshot
@@ -75,12 +77,14 @@ class Capturer:
         if options.induction_probe and self.causal:
             self.probe_set = _with_induction_probe(self.probe_set, tokenizer)
         self.encoded = self._encode(config)
-        self.batch_size = options.batch_size or len(self.encoded)
-        self.record_qk = options.record_qk
-        self.full_attention_limit = options.full_attention_limit
         self.chunked_above = options.chunked_above
-        long = sum(len(p) > options.full_attention_limit for p in self.encoded)
-        self.pooled_size = pooled_size(options.pooled_size, options.archive_mb, config, long)
+        self.batches = _batches(self.encoded, options.batch_size, options.chunked_above)
+        self.storage = plan_storage([len(p) for p in self.encoded], config, options)
+        for note in self.storage.notes:
+            warnings.warn(note, stacklevel=3)
+        self.full_attention_limit = self.storage.full_limit
+        self.pooled_size = self.storage.pooled_size
+        self.record_qk = bool(self.storage.qk)
         self._streams = True  # False once a model's attention is seen not to use our function
         self._contexts: dict[str, list[Any]] = {}
         self._check_vocabulary(inner)
@@ -164,8 +168,7 @@ class Capturer:
         tables: list[Any] = []
         try:
             with probe_pass(model, record_qk=self.record_qk) as current:
-                for start in range(0, len(self.encoded), self.batch_size):
-                    chunk = self.encoded[start : start + self.batch_size]
+                for chunk in self.batches:
                     self._run(model, chunk, current, patterns, scores, sharded, probes, tables)
         except Exception as ex:
             if not sharded:
@@ -211,7 +214,10 @@ class Capturer:
         if table is None and (scores or too_long) and whole:  # the output_attentions path
             table = score(whole, patterns, step=snapshot.step)
         probes = []
+        keep_qk = {self.encoded[i].name for i in self.storage.qk}
         for p in snapshot.probes:
+            if p.name not in keep_qk and p.queries is not None:  # over archive_mb
+                p = ProbeAttention(**{**vars(p), "queries": None, "keys": None, "scaling": None})
             if not p.pooled and len(p) > self.full_attention_limit:
                 pooled, spans = pool_attention(p.attention, self.pooled_size)
                 p = ProbeAttention(**{**vars(p), "attention": pooled, "spans": spans,
@@ -293,6 +299,25 @@ def capture(
     """
     options.setdefault("induction_probe", False)
     return Capturer(model, tokenizer, probes, CaptureOptions.create(options, "capture"))(step)
+
+
+def _batches(
+    encoded: list[EncodedProbe], size: int | None, alone_above: int
+) -> list[list[EncodedProbe]]:
+    """Probes in order, `size` to a batch (all by default); a probe over `alone_above` tokens
+    in a batch of its own, so that no shorter probe pads it and adds an n x n mask."""
+    batches: list[list[EncodedProbe]] = []
+    group: list[EncodedProbe] = []
+    for p in encoded:
+        if len(p) > alone_above:
+            batches += [group, [p]] if group else [[p]]
+            group = []
+            continue
+        group.append(p)
+        if size is not None and len(group) == size:
+            batches.append(group)
+            group = []
+    return batches + [group] if group else batches
 
 
 def _merge_tables(tables: list[Any], step: int, contexts: Sequence[Any]) -> Any:

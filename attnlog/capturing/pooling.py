@@ -70,17 +70,3 @@ def span_labels(tokens: Sequence[str], spans: Any) -> list[str]:
     for start, end in spans.tolist():
         labels.append(tokens[start] if end - start == 1 else f"{tokens[start]}…{tokens[end - 1]}")
     return labels
-
-
-def pooled_size(size: int, archive_mb: float, config: Any, long_probes: int) -> int:
-    """Blocks per axis: at most `size`, and small enough that the float16 pooled maps of all
-    long probes, `[L, H, m, m]` each, fit in `archive_mb`."""
-    from attnlog.capturing.models import text_config
-
-    text = text_config(config)
-    layers = getattr(text, "num_hidden_layers", None)
-    heads = getattr(text, "num_attention_heads", None)
-    if not (long_probes and isinstance(layers, int) and isinstance(heads, int)):
-        return size
-    fit = int((archive_mb * 2**20 / (2 * layers * heads * long_probes)) ** 0.5)
-    return max(1, min(size, fit))

@@ -22,6 +22,21 @@ __all__ = ["CHUNK_BYTES", "Stream"]
 #: float32 bytes of attention rows reduced at once, on the CPU and on an accelerator: bounds a
 #: layer's memory; larger on a GPU, where each chunk costs ~100 kernel launches.
 CHUNK_BYTES = {"cpu": 8 * 2**20, "cuda": 128 * 2**20}
+#: A layer's attention is reduced in chunks of at most 1/LAYER_PARTS of it (above
+#: SMALL_CHUNK_BYTES): a chunk's scores, softmax and float32 copies live side by side, so the
+#: pass adds well under one layer's attention on top of what the model's forward holds.
+LAYER_PARTS = 8
+SMALL_CHUNK_BYTES = 8 * 2**20
+
+
+def chunk_rows(row_elements: int, height: int, device_type: str) -> int:
+    """Query rows reduced at once, for rows of `row_elements` float32 values and `height` rows:
+    at most CHUNK_BYTES, and at most 1/LAYER_PARTS of the layer when that is more than
+    SMALL_CHUNK_BYTES."""
+    budget = CHUNK_BYTES.get(device_type, CHUNK_BYTES["cuda"])
+    layer = 4 * row_elements * height
+    budget = min(budget, max(SMALL_CHUNK_BYTES, layer // LAYER_PARTS))
+    return max(1, budget // (4 * row_elements))
 
 
 class Stream:
@@ -82,8 +97,7 @@ class Stream:
             keys = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
         self._guard(self._start_layer, query, keys, scaling)
         batch, heads, width, _ = query.shape
-        budget = CHUNK_BYTES.get(query.device.type, CHUNK_BYTES["cuda"])
-        rows = max(1, budget // (4 * batch * heads * width))
+        rows = chunk_rows(batch * heads * width, width, query.device.type)
         if self.chunked:
             from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
