@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/bench_gpu.py --tokenizer DIR          # < 5 min on an H200
     PYTHONPATH=. python benchmarks/bench_gpu.py --device cpu --steps 20  # smoke run, no GPU
 
-Workload (issue 10): random-initialised BERT of MiniLM shape (6 layers, 384 wide, 12 heads) and
+Workload: random-initialised BERT of MiniLM shape (6 layers, 384 wide, 12 heads) and
 of bert-base shape (12 layers, 768 wide, 12 heads), sequence classification, bf16 autocast,
 fused AdamW, batch 32 x 128 random tokens. The logger is the default one: the 8 default probes,
 the default views, the TensorBoard sink and the archive (no MLflow), writer process.

@@ -1,4 +1,4 @@
-"""Overhead of attnlog on real fine-tuning, side by side with the naive pipeline (issue #7).
+"""Overhead of attnlog on real fine-tuning, side by side with the naive pipeline.
 
     python benchmarks/bench_overhead.py            # the full table, a few minutes on 2 cores
     python benchmarks/bench_overhead.py --quick    # fewer repeats, for a smoke run

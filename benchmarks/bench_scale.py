@@ -1,4 +1,4 @@
-"""Scale benchmark (issue 11): memory, stall and sizes of one logging event on long probes.
+"""Scale benchmark: memory, stall and sizes of one logging event on long probes.
 
     PYTHONPATH=. python3 benchmarks/bench_scale.py                 # CPU: 8-layer GQA decoder
     PYTHONPATH=. python3 benchmarks/bench_scale.py --device cuda   # GPU: the 1.1B Llama config

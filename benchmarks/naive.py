@@ -11,7 +11,7 @@ Everything runs synchronously on the training thread, once per logging event:
 5. per-metric logging: one `SummaryWriter.add_scalar` and one `mlflow.log_metric` call per
    head-score (MLflow tracking store: sqlite).
 
-It is the baseline that `bench_overhead.py` compares attnlog with (issue #7), not a
+It is the baseline that `bench_overhead.py` compares attnlog with, not a
 recommendation. Needs bertviz, matplotlib, tensorboard and mlflow.
 """
 

@@ -284,10 +284,10 @@ def test_training_is_bit_identical_with_the_writer_process(minilm_path, tmp_path
 def test_a_sink_object_runs_on_a_thread_and_the_named_sinks_in_the_writer_process(
     minilm, tmp_path, monkeypatch
 ):
+    from attnlog import notes
     from attnlog.layout import read_index
-    from attnlog.writer import plan
 
-    monkeypatch.setattr(plan, "_noted", set())  # the note is said once per process
+    notes.forget()  # the note is said once per process
 
     memory = MemorySink()
     logdir = tmp_path / "run"

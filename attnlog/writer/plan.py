@@ -12,12 +12,12 @@ import inspect
 import logging
 import pickle
 import sys
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from attnlog.notes import warn_once
 from attnlog.sinks.base import Sink, check_writable_dir, sink_factory
 from attnlog.writer.contain import cause
 from attnlog.writer.events import EventWriter, WriterConfig
@@ -39,7 +39,6 @@ log = logging.getLogger("attnlog")
 
 DEFAULT_SINKS = ("tensorboard", "mlflow")  # those installed; see `default_sinks`
 _BACKENDS = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # sink name -> package it needs
-_noted: set[str] = set()  # one-time notes, per process
 
 
 def build_writer(
@@ -192,9 +191,6 @@ def active_mlflow_run(options: dict) -> dict[str, str]:
 
 
 def note_once(text: str, warn: bool = False) -> None:
-    if text in _noted:
-        return
-    _noted.add(text)
-    log.info(text)
-    if warn:
-        warnings.warn(text, UserWarning, stacklevel=4)
+    """Say `text` once per process: logged at INFO, and also a UserWarning when `warn`."""
+    category = UserWarning if warn else None
+    warn_once(text, text, category=category, logger=log, level=logging.INFO, stacklevel=4)
