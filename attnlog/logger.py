@@ -62,6 +62,8 @@ class AttentionLogger:
         views: bertviz views, tabs of one page per event (`attention/step_<8 digits>.html`):
             "head", "model", "neuron", "head_words", "model_words" (one name or several; `()`
             for none). Add "per_probe" for one page per probe and view instead.
+        views_every: write the page of views at every k-th event only (the first included),
+            for runs that log often; heatmaps, scores and the archive come with every event.
         layer_images: also log one token-labelled heatmap per layer and probe. Off by default:
             they are most of the writer's cost (benchmarks/README.md); the model image (all
             layers × heads) is always made, and the TensorBoard Attention tab shows any head
@@ -120,6 +122,7 @@ class AttentionLogger:
         logdir: str | os.PathLike = "runs/attnlog",
         patterns: Sequence[str] | None = None,
         views: Sequence[str] | str = ("head", "model", "neuron"),
+        views_every: int = 1,
         layer_images: bool = False,
         archive: bool = True,
         sink_options: dict[str, dict[str, Any]] | None = None,
@@ -135,6 +138,7 @@ class AttentionLogger:
     ) -> None:
         check_environment()
         self.views = _check_views(views)
+        self.views_every = check_interval(views_every, "views_every")
         self.patterns = _check_patterns(patterns)
         _check_writer_options(queue_size, spill_mb, writer, close_timeout)
         self.layer_images = layer_images
@@ -222,7 +226,8 @@ class AttentionLogger:
         snapshot, table = measured
         if snapshot is None:  # not rank 0 of a sharded pass
             return False
-        self._writer.submit(Event(step, snapshot, table))
+        page = self.stats["events"] % self.views_every == 0
+        self._writer.submit(Event(step, snapshot, table, page=page))
         self._logged_steps.add(step)
         self.stats["events"] += 1
         return True
@@ -280,6 +285,8 @@ class AttentionLogger:
             "patterns": ",".join(self.patterns or ["all"]),
             "views": ",".join(self.views),
         }
+        if self.views_every > 1:
+            out["views_every"] = str(self.views_every)
         for probe in self.capturer.probe_set:
             text = probe.text if probe.pair is None else f"{probe.text} ||| {probe.pair}"
             out[f"probe.{probe.name}"] = describe(text)
@@ -361,11 +368,12 @@ class AttentionLogger:
         self.close()
 
 
-def check_interval(every_n_steps: Any) -> int:
-    """The adapters' logging interval: a positive integer, or a clear error at construction."""
-    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-        raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
-    return every_n_steps
+def check_interval(every: Any, name: str = "every_n_steps") -> int:
+    """An interval (`every_n_steps`, `views_every`): a positive integer, or a clear error at
+    construction."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"{name} must be a positive integer, got {every!r}")
+    return every
 
 
 # ---- argument checks ------------------------------------------------------------------------

@@ -345,3 +345,29 @@ def test_default_sinks_are_those_installed_and_say_so(minilm_path, tmp_path):
     assert [e["step"] for e in read_index(logdir)] == [0]
     assert list(logdir.glob("events.out.tfevents.*"))
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_views_every_k_events_writes_pages_at_every_kth_event_and_the_rest_every_time(
+    minilm, tmp_path
+):
+    """For runs that log often: the page of views at events 0, 2, 4; scores, heatmaps and the
+    archive at every event."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logdir = tmp_path / "run"
+    with make_logger(minilm, logdir, ["tensorboard"], views=("head",), views_every=2) as logger:
+        for step in range(5):
+            assert logger.log(step * 10)
+        assert logger.flush(timeout=300)
+        assert logger.settings()["views_every"] == "2"
+    pages = sorted(p.name for p in (plugin_dir(logdir) / "html" / "attention").glob("*.html"))
+    assert pages == [page_path(s).split("/")[-1] for s in (0, 20, 40)]
+    assert [e["step"] for e in read_index(logdir)] == [0, 10, 20, 30, 40]
+    events = EventAccumulator(str(logdir), size_guidance={"images": 0, "scalars": 0}).Reload()
+    assert [e.step for e in events.Scalars("patterns/delimiter/max")] == [0, 10, 20, 30, 40]
+    assert [e.step for e in events.Images("patterns/delimiter")] == [0, 10, 20, 30, 40]
+
+
+def test_views_every_must_be_a_positive_integer(minilm, tmp_path):
+    with pytest.raises(ValueError, match="views_every must be a positive integer"):
+        make_logger(minilm, tmp_path, [], views_every=0)

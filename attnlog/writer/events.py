@@ -28,12 +28,15 @@ class Event:
     """One logging event, as the training process hands it over.
 
     `snapshot` is the probe pass's host copy (numpy); `table` the scores of pooled long probes,
-    made during the pass, or None (probes kept whole): the writer scores them.
+    made during the pass, or None (probes kept whole): the writer scores them. `page`: whether
+    this event also gets its page of views (`views_every`); heatmaps, scores and the archive
+    come with every event.
     """
 
     step: int
     snapshot: Snapshot
     table: ScoreTable | None = None
+    page: bool = True
 
 
 @dataclass
@@ -120,7 +123,7 @@ class EventWriter:
             self._write_probe_images(probe, step)
         from attnlog.render.event import event_views, pattern_images
 
-        if self.config.views:  # else nothing to pool or check against the HTML cap
+        if self.config.views and event.page:  # else nothing to pool or check against the cap
             files = self.contained("render", event_views, snapshot, step, self.config.views)
             if files:  # one page per event: every probe and view
                 self.to_sinks("log_html", files, step)
