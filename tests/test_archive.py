@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -105,3 +106,17 @@ def test_attnlog_load_returns_a_snapshot_with_its_scores(tmp_path):
     assert attnlog.load(tmp_path, step=0).step == 0
     with pytest.raises(ValueError, match="step 5"):
         attnlog.load(tmp_path, step=5)
+
+
+@pytest.mark.skipif(not hasattr(os, "O_NOFOLLOW"), reason="no O_NOFOLLOW here")
+def test_a_planted_index_link_is_refused_and_its_target_left_alone(tmp_path):
+    """A shared logdir where someone linked index.jsonl to a user's file: the sink refuses to
+    append through the link (the writer contains and reports the error), the file is untouched."""
+    target = tmp_path / "bashrc"
+    target.write_text("export PATH=/usr/bin\n")
+    folder = plugin_dir(tmp_path / "run")
+    folder.mkdir(parents=True)
+    (folder / "index.jsonl").symlink_to(target)
+    with pytest.raises(OSError):
+        ArchiveSink(tmp_path / "run").log_archive(make_snapshot(0), make_table(0), 0)
+    assert target.read_text() == "export PATH=/usr/bin\n"

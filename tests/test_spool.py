@@ -235,7 +235,7 @@ def test_a_second_sync_at_once_exits_with_a_message_and_starts_no_run(tmp_path, 
             connection, _ = silent.accept()  # the first sync is sending now
             assert main(["sync", str(logdir), "--tracking-uri", uri]) == 1
             err = capsys.readouterr().err
-            assert f"another `attnlog sync` (pid {first.pid}) is sending" in err
+            assert f"another sender (pid {first.pid}: an `attnlog sync`" in err
             assert "Traceback" not in err and "Errno" not in err
             connection.close()
         finally:

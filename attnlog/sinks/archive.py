@@ -45,6 +45,10 @@ __all__ = ["ArchiveSink", "remove_stale_temporaries", "write_all"]
 LOCK = "index.lock"
 _TMP_GLOB = "step_*.npz*.tmp"  # ours: step_X.npz.<pid>.<hex>.tmp (+ Snapshot.save's own .tmp)
 
+# A planted link in a shared logdir (index.jsonl -> ~/.bashrc) must not make the writer append to
+# its target: such a link fails to open, and the sink's error is contained and reported.
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # 0 on Windows, which has no such links by default
+
 
 class ArchiveSink(Sink):
     """Writes `step_<8 digits>.npz` and its `index.jsonl` line at every `log_archive`.
@@ -126,7 +130,7 @@ class ArchiveSink(Sink):
         except ImportError:  # Windows: no flock; one writer per logdir there
             yield
             return
-        fd = os.open(self.folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.folder / LOCK, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -136,7 +140,7 @@ class ArchiveSink(Sink):
     def _append_index(self, entry: dict[str, Any]) -> None:
         line = (json.dumps(entry) + "\n").encode()
         # One O_APPEND write: a concurrent reader sees the whole line or none of it.
-        fd = os.open(self.folder / INDEX, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.folder / INDEX, os.O_RDWR | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o644)
         try:
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":

@@ -34,6 +34,7 @@ from attnlog.sinks.spool import (
     start_run,
     ui_url,
 )
+from attnlog.sinks.spool_guard import SpoolBusy, hold
 from attnlog.summary import SummaryTracker, describe_change
 
 if TYPE_CHECKING:
@@ -299,6 +300,13 @@ class MLflowSink(Sink):
             return True
         if not force and time.monotonic() < self._retry_at:
             return False
+        try:
+            with hold(self.spool.folder):  # never beside an `attnlog sync` of the same spool
+                return self._send_spooled(paths)
+        except SpoolBusy:
+            return False  # the other sender has them; later events go to the spool meanwhile
+
+    def _send_spooled(self, paths: list) -> bool:
         sent = 0
         for path in paths:
             if not path.exists():

@@ -132,8 +132,8 @@ def hold(folder: Path) -> Iterator[None]:
         if not _try_lock(fh.fileno()):
             holder = fh.read(20).decode("ascii", "replace").strip() or "unknown"
             raise SpoolBusy(
-                f"another `attnlog sync` (pid {holder}) is sending {folder} now; run it again "
-                "once that one has finished"
+                f"another sender (pid {holder}: an `attnlog sync`, or a training's MLflow sink) "
+                f"is sending {folder} now; run it again once that one has finished"
             )
         fh.truncate()
         fh.write(str(os.getpid()).encode())
