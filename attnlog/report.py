@@ -22,9 +22,9 @@ import numpy as np
 
 from attnlog.layout import INDEX, archive_name, archive_path, plugin_dir, read_index
 from attnlog.notes import warn_once
+from attnlog.score_history import logged_steps
 from attnlog.snapshot import ProbeAttention, Snapshot
 from attnlog.snapshot import _load as _load_file  # the file format's own reader, for `load`
-from attnlog.table import logged_steps
 
 __all__ = [
     "UNBOUNDED",

@@ -28,9 +28,9 @@ import numpy as np
 
 from attnlog.layout import plugin_dir
 from attnlog.patterns import PATTERNS, ScoreTable
+from attnlog.score_history import TABLE_DIR
 from attnlog.sinks.archive import ArchiveSink
 from attnlog.snapshot import ProbeAttention, Snapshot
-from attnlog.table import TABLE_DIR
 
 GOAL_S = 0.2
 
@@ -132,8 +132,8 @@ def time_table_report(run: Path, repeat: int) -> tuple[float, float]:
     """What `report` reads when it takes its step list from the score table (`logged_steps`)
     instead of parsing the index: the steps, then the last step's archive file."""
     from attnlog.layout import archive_name
+    from attnlog.score_history import logged_steps
     from attnlog.snapshot import load
-    from attnlog.table import logged_steps
 
     times = []
     for _ in range(repeat + 1):

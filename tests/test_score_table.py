@@ -11,9 +11,9 @@ import pytest
 from test_sinks_contract import make_snapshot, make_table
 
 from attnlog.layout import archive_name, plugin_dir, read_index
+from attnlog.score_history import TABLE_DIR, logged_steps, read_table
 from attnlog.sinks.archive import ArchiveSink
 from attnlog.snapshot import load_scores
-from attnlog.table import TABLE_DIR, logged_steps, read_table
 
 pytest.importorskip("tensorboard")
 from attnlog.tensorboard_plugin.plugin import runs_impl, trend_impl  # noqa: E402

@@ -7,7 +7,7 @@ Layout under `plugin_dir(logdir)` (see `attnlog.layout`):
                           probe_shapes (`layout.probe_shapes`, so readers need not open files)
     index.lock            taken (fcntl.flock) around every index and table update
     training.lock         the training that owns the archive (`attnlog.sinks.owner`)
-    scores/<id>.bin       the run's score table (`attnlog.table`): what browsing a long run
+    scores/<id>.bin       the run's score table (`attnlog.score_history`): what browsing a long run
                           reads instead of every step file
 
 Two trainings in one logdir would overwrite each other's steps, so the logger claims the
@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 from attnlog.layout import INDEX, archive_name, plugin_dir, probe_shapes, read_index
 from attnlog.notes import warn_once
+from attnlog.score_history import TABLE_DIR, abandon, append_scores
 from attnlog.sinks.base import Sink, check_writable_dir
 from attnlog.sinks.owner import check_owner
-from attnlog.table import TABLE_DIR, abandon, append_scores
 
 if TYPE_CHECKING:
     from attnlog.patterns import ScoreTable

@@ -1,7 +1,7 @@
 """Runs and steps for the Attention tab: which folders are runs, which steps they logged, and
 the cached readers of their archive files.
 
-A run's steps come from its score table (`attnlog.table`: one file, whatever the run's length),
+A run's steps come from its score table (`attnlog.score_history`: one file, whatever the run's length),
 or, for archives written before the table existed, from its index and step files. Both are
 cached by file size and mtime, so TensorBoard's polling re-reads only what changed.
 """
@@ -21,8 +21,8 @@ import numpy as np
 from attnlog.layout import INDEX, archive_name, plugin_dir, probe_shapes, read_index
 from attnlog.notes import warn_once
 from attnlog.report import load
+from attnlog.score_history import TABLE_DIR, RunTable, read_table
 from attnlog.snapshot import Snapshot, load_scores
-from attnlog.table import TABLE_DIR, RunTable, read_table
 
 __all__ = [
     "RequestError",
