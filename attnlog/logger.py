@@ -213,7 +213,7 @@ class AttentionLogger:
         step = _check_step(step)
         if self._closed or self._forked():
             return False
-        sharded = getattr(self.capturer, "sharded", False)
+        sharded = self.capturer.sharded
         if not self.is_main_process and not sharded:  # only rank 0 captures and writes
             return False
         if sharded:  # every rank must make the same choice for this step, or the next pass hangs
@@ -245,7 +245,7 @@ class AttentionLogger:
         from attnlog.layout import read_index
 
         steps = sorted(e["step"] for e in read_index(self.logdir) if e["step"] > step)
-        if getattr(self.capturer, "sharded", False):
+        if self.capturer.sharded:
             # Every rank must skip the same steps, or one enters a probe pass alone and waits;
             # only rank 0 writes the index, and other ranks may not share its file system.
             from attnlog.capturing import broadcast_from_rank_zero

@@ -214,7 +214,7 @@ def _trend_from_files(folder: Path, steps: list[int], pattern: str, layer: int, 
 
 def _word_view(folder: Path, step: int, probe: ProbeAttention) -> ProbeAttention:
     """The probe's word view, or a 404 for a pooled probe or one whose words cannot be told."""
-    if getattr(probe, "labels", None) is not None:
+    if probe.labels is not None:
         raise RequestError(
             404, f"probe {probe.name!r} is stored by token block (a long probe): no word view"
         )
