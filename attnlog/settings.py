@@ -12,12 +12,13 @@ import os
 
 __all__ = ["MAX_HTML_BYTES", "check_environment", "max_html_bytes"]
 
-#: Default cap of one bertviz view, in bytes (`ATTNLOG_MAX_HTML_MB` overrides it).
+#: Default cap of one HTML file (the event page, or a per-probe page), in bytes
+#: (`ATTNLOG_MAX_HTML_MB` overrides it).
 MAX_HTML_BYTES = 10 * 2**20
 
 
 def max_html_bytes() -> int:
-    """The per-view cap: `ATTNLOG_MAX_HTML_MB` (MiB) when set, else `MAX_HTML_BYTES`.
+    """The cap per HTML file: `ATTNLOG_MAX_HTML_MB` (MiB) when set, else `MAX_HTML_BYTES`.
 
     Raises:
         ValueError: the variable is not a positive, finite number.

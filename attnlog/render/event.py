@@ -18,7 +18,6 @@ per-probe page is pooled, or its neuron view left out. Raise the cap on purpose 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,6 +33,7 @@ from attnlog.layout import (
 )
 from attnlog.notes import warn_once
 from attnlog.patterns import ScoreTable
+from attnlog.settings import MAX_HTML_BYTES, max_html_bytes  # re-exported: the cap lives there
 from attnlog.snapshot import ProbeAttention, Snapshot
 
 __all__ = [
@@ -50,28 +50,8 @@ __all__ = [
     "render_views",
 ]
 
-MAX_HTML_BYTES = 10 * 2**20
 _BYTES_PER_WEIGHT = 8 / 3  # float16, base64-encoded
 _PAGE_BYTES = 300_000  # a per-probe page's d3/jQuery/RequireJS/bertviz (~160 kB), with room
-
-
-def max_html_bytes() -> int:
-    """The cap per HTML file (the event page, or a per-probe page): `ATTNLOG_MAX_HTML_MB` (MiB)
-    when set, else `MAX_HTML_BYTES`.
-
-    Raises:
-        ValueError: the variable is not a positive number.
-    """
-    text = os.environ.get("ATTNLOG_MAX_HTML_MB")
-    if text is None:
-        return MAX_HTML_BYTES
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0 or not math.isfinite(value):
-        raise ValueError(f"ATTNLOG_MAX_HTML_MB={text!r} must be a positive number of MiB, e.g. 50")
-    return int(value * 2**20)
 
 
 def probe_images(
