@@ -106,3 +106,20 @@ def open_file(driver: Any, path: str | os.PathLike[str], ready: str | None = Non
     driver.get(f"file://{os.path.abspath(path)}")
     if ready is not None:
         wait_for(driver, f"return {ready};")
+
+
+def neuron_dot_products(driver: Any, query: int = 1) -> list[float]:
+    """Hover query `query` in a drawn neuron view's expanded panel and read back the q . k values
+    that bertviz's JavaScript computed from the embedded vectors."""
+    driver.execute_script(
+        "const g = Array.from(document.querySelectorAll('#expanded *'))"
+        ".filter(e => e.__on && e.__on.some(o => o.type === 'mouseover') && e.tagName === 'g'"
+        " && e.parentNode.id === 'leftText');"
+        f"g[{int(query)}].dispatchEvent(new MouseEvent('mouseover'));"
+    )
+    return wait_for(
+        driver,
+        "const v = Array.from(document.querySelectorAll('#expanded .dotproduct'))"
+        ".map(e => e.getAttribute('data-value'));"
+        "return v.length && v.every(x => x !== null) ? v.map(Number) : null;",
+    )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser import browser, console_log, wait_for  # noqa: F401  (browser: a fixture)
+from browser import browser, console_log, neuron_dot_products, wait_for  # noqa: F401  (browser: a fixture)
 from test_render_html import (  # noqa: F401  (minilm_probe: a fixture)
     XSS,
     long_probe,
@@ -220,18 +220,7 @@ def test_neuron_view_shows_the_model_dot_products(browser, tmp_path, minilm_prob
     path.write_text(page_of(Snapshot(step=7, probes=[probe]), ("neuron",)), encoding="utf-8")
     browser.get(path.as_uri())
     show(browser, 0, "neuron")
-    browser.execute_script(
-        "const g = Array.from(document.querySelectorAll('#expanded *'))"
-        ".filter(e => e.__on && e.__on.some(o => o.type === 'mouseover') && e.tagName === 'g'"
-        " && e.parentNode.id === 'leftText');"
-        "g[1].dispatchEvent(new MouseEvent('mouseover'));"
-    )
-    values = wait_for(
-        browser,
-        "const v = Array.from(document.querySelectorAll('#expanded .dotproduct'))"
-        ".map(e => e.getAttribute('data-value'));"
-        "return v.length && v.every(x => x !== null) ? v.map(Number) : null;",
-    )
+    values = neuron_dot_products(browser)
     q = probe.queries[0, 0, 1].astype(np.float32)
     expected = probe.keys[0, 0].astype(np.float32) @ q * probe.scaling
     np.testing.assert_allclose(values, expected, atol=0.02 * np.abs(expected).max())

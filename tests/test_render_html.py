@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 import pytest
-from browser import browser, wait_for  # noqa: F401  (session fixture; tests/ is on sys.path)
+from browser import browser, neuron_dot_products, wait_for  # noqa: F401  (session fixture; tests/ is on sys.path)
 
 from attnlog.render.html import _script_json, head_view, model_view, neuron_view
 from attnlog.snapshot import ProbeAttention
@@ -229,18 +229,7 @@ def test_neuron_view_shows_model_dot_products(browser, tmp_path, minilm_probe): 
     wait_tokens(browser, [t for t in probe.tokens])
     assert_offline_and_safe(browser, page)
     # Hover query 1 in the expanded view: bertviz's JS computes q . k from the embedded vectors.
-    browser.execute_script(
-        "const g = Array.from(document.querySelectorAll('#expanded *'))"
-        ".filter(e => e.__on && e.__on.some(o => o.type === 'mouseover') && e.tagName === 'g'"
-        " && e.parentNode.id === 'leftText');"
-        "g[1].dispatchEvent(new MouseEvent('mouseover'));"
-    )
-    values = wait_for(
-        browser,
-        "const v = Array.from(document.querySelectorAll('#expanded .dotproduct'))"
-        ".map(e => e.getAttribute('data-value'));"
-        "return v.length && v.every(x => x !== null) ? v.map(Number) : null;",
-    )
+    values = neuron_dot_products(browser)
     q = probe.queries[0, 0, 1].astype(np.float32)
     expected = probe.keys[0, 0].astype(np.float32) @ q * probe.scaling
     np.testing.assert_allclose(values, expected, rtol=1e-3, atol=1e-3)
