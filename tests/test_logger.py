@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from test_writer import wait_for
 
 from attnlog import AttentionLogger
 from attnlog.layout import page_path, plugin_dir, read_index
@@ -192,19 +193,6 @@ def test_queue_overflow_waits_on_disk_in_order_and_drops_nothing(minilm, tmp_pat
     assert logger.stats["dropped"] == 0 and logger.stats["lost"] == 0
     assert not outbox.exists()  # emptied and removed
     assert logger.logged_steps == {0, 1, 2, 3, 4}
-
-
-def wait_for(condition, what: str, seconds: float = 120.0):
-    """Poll until `condition()` is true; fail naming `what` if it never is (not a timing test)."""
-    import time
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"gave up waiting for {what}")
 
 
 def test_other_processes_write_nothing_and_start_no_worker(minilm, tmp_path):

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from test_writer import gate  # noqa: F401  (a fixture: the `gate` sink registered by name)
 
 from attnlog.layout import read_index
 from attnlog.sinks.memory import MemorySink
@@ -71,7 +72,7 @@ def test_events_logged_before_the_writer_process_is_ready_all_arrive(minilm, tmp
     assert logger.stats["lost"] == 0 and logger.stats["dropped"] == 0
 
 
-def test_past_the_disk_bound_events_are_dropped_counted_and_named(minilm, tmp_path, gate):
+def test_past_the_disk_bound_events_are_dropped_counted_and_named(minilm, tmp_path, gate):  # noqa: F811
     from test_writer import wait_for
 
     logdir = tmp_path / "run"
@@ -148,7 +149,7 @@ def test_an_event_that_kills_the_writer_twice_is_set_aside_and_the_run_goes_on(
     assert event.step == 1 and event.snapshot.probes[0].tokens
 
 
-def test_close_that_gives_up_counts_every_event_it_leaves_as_lost(minilm, tmp_path, gate):
+def test_close_that_gives_up_counts_every_event_it_leaves_as_lost(minilm, tmp_path, gate):  # noqa: F811
     logger = make_logger(
         minilm, tmp_path / "run", ["gate"], sink_options={"gate": {"folder": str(gate)}}
     )
@@ -161,18 +162,6 @@ def test_close_that_gives_up_counts_every_event_it_leaves_as_lost(minilm, tmp_pa
         wait_for(lambda: (gate / "entered-0").exists(), "the writer to hang in the sink")
         assert logger.close(timeout=0.5) is False
     assert logger.stats["lost"] == 2
-
-
-@pytest.fixture
-def gate(monkeypatch, tmp_path):
-    from test_writer import GateSink
-
-    from attnlog.sinks.base import SINKS
-
-    monkeypatch.setitem(SINKS, "gate", GateSink)
-    folder = tmp_path / "gate"
-    folder.mkdir()
-    return folder
 
 
 def test_a_restarted_writer_goes_on_with_the_mlflow_run_it_started(minilm, tmp_path):
