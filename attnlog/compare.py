@@ -1,8 +1,9 @@
 """`attnlog compare A B`: two runs' pattern scores side by side, as text and as one HTML page.
 
 A run is a logdir (its archive's last step) or an MLflow run (`runs:/<id>` or a bare run id):
-MLflow runs are read from their `attn.<pattern>.L<l>H<h>` metrics (the latest value of each),
-which every run logged with the MLflow sink has, so nothing needs downloading. The page is
+MLflow runs are read from their last `attention/step_<8 digits>/scores.json` artifact (every head
+of the last event; one small download), or, for a run without one, from per-head metrics
+`attn.<pattern>.L<l>H<h>` (the latest value of each; `MLflowSink(head_metrics=True)`). The page is
 self-contained (images inline as PNG data URIs, no script, no CDN) and, for MLflow runs, logged
 to both runs as an artifact under `attnlog_compare/`.
 """
@@ -16,10 +17,14 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from attnlog.report import load, named, same_scores, score_differences, score_shape
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 __all__ = ["RunScores", "compare", "compare_page", "compare_runs", "read_run"]
 
@@ -30,6 +35,7 @@ _METRIC = re.compile(
 # and ~130 heads): a name like `attn.sink.L200000H200000` would otherwise allocate 149 GiB.
 MAX_LAYERS = MAX_HEADS = 4096
 MAX_CELLS = 2**24  # patterns x layers x heads read from one run: 64 MiB of float32
+_MAX_SCORES_JSON = 64 * 2**20  # a 130-layer, 130-head model's, 8 probes: about 30 MiB
 _ARTIFACT_DIR = "attnlog_compare"
 _MAX_PATTERNS = 6  # patterns drawn as matrices: those of the heads that changed most
 
@@ -49,11 +55,12 @@ class RunScores:
 
 
 def read_run(run: str, tracking_uri: str | None = None) -> RunScores:
-    """A logdir's last archived step, or an MLflow run's latest per-head metrics.
+    """A logdir's last archived step, or an MLflow run's last `scores.json` (else its latest
+    per-head metrics).
 
     Raises:
         FileNotFoundError: a folder with no archive.
-        ValueError: neither a folder nor a run id, or an MLflow run with no attnlog metrics.
+        ValueError: neither a folder nor a run id, or an MLflow run with no attnlog scores.
     """
     if Path(run).is_dir():
         snapshot = load(run)  # the last readable step
@@ -68,9 +75,54 @@ def read_run(run: str, tracking_uri: str | None = None) -> RunScores:
 
     client = MlflowClient(tracking_uri)
     run_info = client.get_run(run_id)
-    scores = _metric_scores(run_info.data.metrics, run_id)
-    name = run_info.info.run_name or run_id
-    return RunScores(f"{name} ({run_id[:8]})", scores, run_id=run_id)
+    name = f"{run_info.info.run_name or run_id} ({run_id[:8]})"
+    logged = _last_scores_json(client, run_id)
+    if logged is not None:
+        step, scores = logged
+        return RunScores(name, scores, step, run_id=run_id)
+    return RunScores(name, _metric_scores(run_info.data.metrics, run_id), run_id=run_id)
+
+
+def _last_scores_json(client: MlflowClient, run_id: str) -> tuple[int, dict] | None:
+    """(step, pattern -> `[L, H]`) from the run's last `attention/step_<8>/scores.json`, or
+    None when it has none. A file that is too large or not a score table is refused."""
+    import json
+    import tempfile
+
+    steps = sorted(
+        (int(f.path.rsplit("_", 1)[1]), f.path)
+        for f in client.list_artifacts(run_id, "attention")
+        if f.is_dir and re.fullmatch(r"attention/step_\d{8,}", f.path)
+    )
+    for step, folder in reversed(steps):
+        found = [f for f in client.list_artifacts(run_id, folder) if f.path.endswith("scores.json")]
+        if not found:
+            continue
+        if (found[0].file_size or 0) > _MAX_SCORES_JSON:
+            raise ValueError(f"MLflow run {run_id}'s {found[0].path} is over 64 MiB: not attnlog's")
+        with tempfile.TemporaryDirectory() as tmp:
+            local = client.download_artifacts(run_id, found[0].path, tmp)
+            with open(local, encoding="utf-8") as fh:
+                data = json.load(fh)
+        return step, _json_scores(data, f"MLflow run {run_id}'s {found[0].path}")
+    return None
+
+
+def _json_scores(data: object, where: str) -> dict[str, np.ndarray]:
+    """pattern -> `[L, H]` from a `scores.json` (`ScoreTable.to_json`; null -> NaN)."""
+    scores = data.get("scores") if isinstance(data, dict) else None
+    if not isinstance(scores, dict) or not scores:
+        raise ValueError(f"{where} holds no attnlog scores")
+    out = {}
+    for pattern, rows in scores.items():
+        try:
+            matrix = np.array(rows, dtype=np.float64)  # None -> nan
+        except (TypeError, ValueError):
+            matrix = np.zeros(0)
+        if matrix.ndim != 2 or 0 in matrix.shape:
+            raise ValueError(f"{where}: {str(pattern)[:100]!r} is not a [layers, heads] matrix")
+        out[str(pattern)] = matrix.astype(np.float32)
+    return out
 
 
 def _metric_scores(metrics: dict[str, float], run_id: str) -> dict[str, np.ndarray]:
@@ -92,8 +144,8 @@ def _metric_scores(metrics: dict[str, float], run_id: str) -> dict[str, np.ndarr
             found.setdefault(match["pattern"], {})[cell] = float(value)
     if not found:
         raise ValueError(
-            f"MLflow run {run_id} has no attnlog metrics (attn.<pattern>.L<l>H<h>); was it "
-            "logged with the MLflow sink?"
+            f"MLflow run {run_id} has no attnlog scores (attention/step_*/scores.json or "
+            "attn.<pattern>.L<l>H<h> metrics); was it logged with the MLflow sink?"
         )
     layers = 1 + max(layer for cells in found.values() for layer, _ in cells)
     heads = 1 + max(head for cells in found.values() for _, head in cells)

@@ -128,22 +128,6 @@ def time_report(run: Path, repeat: int) -> tuple[float, float]:
     return times[0], statistics.median(times[1:])
 
 
-def time_table_report(run: Path, repeat: int) -> tuple[float, float]:
-    """What `report` reads when it takes its step list from the score table (`logged_steps`)
-    instead of parsing the index: the steps, then the last step's archive file."""
-    from attnlog.layout import archive_name
-    from attnlog.score_history import logged_steps
-    from attnlog.snapshot import load
-
-    times = []
-    for _ in range(repeat + 1):
-        started = time.perf_counter()
-        steps = logged_steps(run)
-        load(plugin_dir(run) / archive_name(steps[-1]))
-        times.append(time.perf_counter() - started)
-    return times[0], statistics.median(times[1:])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10_000, help="logged steps")
@@ -189,10 +173,6 @@ def report_rows(root: Path, steps: list[int], args: argparse.Namespace) -> None:
     first, warm = time_report(root / "run", args.repeat)
     verdict = "ok" if max(first, warm) <= GOAL_S else "MISSED"
     print(f"{'attnlog report':<34}{first:>9.3f}{warm:>9.3f}{'':>10}   <= {GOAL_S} s  {verdict}")
-    first, warm = time_table_report(root / "run", args.repeat)
-    verdict = "ok" if max(first, warm) <= GOAL_S else "MISSED"
-    name = "report's reads, via the table"
-    print(f"{name:<34}{first:>9.3f}{warm:>9.3f}{'':>10}   <= {GOAL_S} s  {verdict}")
     if args.baseline:
         shutil.rmtree(plugin_dir(root / "run") / TABLE_DIR)
         first, warm, size = time_route(root, *routes[3], repeat=1)

@@ -61,11 +61,10 @@ def test_everything_reads_back_from_one_run(store, tmp_path):
     (run,) = runs_of(uri, experiment)
     assert run.info.run_id == sink.run_id and run.info.status == "FINISHED"
     client = MlflowClient(uri)
-    expected = head_metrics(tables[0])
-    assert "attn.cls.L0H1" in expected and "attn.cls.L0" in expected
-    assert "attn.cross_sentence.L1H0" not in expected  # NaN: never logged
+    expected = head_metrics(tables[0], heads=False)  # layer means: per-head ones are opt-in
+    assert "attn.cls.L0" in expected and "attn.cls.L0H1" not in expected
     assert set(expected) == set(run.data.metrics)
-    for key in ("attn.sep.L0H1", "attn.prev.L1", "attn.cross_sentence.L0H2"):
+    for key in ("attn.sep.L0", "attn.prev.L1", "attn.cross_sentence.L0"):
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == [0, 100]
         for m in history:
@@ -84,6 +83,7 @@ def test_everything_reads_back_from_one_run(store, tmp_path):
     local = client.download_artifacts(run.info.run_id, scores_path(100), str(tmp_path / "dl"))
     scores = json.loads(Path(local).read_text())
     assert scores["step"] == 100 and scores["scores"]["cross_sentence"][1] == [None, None, None]
+    assert scores["scores"]["sep"] == tables[100].scores["sep"].tolist()  # every head, exact
     html = html_path(0, "cat", "head_view")
     local = client.download_artifacts(run.info.run_id, html, str(tmp_path / "dl2"))
     assert Path(local).read_text() == make_html(0)[html]
@@ -95,14 +95,17 @@ def test_everything_reads_back_from_one_run(store, tmp_path):
     assert not list((tmp_path / "spool").glob("*.json"))
 
 
-def test_metrics_are_batched_within_mlflow_limits(store, tmp_path):
+def test_head_metrics_are_batched_within_mlflow_limits(store, tmp_path):
     uri, experiment = store
     table = make_table(7, layers=24, heads=16)  # 4 patterns x 384 heads: > 1000 metrics
     assert len(head_metrics(table)) > 1000
-    sink = MLflowSink(uri, experiment_name=experiment, spool_dir=tmp_path / "spool")
+    sink = MLflowSink(
+        uri, experiment_name=experiment, spool_dir=tmp_path / "spool", head_metrics=True
+    )
     sink.log_scores(table, 7)
     sink.close()
     (run,) = runs_of(uri, experiment)
+    assert "attn.cls.L23H15" in run.data.metrics
     assert run.data.metrics == pytest.approx(head_metrics(table), rel=1e-6)
 
 
@@ -131,7 +134,7 @@ def test_joins_an_existing_run_and_leaves_it_running(how, store, tmp_path, monke
 
     (run,) = runs_of(uri, experiment)
     assert run.info.run_id == run_id and run.info.status == "RUNNING"
-    assert run.data.metrics == pytest.approx(head_metrics(table), rel=1e-6)
+    assert run.data.metrics == pytest.approx(head_metrics(table, heads=False), rel=1e-6)
 
 
 class CountingClient(MlflowClient):
@@ -155,7 +158,7 @@ def test_takes_a_client_and_sends_metrics_and_tags_in_one_batch(store, tmp_path)
     assert table.alerts
     sink.log_scores(table, 3)
     sink.close()
-    metrics = len(head_metrics(table))
+    metrics = len(head_metrics(table, heads=False))
     assert client.batches == [(metrics, 0, len(table.alerts))]  # before: two requests
     (run,) = runs_of(uri, experiment)
     assert run.data.tags["attnlog.alert.0"] == table.alerts[0]
@@ -257,7 +260,7 @@ def test_server_killed_and_restarted_loses_nothing(server, tmp_path):
     (run,) = runs_of(server.uri, "exp")
     assert run.info.run_id == sink.run_id and run.info.status == "FINISHED"
     client = MlflowClient(server.uri)
-    for key in ("attn.cls.L0H0", "attn.sep.L1"):
+    for key in ("attn.cls.L0", "attn.sep.L1"):
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == [0, 1, 2, 3]  # each step once: nothing sent twice
         assert [m.value for m in history] == pytest.approx(
@@ -291,7 +294,7 @@ def test_sync_sends_a_spool_written_while_the_server_never_answered(server, tmp_
     (run,) = runs_of(server.uri, "offline")
     assert run.info.status == "FINISHED"
     client = MlflowClient(server.uri)
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "attn.cls.L0H0")] == [0, 5]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "attn.cls.L0")] == [0, 5]
     files = artifact_files(client, run.info.run_id)
     assert {scores_path(0), scores_path(5)} <= files
     assert len([f for f in files if f.endswith(".png")]) == 2
@@ -361,7 +364,7 @@ def test_two_trainings_on_one_server_keep_their_runs_apart(server, tmp_path, min
     client = MlflowClient(server.uri)
     owners = []
     for run in runs:
-        history = client.get_metric_history(run.info.run_id, "attn.cls.L0H0")
+        history = client.get_metric_history(run.info.run_id, "attn.cls.L0")
         assert sorted(m.step for m in history) == [0, 1, 2]  # each step once, none from the other
         files = artifact_files(client, run.info.run_id)
         (owner,) = [name for name in names if any(f"/{name}/" in f for f in files)]

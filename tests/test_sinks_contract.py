@@ -124,7 +124,7 @@ def stored(kind: str, sink, tmp_path) -> dict:
         from mlflow import MlflowClient
 
         client = MlflowClient(sink.tracking_uri)
-        history = client.get_metric_history(sink.run_id, "attn.cls.L0H1")
+        history = client.get_metric_history(sink.run_id, "attn.cls.L0")
         return {"steps": [m.step for m in history], "scalar": history[-1].value,
                 "params": client.get_run(sink.run_id).data.params}  # fmt: skip
     if kind == "archive":
@@ -159,7 +159,7 @@ def test_every_method_is_callable_stores_and_close_is_idempotent(kind, tmp_path)
         assert got["images"] == set(make_images())
         assert got["html"] == sorted([*make_html(0), *make_html(100)])
     elif kind == "mlflow":
-        assert got["scalar"] == pytest.approx(head_metrics(last)["attn.cls.L0H1"])
+        assert got["scalar"] == pytest.approx(head_metrics(last)["attn.cls.L0"])
         assert got["params"]["attnlog.every_n_steps"] == "100"
     elif kind == "memory":
         assert got["methods"] == ["log_settings"] + ["log_scores", "log_images", "log_html",

@@ -287,7 +287,7 @@ def test_each_trial_says_where_it_logs_with_real_folders(searched):
 def test_every_trials_attention_is_in_that_trials_mlflow_run(searched):
     client = MlflowClient(f"sqlite:///{searched / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    steps = {r.info.run_id: [m.step for m in client.get_metric_history(r.info.run_id, "attn.cls.L0H0")]
+    steps = {r.info.run_id: [m.step for m in client.get_metric_history(r.info.run_id, "attn.cls.L0")]
              for r in runs}  # fmt: skip
     trained = [r.info.run_id for r in runs if "loss" in r.data.metrics]  # the Trainer's runs
     assert len(trained) == 2

@@ -40,14 +40,18 @@ class ScoreTable:
     alerts: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        """Plain JSON (NaN -> null, 5 decimals) for `scores.json`."""
+        """Plain JSON (NaN -> null) for `scores.json`: `scores` exact as float32 (what
+        `attnlog compare` reads of an MLflow run, alike to the archive's), the rest 5 decimals."""
 
         def clean(matrix: np.ndarray) -> list:
             return json_matrix(matrix, digits=5)
 
+        def exact(matrix: np.ndarray) -> list:
+            return json_matrix(np.asarray(matrix, dtype=np.float32))
+
         return {
             "step": self.step,
-            "scores": {k: clean(v) for k, v in self.scores.items()},
+            "scores": {k: exact(v) for k, v in self.scores.items()},
             "per_probe": {
                 p: {k: clean(v) for k, v in d.items()} for p, d in self.per_probe.items()
             },

@@ -4,8 +4,10 @@ colour bars and small pure helpers (numpy + Pillow, no I/O)."""
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -73,8 +75,25 @@ def text_mask(
     cjk_font: FontSpec = AUTO,
     max_w: float | None = None,
 ) -> np.ndarray:
-    """Alpha mask `[h, w]` with each (x, y_center, text, align) drawn; align in l/c/r."""
-    img = Image.new("L", (int(shape[1]), int(shape[0])), 0)
+    """Alpha mask `[h, w]` with each (x, y_center, text, align) drawn; align in l/c/r.
+
+    Read-only and cached: an event's labels (tokens, layer and head numbers) are the same at
+    every event, and drawing them was a third of the rendering.
+    """
+    spec = os.fspath(cjk_font) if cjk_font is not None else None
+    items = tuple((float(x), float(y), str(t), str(a)) for x, y, t, a in items)
+    return _text_mask((int(shape[0]), int(shape[1])), items, int(size), spec, max_w)
+
+
+@lru_cache(maxsize=1024)
+def _text_mask(
+    shape: tuple[int, int],
+    items: tuple[tuple[float, float, str, str], ...],
+    size: int,
+    cjk_font: FontSpec,
+    max_w: float | None,
+) -> np.ndarray:
+    img = Image.new("L", (shape[1], shape[0]), 0)
     draw = ImageDraw.Draw(img)
     for x, y, text, align in items:
         font = font_for(text, size, cjk_font)
@@ -84,7 +103,9 @@ def text_mask(
         ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (size, 0)
         x0 = x - width if align == "r" else x - width / 2 if align == "c" else x
         draw.text((x0, y - (ascent + descent) / 2), text, fill=255, font=font)
-    return np.asarray(img)
+    mask = np.asarray(img)
+    mask.flags.writeable = False
+    return mask
 
 
 def blend(canvas: np.ndarray, mask: np.ndarray, y: int, x: int, color=INK) -> None:

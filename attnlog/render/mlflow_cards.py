@@ -95,9 +95,12 @@ def pattern_card(matrix: np.ndarray, step: int) -> np.ndarray:
     return canvas
 
 
-def render_cards(snapshot: Snapshot, table: ScoreTable) -> dict[str, np.ndarray]:
-    """A card per probe and per pattern scored somewhere, under the TensorBoard image tags
-    (`attention/<probe>/model`, `patterns/<pattern>`), so that both name an image alike."""
+def render_cards(
+    snapshot: Snapshot, table: ScoreTable, patterns: bool = True
+) -> dict[str, np.ndarray]:
+    """A card per probe, and with `patterns` per pattern scored somewhere, under the TensorBoard
+    image tags (`attention/<probe>/model`, `patterns/<pattern>`), so that both name an image
+    alike."""
     from attnlog.words import unit_probe
 
     cards = {}
@@ -106,15 +109,16 @@ def render_cards(snapshot: Snapshot, table: ScoreTable) -> dict[str, np.ndarray]
         cards[tb_attention_tag(shown.name)] = probe_card(
             shown.attention, shown.tokens, snapshot.step, shown.special
         )
-    for pattern, matrix in table.scores.items():
+    for pattern, matrix in table.scores.items() if patterns else ():
         if np.isfinite(matrix).any():
             cards[tb_pattern_tag(pattern)] = pattern_card(matrix, snapshot.step)
     return cards
 
 
 def covered(tag: str) -> bool:
-    """Whether `render_cards` draws the image TensorBoard logs under `tag` (a probe's model
-    image or a pattern's score matrix, not a layer's heads nor the word-level images)."""
+    """Whether the image TensorBoard logs under `tag` has its own card in MLflow (a probe's
+    model image, a pattern's score matrix; not a layer's heads nor the word-level images).
+    A pattern's matrix is a card only with `MLflowSink(pattern_cards=True)`, else not sent."""
     parts = tag.split("/")
     if parts[0] == "patterns":
         return len(parts) == 2

@@ -190,13 +190,14 @@ def pattern_scalars(table: ScoreTable) -> dict[str, float]:
     return out
 
 
-def head_metrics(table: ScoreTable) -> dict[str, float]:
-    """MLflow-style metrics: one per (pattern, layer, head) plus layer means, NaN left out."""
+def head_metrics(table: ScoreTable, heads: bool = True) -> dict[str, float]:
+    """MLflow-style metrics: layer means, and with `heads` one per (pattern, layer, head);
+    NaN left out."""
     import numpy as np
 
     out: dict[str, float] = {}
     for pattern, matrix in table.scores.items():
-        for (layer, head), value in np.ndenumerate(matrix):
+        for (layer, head), value in np.ndenumerate(matrix) if heads else ():
             if finite(float(value)):
                 out[mlflow_metric(pattern, layer, head)] = float(value)
         for layer in range(matrix.shape[0]):

@@ -1,4 +1,4 @@
-"""MLflow sink: per-head metrics, image sliders, HTML views and scores.json as artifacts.
+"""MLflow sink: layer-mean and summary metrics, image cards, the event's page and scores.json.
 
 Run: an explicit `run_id`, else `MLFLOW_RUN_ID`, else the active run (`mlflow.active_run()` of
 the thread that builds the sink), else a run the sink starts (and ends at `close`; it never ends
@@ -100,9 +100,17 @@ class MLflowSink(Sink):
         timeout_s: HTTP timeout of the sink's requests (no retries: the spool retries).
         retry_interval_s: after a failure, later events go straight to the spool for this long
             instead of waiting on the server again; `flush()`/`close()` always retry.
-        cards: draw the probes' overview and the patterns' score images for MLflow's image
-            cards (`attnlog.render.mlflow_cards`, at `log_event`) instead of logging
-            TensorBoard's renders of them; other images are logged as given.
+        cards: draw the probes' overviews for MLflow's image cards
+            (`attnlog.render.mlflow_cards`, at `log_event`) instead of logging TensorBoard's
+            renders of them; other images are logged as given.
+        head_metrics: a metric per head, `attn.<pattern>.L<l>H<h>` (about 1,400 an event on a
+            6 x 12 model), besides the layer means `attn.<pattern>.L<l>` and the summary. Off by
+            default: they were half of MLflow's store, a fifth of the writer's CPU, and a metric
+            picker nobody could use; every head's scores are in `scores.json` (which
+            `attnlog compare` reads), TensorBoard and the archive.
+        pattern_cards: with `cards`, also a card per pattern (its `[L, H]` scores). Off by
+            default: 18 more images an event, a third of the writer's CPU, for scores that the
+            metrics and TensorBoard's `patterns/<pattern>` images already show.
         end_run: end the run at `close` (default: only a run the sink starts). A restarted
             writer process passes `run_id` and `end_run=True` to go on with the run it started.
 
@@ -125,6 +133,8 @@ class MLflowSink(Sink):
         timeout_s: int = 5,
         retry_interval_s: float = 30.0,
         cards: bool = False,
+        head_metrics: bool = False,
+        pattern_cards: bool = False,
         end_run: bool | None = None,
     ) -> None:
         require_mlflow()
@@ -156,6 +166,8 @@ class MLflowSink(Sink):
         self._outage: str | None = None  # the cause of the current outage, reported once
         self._closed = False
         self.cards = bool(cards)
+        self.pattern_cards = bool(pattern_cards)
+        self.head_metrics = bool(head_metrics)
         self._summary = SummaryTracker()
 
     # -- Sink ------------------------------------------------------------------------------
@@ -170,12 +182,15 @@ class MLflowSink(Sink):
         self._submit(_event(None, params=params))
 
     def log_scores(self, table: ScoreTable, step: int) -> None:
-        """Per-head metrics and layer means, `scores.json`, and alerts as `attnlog.alert.<n>` tags,
-        in one event (one `log_batch` for up to 1000 metrics, params and tags)."""
+        """Layer means (and per-head metrics with `head_metrics`), `scores.json` with every head,
+        and alerts as `attnlog.alert.<n>` tags, in one event (one `log_batch` for up to 1000
+        metrics, params and tags)."""
         from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
         now = _now_ms()
-        metrics = [[mlflow_key(k), v, now, step] for k, v in head_metrics(table).items()]
+        metrics = [
+            [mlflow_key(k), v, now, step] for k, v in head_metrics(table, self.head_metrics).items()
+        ]
         text = json.dumps(table.to_json())
         artifacts = [{"path": scores_path(step), "text": text}]
         tags = {}
@@ -221,7 +236,7 @@ class MLflowSink(Sink):
             "attnlog.summary.most_changed": describe_change(summary.most_changed),
             "attnlog.summary.top_heads": tops,
         }
-        cards = render_cards(snapshot, table) if self.cards else {}
+        cards = render_cards(snapshot, table, self.pattern_cards) if self.cards else {}
         images = [
             {"key": mlflow_key(tag), "step": step, "timestamp": now, "array": image}
             for tag, image in cards.items()

@@ -214,17 +214,14 @@ def _relative(relpath: str) -> Path:
 
 
 def _image_summary(tag: str, image: np.ndarray) -> Any:
-    """An image summary from uint8 `[height, width, 3]`: PNG at low compression (heatmaps are
-    flat colour blocks, so level 1 is small already and several times faster than the default)."""
-    import io
-
-    from PIL import Image
+    """An image summary from uint8 `[height, width, 3]`, as a palette PNG (`render.png`: a
+    quarter of the bytes of an RGB PNG, and quicker to encode)."""
     from tensorboard.compat.proto.summary_pb2 import Summary
 
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+    from attnlog.render.png import encode_png
+
     height, width, channels = image.shape
     encoded = Summary.Image(
-        height=height, width=width, colorspace=channels, encoded_image_string=buffer.getvalue()
+        height=height, width=width, colorspace=channels, encoded_image_string=encode_png(image)
     )
     return Summary(value=[Summary.Value(tag=tag, image=encoded)])
