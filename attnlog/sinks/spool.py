@@ -360,15 +360,19 @@ def _send_artifacts(
 def _send_images(
     client: MlflowClient, event: dict[str, Any], folder: Path | None, progress: Callable[[], None]
 ) -> None:
+    import numpy as np
+
+    from attnlog.render.png import PalettePNG
+
     while event["images"]:
         img = event["images"][0]
         if "array" in img:
-            image = img["array"]
+            image = PalettePNG.of(img["array"])
         else:
             from PIL import Image
 
             with open_regular(spooled_file(folder, img["file"])) as fh, Image.open(fh) as opened:
-                image = opened.convert("RGB")
+                image = PalettePNG.of(np.asarray(opened.convert("RGB")))
         client.log_image(
             event["run_id"], image, key=img["key"], step=img["step"], timestamp=img["timestamp"],
             synchronous=True,
