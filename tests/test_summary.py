@@ -103,7 +103,8 @@ def image_files(client, run_id: str) -> dict[str, dict[int, list[str]]]:
     return out
 
 
-def test_mlflow_holds_the_summary_and_one_square_card_per_overview(tables, tmp_path):
+@pytest.mark.parametrize("pattern_cards", [False, True])
+def test_mlflow_holds_the_summary_and_one_square_card_per_overview(tables, tmp_path, pattern_cards):
     pytest.importorskip("mlflow")
     from mlflow import MlflowClient
 
@@ -112,7 +113,10 @@ def test_mlflow_holds_the_summary_and_one_square_card_per_overview(tables, tmp_p
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     client.create_experiment("exp", artifact_location=str(tmp_path / "art"))
-    sink = MLflowSink(uri, experiment_name="exp", spool_dir=tmp_path / "spool", cards=True)
+    sink = MLflowSink(
+        uri, experiment_name="exp", spool_dir=tmp_path / "spool", cards=True,
+        pattern_cards=pattern_cards,
+    )  # fmt: skip
     snapshots = {0: make_snapshot(0), 100: trained(100)}
     for (step, snapshot), table in zip(snapshots.items(), tables):
         sink.log_scores(table, step)
@@ -134,17 +138,23 @@ def test_mlflow_holds_the_summary_and_one_square_card_per_overview(tables, tmp_p
 
     images = image_files(client, run.info.run_id)
     patterns = {f"patterns/{p}" for p, m in tables[0].scores.items() if np.isfinite(m).any()}
-    overviews = {"attention/cat/model", "attention/pair/model"} | patterns
-    assert overviews | {"attention/cat/layer_0"} == set(images)  # layer images as given
+    overviews = {"attention/cat/model", "attention/pair/model"} | (
+        patterns if pattern_cards else set()
+    )
+    # Layer images as given; TensorBoard's pattern matrices become cards, or stay out of MLflow.
+    assert overviews | {"attention/cat/layer_0"} == set(images)
     for key in overviews:  # one card per step, TensorBoard's render of it left out
         assert {step: len(files) for step, files in images[key].items()} == {0: 2, 100: 2}
-    files = images["patterns/cls"][100]
+    files = images["patterns/cls" if pattern_cards else "attention/cat/model"][100]
     [full] = [f for f in files if f.endswith(".png")]  # the click preview shows this one
     [thumb] = [f for f in files if f.endswith("+compressed.webp")]  # the card shows this one
     local = client.download_artifacts(run.info.run_id, full, str(tmp_path / "dl"))
-    assert Image.open(local).size == (CARD_PX, CARD_PX)
+    with Image.open(local) as png:
+        assert png.size == (CARD_PX, CARD_PX) and png.mode == "P"  # a palette PNG: 1/3 the bytes
     local = client.download_artifacts(run.info.run_id, thumb, str(tmp_path / "dl"))
-    assert Image.open(local).size == (256, 256)  # what the card shows: square, fills its box
+    with Image.open(local) as webp:
+        assert webp.size == (256, 256)  # what the card shows: square, fills its box
+        assert len(np.unique(np.asarray(webp.convert("RGB")).reshape(-1, 3), axis=0)) > 256
 
 
 def test_tensorboard_has_the_summary_scalars(tables, tmp_path):
@@ -187,13 +197,13 @@ def test_the_logger_sends_mlflow_cards_instead_of_tensorboards_renders(minilm, t
     client = MlflowClient(uri)
     [run] = client.search_runs([client.get_experiment_by_name("cards").experiment_id])
     images = image_files(client, run.info.run_id)
-    [probe_key] = [k for k in images if k.startswith("attention/")]
-    assert probe_key.endswith("/model") and "patterns/cls" in images
-    for key in (probe_key, "patterns/cls"):
-        assert {step: len(files) for step, files in images[key].items()} == {0: 2, 1: 2}
-        [full] = [f for f in images[key][1] if f.endswith(".png")]
-        local = client.download_artifacts(run.info.run_id, full, str(tmp_path / "dl"))
-        assert PILImage.open(local).size == (CARD_PX, CARD_PX)
+    [probe_key] = images  # the probe's card; pattern cards are opt-in (`pattern_cards=True`)
+    assert probe_key.startswith("attention/") and probe_key.endswith("/model")
+    assert {step: len(files) for step, files in images[probe_key].items()} == {0: 2, 1: 2}
+    [full] = [f for f in images[probe_key][1] if f.endswith(".png")]
+    local = client.download_artifacts(run.info.run_id, full, str(tmp_path / "dl"))
+    with PILImage.open(local) as png:
+        assert png.size == (CARD_PX, CARD_PX)
     assert [
         m.step for m in client.get_metric_history(run.info.run_id, "attn.summary.max_change")
     ] == [0, 1]
@@ -201,4 +211,5 @@ def test_the_logger_sends_mlflow_cards_instead_of_tensorboards_renders(minilm, t
     acc.Reload()
     tb = acc.Images(probe_key)[-1]
     assert (tb.width, tb.height) != (CARD_PX, CARD_PX)  # TensorBoard's own wide render
+    assert acc.Images("patterns/cls")  # TensorBoard keeps every pattern's matrix
     assert [e.step for e in acc.Scalars("summary/max_change")] == [0, 1]

@@ -238,13 +238,19 @@ def label_px(per_token: float) -> int:
 def label_width(tokens: list[str] | None, cjk_font: FontSpec) -> int:
     if not tokens:
         return 0
-    widest = max(font_for(t, LABEL_PX, cjk_font, warn=False).getlength(t) for t in tokens)
+    widest = max(text_length(t, LABEL_PX, cjk_font) for t in tokens)
     return int(min(widest, MAX_LABEL_W)) + 8
 
 
 def text_width(texts: list[str]) -> int:
-    font = font_for("0", LABEL_PX)
-    return int(max(font.getlength(t) for t in texts))
+    return int(max(text_length(t, LABEL_PX, None) for t in texts))
+
+
+@lru_cache(maxsize=8192)
+def text_length(text: str, size: int, cjk_font: FontSpec = AUTO) -> float:
+    """`text`'s advance width in px, in the font `font_for` picks (`cjk_font=None`: Latin).
+    Cached: the same labels and score values are measured at every event."""
+    return font_for(text, size, cjk_font, warn=False).getlength(text)
 
 
 def thin(pixels_per_item: float, needed: float) -> int:

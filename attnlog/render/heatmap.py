@@ -36,6 +36,7 @@ from attnlog.render.draw import (
     luminance,
     paste_rotated,
     paste_text,
+    text_length,
     text_mask,
     text_width,
     thin,
@@ -193,7 +194,7 @@ def _matrix_cells(texts: np.ndarray, title: str, max_size: int, cjk_font: FontSp
     """(cell width, cell height, values shown): cells fit their value text, or shrink without
     it until the matrix fits in `max_size` (40 px on each axis are for the ticks and captions)."""
     layers, heads = texts.shape
-    text_w = max(font_for("0", LABEL_PX).getlength(t) for t in texts.ravel())
+    text_w = max(text_length(t, LABEL_PX, None) for t in texts.ravel())
     cell_w, cell_h = int(text_w) + 10, LABEL_PX + 12
     avail_w = max_size - 2 * PAD - 40 - bar_width()
     avail_h = max_size - 2 * PAD - 40 - title_height(title, cjk_font)

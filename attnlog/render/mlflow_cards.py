@@ -55,9 +55,15 @@ def probe_card(
     special = [False] * len(tokens) if special is None else list(special)
     text = " ".join(display_token(t) for t, s in zip(tokens, special) if not s)
     canvas, (top, left, cell_h, cell_w) = _frame(f"step {step} \u00b7 {text}", layers, heads)
+    rgb = colorize(attention)  # once: a tile at least as large as its map repeats its colours
+    rows, cols = attention.shape[2:]
     for layer, head in np.ndindex(layers, heads):
         y0, x0, y1, x1 = _cell(top, left, cell_h, cell_w, layer, head)
-        canvas[y0:y1, x0:x1] = colorize(_resize(attention[layer, head], y1 - y0, x1 - x0))
+        if y1 - y0 >= rows and x1 - x0 >= cols:
+            tile = rgb[layer, head][np.ix_(_blocks(rows, y1 - y0), _blocks(cols, x1 - x0))]
+        else:
+            tile = colorize(_resize(attention[layer, head], y1 - y0, x1 - x0))
+        canvas[y0:y1, x0:x1] = tile
     return canvas
 
 
@@ -229,6 +235,12 @@ def _stamp(canvas, text: str, size: int, at: tuple[float, float], anchor: str, i
 def _every(pixels_per_item: float, needed: float) -> int:
     """Label every k-th row/column so that labels do not overlap."""
     return max(1, int(np.ceil((needed + 4) / max(pixels_per_item, 1e-6))))
+
+
+@lru_cache(maxsize=256)
+def _blocks(n: int, size: int) -> np.ndarray:
+    """Which of `n` rows each of `size` >= n pixels shows: blocks as equal as they can be."""
+    return np.arange(size) * n // size
 
 
 def _resize(values: np.ndarray, height: int, width: int) -> np.ndarray:
