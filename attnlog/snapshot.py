@@ -10,7 +10,8 @@ A probe longer than the capture's full-attention limit (256 tokens by default) k
 pooled by blocks of tokens instead: `attention` is then `[L, H, m, m]` with `m` <= 256, `spans`
 `[m, 2]` gives each block's token range `[start, end)` and `labels` its text; `tokens` stays the
 full token list. Pooled rows still sum to 1 (mean over a block's query rows, sum over its keys).
-Archive versions: 1 (full attention only) and 2 (adds `spans` and `labels`); both load.
+Archive versions: 1 (full attention only), 2 (adds `spans` and `labels`) and 3 (`queries` and
+`keys` as int8, see `_quantise_vectors`); all load, each into the same arrays.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from attnlog.files import open_regular  # a FIFO in a run folder must not hang a
 
 __all__ = ["FORMAT_VERSION", "ProbeAttention", "Snapshot", "load_scores", "to_numpy"]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 # Array-valued fields of ProbeAttention, in archive order. `None` means "not captured".
 _ARRAY_FIELDS = (
@@ -42,6 +43,9 @@ _ARRAY_FIELDS = (
     "token_ids",  # [n] int
     "spans",  # [m, 2] int           token range [start, end) of each pooled block (version 2)
 )
+
+# Stored as `p<i>/<field>_q8` int8 [L, H, n, d] + `p<i>/<field>_scale` float32 [L, H] (version 3).
+_QUANTISED = ("queries", "keys")
 
 
 @dataclass
@@ -115,6 +119,8 @@ class Snapshot:
     def save(self, path: str | Path, scores: dict[str, Any] | None = None) -> Path:
         """Write an `.npz` archive: arrays under `p<i>/<field>`, metadata as JSON in `meta`.
 
+        `queries` and `keys` go in as int8 with a scale per layer and head (`_quantise_vectors`):
+        `p<i>/queries_q8` and `p<i>/queries_scale`; `_load` gives them back as float16.
         `scores` is an optional {name: array} mapping stored under `scores/<name>`.
         """
         path = Path(path)
@@ -125,8 +131,13 @@ class Snapshot:
         for i, probe in enumerate(host.probes):
             for name in _ARRAY_FIELDS:
                 value = getattr(probe, name)
-                if value is not None:
+                if value is None:
+                    continue
+                packed = _quantise_vectors(value) if name in _QUANTISED else None
+                if packed is None:
                     arrays[f"p{i}/{name}"] = value
+                else:
+                    arrays[f"p{i}/{name}_q8"], arrays[f"p{i}/{name}_scale"] = packed
             probes_meta.append(
                 {
                     "name": probe.name,
@@ -151,6 +162,8 @@ class Snapshot:
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as fh:
+            # Deflate takes only ~10% off (int8 and float16 bytes look random to it) for ~20 ms of
+            # CPU per MiniLM event, but bytes are what piles up on a long run's disk.
             np.savez_compressed(fh, **arrays)
         tmp.replace(path)  # readers never see a half-written file
         return path
@@ -173,6 +186,10 @@ def _load(path: str | Path) -> Snapshot:
         probes = []
         for i, pm in enumerate(meta["probes"]):
             arrays = {n: data[f"p{i}/{n}"] for n in _ARRAY_FIELDS if f"p{i}/{n}" in data}
+            for n in _QUANTISED:  # version 3; older files (and non-finite q/k) have `p<i>/<n>`
+                if f"p{i}/{n}_q8" in data:
+                    q8, scale = data[f"p{i}/{n}_q8"], data[f"p{i}/{n}_scale"]
+                    arrays[n] = _dequantise_vectors(q8, scale, f"{path}: p{i}/{n}")
             probes.append(ProbeAttention(**pm, **arrays))
         scores = _scores(data, path)
     return Snapshot(
@@ -197,6 +214,45 @@ def _scores(data: Any, path: str | Path) -> dict[str, np.ndarray]:
     if odd:  # crafted or damaged: every reader indexes scores as [layer, head]
         raise ValueError(f"{path} is damaged: scores must be [layers, heads] matrices; got {odd}")
     return scores
+
+
+def _quantise_vectors(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Query/key vectors as int8 with one float32 scale per layer and head, or None to keep them.
+
+    Symmetric: `scale = max|x| / 127` over `[n, d]` of each head (0 for an all-zero head), so the
+    value read back, `q8 * scale` in float16, is within `scale / 2` of `x` (plus float16 rounding):
+    1/254 of the head's largest value. That is the precision the event page's neuron view already shows them at
+    (`attnlog.render.page` quantises q/k to int8 per layer and head the same way).
+
+    Args:
+        vectors: `[L, H, n, d]` float.
+
+    Returns:
+        (`[L, H, n, d]` int8, `[L, H]` float32), or None for arrays this does not cover: not 4-D
+        floats, or holding NaN/inf. Those are stored as they are (float16), so a diverging
+        model's non-finite vectors are kept as such rather than written as 0.
+    """
+    values = np.asarray(vectors)
+    if values.ndim != 4 or values.dtype.kind != "f":
+        return None
+    values = values.astype(np.float32)
+    if not np.isfinite(values).all():
+        return None
+    scale = np.abs(values).max(axis=(2, 3), initial=0.0) / np.float32(127)  # [L, H]
+    safe = np.where(scale > 0, scale, np.float32(1))[:, :, None, None]
+    q8 = np.clip(np.rint(values / safe), -127, 127).astype(np.int8)
+    return q8, scale.astype(np.float32)
+
+
+def _dequantise_vectors(q8: np.ndarray, scale: np.ndarray, what: str) -> np.ndarray:
+    """`[L, H, n, d]` float16 from `_quantise_vectors`' int8 values and `[L, H]` scales."""
+    if q8.ndim != 4 or q8.dtype != np.int8 or scale.shape != q8.shape[:2]:
+        # crafted or damaged: readers index q/k as [layer, head, token, dim]
+        raise ValueError(
+            f"{what} is damaged: expected [L, H, n, d] int8 values and [L, H] scales; got "
+            f"{q8.dtype} {q8.shape} and {scale.shape}"
+        )
+    return (q8 * scale.astype(np.float32)[:, :, None, None]).astype(np.float16)
 
 
 def to_numpy(value: Any, float_dtype: Any = None) -> np.ndarray:
