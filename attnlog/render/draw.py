@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
@@ -115,13 +116,34 @@ def blend(canvas: np.ndarray, mask: np.ndarray, y: int, x: int, color=INK) -> No
     w = min(mask.shape[1], canvas.shape[1] - x)
     if h <= 0 or w <= 0:
         return
-    ys, xs = np.nonzero(mask[:h, :w])  # text covers few pixels: blend only those
+    ys, xs, alpha = _inked(mask)  # text covers few pixels: blend only those
+    if h < mask.shape[0] or w < mask.shape[1]:
+        inside = (ys < h) & (xs < w)
+        ys, xs, alpha = ys[inside], xs[inside], alpha[inside]
     if ys.size == 0:
         return
-    alpha = mask[ys, xs, None].astype(np.float32) * (1.0 / 255.0)
     ys, xs = ys + y, xs + x
     ink = np.asarray(color, dtype=np.float32)
     canvas[ys, xs] = (canvas[ys, xs] * (1.0 - alpha) + ink * alpha + 0.5).astype(np.uint8)
+
+
+_INKED: OrderedDict[int, tuple] = OrderedDict()  # id(read-only mask) -> (mask, ys, xs, alpha)
+
+
+def _inked(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ys, xs, alpha `[k, 1]`) of a mask's inked pixels. Kept for the read-only masks that
+    `text_mask` caches: finding them again was a sixth of the rendering."""
+    entry = _INKED.get(id(mask))
+    if entry is not None and entry[0] is mask:
+        _INKED.move_to_end(id(mask))
+        return entry[1:]
+    ys, xs = np.nonzero(mask)
+    alpha = mask[ys, xs, None].astype(np.float32) * (1.0 / 255.0)
+    if not mask.flags.writeable:  # cached by text_mask: the same object comes back
+        _INKED[id(mask)] = (mask, ys, xs, alpha)  # holding the mask keeps its id unique
+        if len(_INKED) > 1024:
+            _INKED.popitem(last=False)
+    return ys, xs, alpha
 
 
 def paste_text(
@@ -143,6 +165,36 @@ def paste_text(
     width = canvas.shape[1] - x0 if width is None else width
     local = [(x - x0, y - y0, t, a) for x, y, t, a in items]
     blend(canvas, text_mask((y1 - y0, width), local, size, cjk_font), y0, x0, color)
+
+
+@lru_cache(maxsize=4096)
+def glyphs(text: str, size: int) -> np.ndarray:
+    """`text` as an alpha mask `[ascent + descent, width]`, read-only (cached: score values and
+    labels repeat across images and events)."""
+    font = font_for(text, size)
+    ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (size, 0)
+    image = Image.new("L", (int(font.getlength(text)) + 2, ascent + descent), 0)
+    ImageDraw.Draw(image).text((0, 0), text, fill=255, font=font)
+    mask = np.asarray(image)
+    mask.flags.writeable = False
+    return mask
+
+
+def stamp(canvas, text: str, size: int, at: tuple[float, float], anchor: str, ink=INK) -> None:
+    """Blend `text` into `canvas` at `at` = (x, y); `anchor` is horizontal l/m/r then vertical
+    t (top), m (middle) or b (bottom)."""
+    mask = glyphs(text, size)
+    h, w = mask.shape
+    x = at[0] - {"l": 0, "m": w / 2, "r": w}[anchor[0]]
+    y = at[1] - {"t": 0, "m": h / 2, "b": h}[anchor[1]]
+    y0, x0 = max(0, int(round(y))), max(0, int(round(x)))
+    y1, x1 = min(canvas.shape[0], y0 + h), min(canvas.shape[1], x0 + w)
+    if y1 <= y0 or x1 <= x0:
+        return
+    alpha = mask[: y1 - y0, : x1 - x0, None].astype(np.float32) * (1.0 / 255.0)
+    region = canvas[y0:y1, x0:x1].astype(np.float32)
+    blended = region * (1.0 - alpha) + np.asarray(ink, np.float32) * alpha
+    canvas[y0:y1, x0:x1] = (blended + 0.5).astype(np.uint8)
 
 
 def paste_rotated(canvas: np.ndarray, text: str, size: int, *, x: int, y_center: float) -> None:

@@ -36,6 +36,7 @@ from attnlog.render.draw import (
     luminance,
     paste_rotated,
     paste_text,
+    stamp,
     text_length,
     text_mask,
     text_width,
@@ -230,12 +231,9 @@ def _draw_cell_values(
     """Each cell's value, dark on bright cells and white on dark ones."""
     (top, left), (cell_h, cell_w) = origin, cell
     dark = luminance(rgb) > 140
-    for want_dark, color in ((True, INK), (False, (255, 255, 255))):
-        items = [
-            (left + (j + 0.5) * cell_w, top + (i + 0.5) * cell_h, texts[i, j], "c")
-            for i, j in zip(*np.nonzero(dark == want_dark))
-        ]
-        paste_text(canvas, items, LABEL_PX, color=color)
+    for (i, j), text in np.ndenumerate(texts):  # glyphs cached: values repeat across events
+        at = (left + (j + 0.5) * cell_w, top + (i + 0.5) * cell_h)
+        stamp(canvas, text, LABEL_PX, at, "mm", INK if dark[i, j] else (255, 255, 255))
 
 
 # ---- layout --------------------------------------------------------------------------------

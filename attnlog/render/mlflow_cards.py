@@ -20,9 +20,10 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from attnlog.layout import tb_attention_tag, tb_pattern_tag
+from attnlog.render.draw import stamp
 from attnlog.render.fonts import font_for
 from attnlog.render.heatmap import colorize, display_token
 
@@ -94,7 +95,7 @@ def pattern_card(matrix: np.ndarray, step: int) -> np.ndarray:
         if values:
             text = f"{matrix[row, col]:.2f}" if np.isfinite(matrix[row, col]) else "\u2013"
             ink = _INK if light[row, col] else (255, 255, 255)
-            _stamp(canvas, text, _VALUE_PX, ((x0 + x1) / 2, (y0 + y1) / 2), "mm", ink)
+            stamp(canvas, text, _VALUE_PX, ((x0 + x1) / 2, (y0 + y1) / 2), "mm", ink)
     if top_head is not None:
         y0, x0, y1, x1 = _cell(*grid, *top_head)
         _outline(canvas, y0 - 2, x0 - 2, y1 + 2, x1 + 2, 4)
@@ -144,7 +145,7 @@ def _frame(header: str, layers: int, heads: int, bar: tuple[float, float] | None
     returns (canvas, (top, left, cell_h, cell_w)) of the grid's cells."""
     canvas = np.full((CARD_PX, CARD_PX, 3), 255, dtype=np.uint8)
     head_font = font_for(header, _HEADER_PX)
-    _stamp(canvas, _fit(header, head_font, CARD_PX - 2 * _PAD), _HEADER_PX, (_PAD, _PAD), "lt")
+    stamp(canvas, _fit(header, head_font, CARD_PX - 2 * _PAD), _HEADER_PX, (_PAD, _PAD), "lt")
     label_font = font_for("L0", _LABEL_PX)
     top = _PAD + _HEADER_PX + 10 + _LABEL_PX + 6
     left = _PAD + int(label_font.getlength(f"L{layers - 1}")) + 8
@@ -153,10 +154,10 @@ def _frame(header: str, layers: int, heads: int, bar: tuple[float, float] | None
     every_row, every_col = _every(cell_h, _LABEL_PX), _every(cell_w, label_font.getlength("00"))
     for layer in range(0, layers, every_row):
         y = top + (layer + 0.5) * cell_h - _GAP / 2
-        _stamp(canvas, f"L{layer}", _LABEL_PX, (left - 8, y), "rm")
+        stamp(canvas, f"L{layer}", _LABEL_PX, (left - 8, y), "rm")
     for head in range(0, heads, every_col):
         x = left + (head + 0.5) * cell_w - _GAP / 2
-        _stamp(canvas, str(head), _LABEL_PX, (x, top - 6), "mb")
+        stamp(canvas, str(head), _LABEL_PX, (x, top - 6), "mb")
     if bar:
         _draw_bar(canvas, bar, left, bottom + 8)
     return canvas, (top, left, cell_h, cell_w)
@@ -179,8 +180,8 @@ def _draw_bar(canvas: np.ndarray, span: tuple[float, float], left: int, y: int) 
     x1 = CARD_PX - _PAD - int(font.getlength(hi_text)) - 10
     canvas[y + 4 : y + _LABEL_PX - 4, x0:x1] = colorize(np.linspace(lo, hi, x1 - x0), lo, hi)
     middle = y + _LABEL_PX / 2
-    _stamp(canvas, lo_text, _LABEL_PX, (left, middle), "lm")
-    _stamp(canvas, hi_text, _LABEL_PX, (CARD_PX - _PAD, middle), "rm")
+    stamp(canvas, lo_text, _LABEL_PX, (left, middle), "lm")
+    stamp(canvas, hi_text, _LABEL_PX, (CARD_PX - _PAD, middle), "rm")
 
 
 def _fits_values(grid: tuple) -> bool:
@@ -197,36 +198,6 @@ def _outline(canvas: np.ndarray, y0: int, x0: int, y1: int, x1: int, width: int)
     canvas[y1 - width : y1, x0:x1] = _MARK
     canvas[y0:y1, x0 : x0 + width] = _MARK
     canvas[y0:y1, x1 - width : x1] = _MARK
-
-
-# ---- text ------------------------------------------------------------------------------------
-
-
-@lru_cache(maxsize=4096)
-def _glyphs(text: str, size: int) -> np.ndarray:
-    """`text` as an alpha mask `[ascent + descent, width]` (cached: values repeat across cards)."""
-    font = font_for(text, size)
-    ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (size, 0)
-    image = Image.new("L", (int(font.getlength(text)) + 2, ascent + descent), 0)
-    ImageDraw.Draw(image).text((0, 0), text, fill=255, font=font)
-    return np.asarray(image)
-
-
-def _stamp(canvas, text: str, size: int, at: tuple[float, float], anchor: str, ink=_INK) -> None:
-    """Blend `text` into `canvas` at `at` = (x, y); `anchor` is horizontal l/m/r then vertical
-    t (top), m (middle) or b (bottom)."""
-    mask = _glyphs(text, size)
-    h, w = mask.shape
-    x = at[0] - {"l": 0, "m": w / 2, "r": w}[anchor[0]]
-    y = at[1] - {"t": 0, "m": h / 2, "b": h}[anchor[1]]
-    y0, x0 = max(0, int(round(y))), max(0, int(round(x)))
-    y1, x1 = min(canvas.shape[0], y0 + h), min(canvas.shape[1], x0 + w)
-    if y1 <= y0 or x1 <= x0:
-        return
-    alpha = mask[: y1 - y0, : x1 - x0, None].astype(np.float32) * (1.0 / 255.0)
-    region = canvas[y0:y1, x0:x1].astype(np.float32)
-    blended = region * (1.0 - alpha) + np.asarray(ink, np.float32) * alpha
-    canvas[y0:y1, x0:x1] = (blended + 0.5).astype(np.uint8)
 
 
 # ---- small helpers ---------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 A heatmap holds a few hundred colours (viridis' 256 entries, light grey, and anti-aliased
 text), so a palette PNG stores one byte a pixel instead of three. Measured on one event's 26
-images with the defaults: 264 KiB and 93 ms as a palette PNG, against 1,069 KiB and 130 ms as
-RGB at compress level 1. The palette is Pillow's fast octree, without dithering; a heatmap
+TensorBoard images with the defaults: 1,069 KiB and 130 ms as RGB at compress level 1; as a
+palette PNG 264 KiB at level 6 (50 ms of zlib), 333 KiB at level 3 (21 ms), 409 KiB at level 1,
+plus 50 ms of quantising. The palette is Pillow's fast octree, without dithering; a heatmap
 cell moves by at most a few viridis steps (at most 14 of 255 in one channel on that event).
 """
 
@@ -15,7 +16,7 @@ import os
 import numpy as np
 from PIL import Image
 
-__all__ = ["PalettePNG", "encode_png", "palette_image"]
+__all__ = ["LeanImage", "encode_png", "palette_image"]
 
 
 def palette_image(image: np.ndarray) -> Image.Image:
@@ -24,30 +25,40 @@ def palette_image(image: np.ndarray) -> Image.Image:
     return rgb.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """uint8 RGB `[height, width, 3]` as PNG bytes (palette, compress level 6)."""
+def encode_png(image: np.ndarray, compress_level: int = 3) -> bytes:
+    """uint8 RGB `[height, width, 3]` as palette PNG bytes."""
     buffer = io.BytesIO()
-    palette_image(image).save(buffer, format="PNG", compress_level=6)
+    palette_image(image).save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
 
 
-class PalettePNG(Image.Image):
-    """An RGB Pillow image that saves itself to a `.png` path as a palette PNG.
+class LeanImage(Image.Image):
+    """An RGB Pillow image that saves itself lean: a palette PNG to a `.png` path, a quick WebP
+    (method 0) to a `.webp` path; `resize` keeps the class, with Pillow's smooth resampling.
 
     For `MlflowClient.log_image`, which saves the image it is given at Pillow's defaults (an
-    RGB PNG: three times the bytes, twice the time) and makes its card thumbnail with
-    `resize`, which returns a plain RGB image: the thumbnail keeps its smooth downscale, only
-    the full-size file gets the palette.
+    RGB PNG: three times the bytes, twice the time) and its card thumbnail, a `resize` of it,
+    as WebP at method 4 (7 ms a card against 2 ms, for files 15 % smaller). Measured on one
+    event's 8 cards: 19 ms a card through `log_image` before, about 10 ms after.
     """
 
     @classmethod
-    def of(cls, image: np.ndarray) -> PalettePNG:
-        rgb = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB")
-        rgb.__class__ = cls  # same object layout: only `save` differs
-        return rgb  # type: ignore[return-value]
+    def of(cls, image: np.ndarray) -> LeanImage:
+        return cls._lean(Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB"))
+
+    @classmethod
+    def _lean(cls, image: Image.Image) -> LeanImage:
+        image.__class__ = cls  # same object layout: only `save` and `resize` differ
+        return image  # type: ignore[return-value]
+
+    def resize(self, *args, **kwargs) -> LeanImage:  # type: ignore[override]
+        return self._lean(super().resize(*args, **kwargs))
 
     def save(self, fp, format=None, **params) -> None:  # noqa: A002 (Pillow's signature)
-        if format is None and isinstance(fp, (str, os.PathLike)) and str(fp).endswith(".png"):
+        path = str(fp) if format is None and isinstance(fp, (str, os.PathLike)) else ""
+        if path.endswith(".png"):
             palette_image(np.asarray(self)).save(fp, format="PNG", compress_level=6)
+        elif path.endswith(".webp"):
+            super().save(fp, format="WEBP", quality=80, method=0)
         else:
             super().save(fp, format, **params)

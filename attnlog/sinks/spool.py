@@ -362,17 +362,17 @@ def _send_images(
 ) -> None:
     import numpy as np
 
-    from attnlog.render.png import PalettePNG
+    from attnlog.render.png import LeanImage
 
     while event["images"]:
         img = event["images"][0]
         if "array" in img:
-            image = PalettePNG.of(img["array"])
+            image = LeanImage.of(img["array"])
         else:
             from PIL import Image
 
             with open_regular(spooled_file(folder, img["file"])) as fh, Image.open(fh) as opened:
-                image = PalettePNG.of(np.asarray(opened.convert("RGB")))
+                image = LeanImage.of(np.asarray(opened.convert("RGB")))
         client.log_image(
             event["run_id"], image, key=img["key"], step=img["step"], timestamp=img["timestamp"],
             synchronous=True,
