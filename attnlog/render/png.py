@@ -57,7 +57,7 @@ class LeanImage(Image.Image):
     def save(self, fp, format=None, **params) -> None:  # noqa: A002 (Pillow's signature)
         path = str(fp) if format is None and isinstance(fp, (str, os.PathLike)) else ""
         if path.endswith(".png"):
-            palette_image(np.asarray(self)).save(fp, format="PNG", compress_level=6)
+            palette_image(np.asarray(self)).save(fp, format="PNG", compress_level=3)
         elif path.endswith(".webp"):
             super().save(fp, format="WEBP", quality=80, method=0)
         else:
