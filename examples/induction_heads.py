@@ -122,6 +122,8 @@ def train(
         patterns=["induction", "duplicate_token", "prev_token"],
         views=("head",),
         queue_size=64,  # tiny events: keep every one even when the machine is busy
+        # MLflow charts the induction head itself (2 layers x 4 heads: a few metrics an event)
+        sink_options={"mlflow": {"head_metrics": True}} if "mlflow" in sinks else None,
     ) as attn_log:
         attn_log.log(0)
         model.train()
