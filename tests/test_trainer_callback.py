@@ -183,8 +183,9 @@ def test_mlflow_holds_everything_in_the_trainers_one_run(main_run):
         assert f"attention/step_{step:08d}/scores.json" in artifacts
         assert f"attention/step_{step:08d}.html" in artifacts  # one page: every probe
     images = image_steps(artifact_paths(client, run, "images"))
-    for key in (f"attention/{NAMES[0]}/model", f"attention/{NAMES[1]}/layer_5", "patterns/cls"):
+    for key in (f"attention/{NAMES[0]}/model", f"attention/{NAMES[1]}/layer_5"):
         assert images[key] == steps, key
+    assert "patterns/cls" not in images  # pattern cards are opt-in; TensorBoard has the matrices
 
 
 def test_the_archive_indexes_every_logged_step(main_run):
