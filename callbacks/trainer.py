@@ -103,6 +103,13 @@ class AttentionLoggerCallback(CallbackCore, TrainerCallback):
         given = self.tokenizer or processing_class or kwargs.get("tokenizer")  # transformers 4
         if given is None and model is not None:
             self._saved_tokenizer = saved_tokenizer(model)
+        if state.is_world_process_zero and self.options.get("writer", "process") == "process":
+            # The writer process starts now and imports what it needs while the Trainer sets up.
+            from attnlog.writer.process import prestart
+
+            sinks = self.sinks if self.sinks is not None else _sinks_from_report_to(args.report_to)
+            sinks = [sinks] if isinstance(sinks, str) else sinks
+            prestart([name for name in sinks if isinstance(name, str)])
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         tokenizer = (self.tokenizer or kwargs.get("processing_class") or kwargs.get("tokenizer")

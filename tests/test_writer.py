@@ -190,6 +190,32 @@ def test_the_trainers_mlflow_run_is_joined_by_the_writer_process(minilm, tmp_pat
     assert "train/loss" in metrics and "attn.cls.L0" in metrics
 
 
+def test_the_first_writer_is_the_spare_started_early_with_the_environment_of_now(
+    minilm, tmp_path, monkeypatch
+):
+    """The Trainer callback starts the writer process when the Trainer is built (`prestart`), so
+    that its imports overlap the Trainer's set-up. The first logger takes that process, and it
+    runs with the environment of the first event, not of when it started."""
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    from attnlog.writer import process
+
+    process.prestart(["mlflow"])
+    spare = process._spare
+    assert spare is not None and spare.poll() is None
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "set-after-the-spare-started")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    options = {"mlflow": {"tracking_uri": uri}}
+    with make_logger(minilm, tmp_path / "run", ["mlflow"], views=(), sink_options=options) as log:
+        assert log.log(0) and log.flush()
+        assert log.writer_pid == spare.pid
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("set-after-the-spare-started")
+    assert experiment is not None and client.search_runs([experiment.experiment_id])
+    assert process._spare is None  # taken: the next writer starts its own
+
+
 def _run_script(code: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([TESTS, ROOT])}
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True,

@@ -25,9 +25,16 @@ def main() -> int:
         os.nice(10)
     frames = os.fdopen(0, "rb")
     first = receive(frames)
+    if first is not None and first[0] == "warm":  # a spare (process.prestart): import, then wait
+        _one_thread()
+        _import(first[1])
+        first = receive(frames)
     if first is None:
         return 0
     _, config = first
+    if config.environ is not None:  # a spare, started before training: the environment of now
+        os.environ.clear()
+        os.environ.update(config.environ)
     sys.path.extend(p for p in config.sys_path if p not in sys.path)
     _one_thread()
     _serve(config, frames, acks)
@@ -74,6 +81,15 @@ def _serve(config: WriterConfig, frames, acks) -> None:
         reports.clear()
         if kind == "close":
             return
+
+
+def _import(modules: list[str]) -> None:
+    """Import ahead what the first event will need; one that fails is met again there."""
+    import importlib
+
+    for name in modules:
+        with contextlib.suppress(Exception):
+            importlib.import_module(name)
 
 
 def _one_thread() -> None:

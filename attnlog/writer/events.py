@@ -58,6 +58,7 @@ class WriterConfig:
     strict: bool = False
     factories: bytes = b""  # pickled {name: factory}, loaded once `sys_path` is in place
     sys_path: list[str] = field(default_factory=list)
+    environ: dict[str, str] | None = None  # a spare child's environment, as of the first event
 
 
 class EventWriter:

@@ -30,7 +30,7 @@ from attnlog.writer.frames import Frame, encode, receive, write_frame
 from attnlog.writer.outbox import Marker, Report, Writer
 from attnlog.writer.spill import Spill
 
-__all__ = ["MAX_KILLS", "MAX_RESTARTS", "ProcessWriter"]
+__all__ = ["MAX_KILLS", "MAX_RESTARTS", "ProcessWriter", "prestart"]
 
 log = logging.getLogger("attnlog")
 
@@ -45,6 +45,62 @@ _BOOT = (
     "import sys; sys.path[:1] = [p for p in sys.path[:1] if p]; "
     "from attnlog.writer.child import main; sys.exit(main())"
 )
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    env.setdefault("OMP_NUM_THREADS", "1")  # the writer must not compete for the cores
+    return env
+
+
+def _spawn_child() -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-c", _BOOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        env=_child_env(),
+    )  # fmt: skip
+
+
+# One spare writer process, started early by `prestart` (the Trainer callback does when the
+# Trainer is built): it imports what the sinks need while the Trainer sets up, and the first
+# writer takes it. On 2 busy cores its start-up (torch, MLflow: ~2-3 s of CPU) was the largest
+# part of a short run's cost. Unused, it exits when this process does (its stdin closes).
+_spare: subprocess.Popen[bytes] | None = None
+_spare_lock = threading.Lock()
+
+# What the writer imports for each sink, besides scoring and rendering.
+_WARM_MODULES = {
+    "tensorboard": ["attnlog.sinks.tensorboard", "torch.utils.tensorboard"],
+    "mlflow": ["attnlog.sinks.mlflow", "attnlog.render.mlflow_cards", "mlflow.tracking"],
+}
+_WARM_ALWAYS = ["torch", "attnlog.patterns", "attnlog.render.event", "attnlog.sinks.archive"]
+
+
+def prestart(sinks: list[str]) -> None:
+    """Start the spare writer process now, importing what `sinks` (names) will need. Safe to call
+    again: one spare at a time. Any failure is left for the first event to meet and report."""
+    global _spare
+    modules = [*_WARM_ALWAYS, *(m for name in sinks for m in _WARM_MODULES.get(name, []))]
+    with _spare_lock:
+        if _spare is not None and _spare.poll() is None:
+            return
+        try:
+            proc = _spawn_child()
+            write_frame(proc.stdin, encode(("warm", modules)))
+        except Exception as ex:
+            log.debug("attnlog: could not start a spare writer process: %s", cause(ex))
+            return
+        _spare = proc
+
+
+def _take_spare() -> subprocess.Popen[bytes] | None:
+    global _spare
+    with _spare_lock:
+        proc, _spare = _spare, None
+    if proc is not None and proc.poll() is not None:
+        return None  # it died (or was killed) while waiting
+    return proc
 
 
 @dataclass
@@ -145,20 +201,14 @@ class ProcessWriter(Writer):
                         "events are counted in stats['lost'] (writer='thread' avoids it)")  # fmt: skip
 
     def _start_child(self) -> None:
-        env = dict(os.environ)
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-        env.setdefault("OMP_NUM_THREADS", "1")  # the writer must not compete for the cores
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _BOOT],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-        )
+        spare = _take_spare()
+        proc = spare or _spawn_child()
         self._proc = proc
         config = self.config
         if self._acked_any and config.settings:  # an earlier child logged them already
             config = WriterConfig(**{**config.__dict__, "settings": None})
+        if spare is not None:  # started earlier: it gets this process's environment as of now
+            config = WriterConfig(**{**config.__dict__, "environ": _child_env()})
         write_frame(proc.stdin, encode(("config", config)))
         threading.Thread(
             target=self._read, args=(proc,), name="attnlog-writer-acks", daemon=True
