@@ -74,6 +74,7 @@ _WARM_MODULES = {
     "tensorboard": ["attnlog.sinks.tensorboard", "torch.utils.tensorboard"],
     "mlflow": ["attnlog.sinks.mlflow", "attnlog.render.mlflow_cards", "mlflow.tracking"],
 }
+_DATABASES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's database stores
 _WARM_ALWAYS = ["torch", "attnlog.patterns", "attnlog.render.event", "attnlog.sinks.archive"]
 
 
@@ -82,6 +83,9 @@ def prestart(sinks: list[str]) -> None:
     again: one spare at a time. Any failure is left for the first event to meet and report."""
     global _spare
     modules = [*_WARM_ALWAYS, *(m for name in sinks for m in _WARM_MODULES.get(name, []))]
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if "mlflow" in sinks and uri.split(":", 1)[0].split("+", 1)[0] in _DATABASES:
+        modules.append("mlflow.store.tracking.sqlalchemy_store")  # a second of CPU by itself
     with _spare_lock:
         if _spare is not None and _spare.poll() is None:
             return
