@@ -216,6 +216,25 @@ def test_the_first_writer_is_the_spare_started_early_with_the_environment_of_now
     assert process._spare is None  # taken: the next writer starts its own
 
 
+def test_a_spare_is_not_used_once_stderr_goes_elsewhere(minilm, tmp_path):
+    """Its messages would go to the stderr it inherited: a new writer is started instead."""
+    from attnlog.writer import process
+
+    process.prestart([])
+    spare = process._spare
+    saved = os.dup(2)
+    try:
+        with open(tmp_path / "stderr.txt", "w") as file:
+            os.dup2(file.fileno(), 2)
+            with make_logger(minilm, tmp_path / "run", [], views=()) as log:
+                assert log.log(0) and log.flush()
+                assert log.writer_pid not in (None, spare.pid)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    assert spare.wait(timeout=60) == 0  # told to stop: end of file on its stdin
+
+
 def _run_script(code: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([TESTS, ROOT])}
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True,

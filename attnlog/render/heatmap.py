@@ -337,8 +337,11 @@ def _draw_panel_labels(
         r, c = divmod(k, cols)
         y, x = g.top + r * g.block_h, g.left + c * g.block_w
         if layout.panel_names:
-            name = [(x + g.label_w, y + g.name_h / 2, layout.panel_names[k], "l")]
-            paste_text(canvas, name, LABEL_PX)
+            text = layout.panel_names[k]
+            name = [(x + g.label_w, y + g.name_h / 2, text, "l")]
+            # A strip as wide as the name needs, not the canvas: one small cached mask per name.
+            width = g.label_w + int(text_length(text, LABEL_PX, cjk_font)) + 4
+            paste_text(canvas, name, LABEL_PX, x0=x, width=min(width, canvas.shape[1] - x))
         if labelled:
             blend(canvas, strip, y + g.name_h - LABEL_PX, x)
             blend(canvas, key_strip, y + g.name_h + g.panel_h, x + g.label_w - LABEL_PX)

@@ -67,6 +67,7 @@ def _spawn_child() -> subprocess.Popen[bytes]:
 # writer takes it. On 2 busy cores its start-up (torch, MLflow: ~2-3 s of CPU) was the largest
 # part of a short run's cost. Unused, it exits when this process does (its stdin closes).
 _spare: subprocess.Popen[bytes] | None = None
+_spare_stderr: tuple[int, int] | None = None  # the stderr it inherited
 _spare_lock = threading.Lock()
 
 # What the writer imports for each sink, besides scoring and rendering.
@@ -81,7 +82,7 @@ _WARM_ALWAYS = ["torch", "attnlog.patterns", "attnlog.render.event", "attnlog.si
 def prestart(sinks: list[str]) -> None:
     """Start the spare writer process now, importing what `sinks` (names) will need. Safe to call
     again: one spare at a time. Any failure is left for the first event to meet and report."""
-    global _spare
+    global _spare, _spare_stderr
     modules = [*_WARM_ALWAYS, *(m for name in sinks for m in _WARM_MODULES.get(name, []))]
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if "mlflow" in sinks and uri.split(":", 1)[0].split("+", 1)[0] in _DATABASES:
@@ -95,16 +96,32 @@ def prestart(sinks: list[str]) -> None:
         except Exception as ex:
             log.debug("attnlog: could not start a spare writer process: %s", cause(ex))
             return
-        _spare = proc
+        _spare, _spare_stderr = proc, _stderr_file()
 
 
 def _take_spare() -> subprocess.Popen[bytes] | None:
-    global _spare
+    """The spare, unless it died or this process's stderr now goes elsewhere (the spare would
+    write its messages to the old one): then it is stopped and a new child is started."""
+    global _spare, _spare_stderr
     with _spare_lock:
         proc, _spare = _spare, None
-    if proc is not None and proc.poll() is not None:
-        return None  # it died (or was killed) while waiting
+        stderr, _spare_stderr = _spare_stderr, None
+    if proc is None or proc.poll() is not None:
+        return None  # none, or it died (or was killed) while waiting
+    if stderr != _stderr_file():
+        with contextlib.suppress(OSError):
+            proc.stdin.close()  # it sees end-of-file and exits
+        return None
     return proc
+
+
+def _stderr_file() -> tuple[int, int] | None:
+    """What file descriptor 2 is now (device, inode), as a child would inherit it."""
+    try:
+        info = os.fstat(2)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 @dataclass
