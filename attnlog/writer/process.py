@@ -64,7 +64,7 @@ def _spawn_child() -> subprocess.Popen[bytes]:
 
 # One spare writer process, started early by `prestart` (the Trainer callback does when the
 # Trainer is built): it imports what the sinks need while the Trainer sets up, and the first
-# writer takes it. On 2 busy cores its start-up (torch, MLflow: ~2-3 s of CPU) was the largest
+# writer takes it. On 2 busy cores its start-up (torch, MLflow: 3-5 s of CPU) was the largest
 # part of a short run's cost. Unused, it exits when this process does (its stdin closes).
 _spare: subprocess.Popen[bytes] | None = None
 _spare_stderr: tuple[int, int] | None = None  # the stderr it inherited
