@@ -235,6 +235,16 @@ def test_a_spare_is_not_used_once_stderr_goes_elsewhere(minilm, tmp_path):
     assert spare.wait(timeout=60) == 0  # told to stop: end of file on its stdin
 
 
+def test_a_spare_nobody_takes_stops_by_itself(monkeypatch):
+    """A Trainer built and never trained must not leave a writer process idling."""
+    from attnlog.writer import process
+
+    monkeypatch.setattr(process, "SPARE_IDLE_S", 1.0)
+    process.prestart([])
+    spare = process._spare
+    assert spare.wait(timeout=120) == 0 and process._spare is None
+
+
 def _run_script(code: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([TESTS, ROOT])}
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True,

@@ -66,6 +66,7 @@ def _spawn_child() -> subprocess.Popen[bytes]:
 # Trainer is built): it imports what the sinks need while the Trainer sets up, and the first
 # writer takes it. On 2 busy cores its start-up (torch, MLflow: 3-5 s of CPU) was the largest
 # part of a short run's cost. Unused, it exits when this process does (its stdin closes).
+SPARE_IDLE_S = 600.0  # a spare not taken by then stops
 _spare: subprocess.Popen[bytes] | None = None
 _spare_stderr: tuple[int, int] | None = None  # the stderr it inherited
 _spare_lock = threading.Lock()
@@ -97,6 +98,20 @@ def prestart(sinks: list[str]) -> None:
             log.debug("attnlog: could not start a spare writer process: %s", cause(ex))
             return
         _spare, _spare_stderr = proc, _stderr_file()
+    retire = threading.Timer(SPARE_IDLE_S, _retire, args=(proc,))
+    retire.daemon = True
+    retire.start()
+
+
+def _retire(proc: subprocess.Popen[bytes]) -> None:
+    """A spare nobody took (a Trainer built and never trained) stops, not to idle on ~0.5 GiB."""
+    global _spare, _spare_stderr
+    with _spare_lock:
+        if _spare is not proc:
+            return  # taken, or replaced
+        _spare, _spare_stderr = None, None
+    with contextlib.suppress(OSError):
+        proc.stdin.close()  # it sees end-of-file and exits
 
 
 def _take_spare() -> subprocess.Popen[bytes] | None:
