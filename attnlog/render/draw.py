@@ -187,14 +187,7 @@ def stamp(canvas, text: str, size: int, at: tuple[float, float], anchor: str, in
     h, w = mask.shape
     x = at[0] - {"l": 0, "m": w / 2, "r": w}[anchor[0]]
     y = at[1] - {"t": 0, "m": h / 2, "b": h}[anchor[1]]
-    y0, x0 = max(0, int(round(y))), max(0, int(round(x)))
-    y1, x1 = min(canvas.shape[0], y0 + h), min(canvas.shape[1], x0 + w)
-    if y1 <= y0 or x1 <= x0:
-        return
-    alpha = mask[: y1 - y0, : x1 - x0, None].astype(np.float32) * (1.0 / 255.0)
-    region = canvas[y0:y1, x0:x1].astype(np.float32)
-    blended = region * (1.0 - alpha) + np.asarray(ink, np.float32) * alpha
-    canvas[y0:y1, x0:x1] = (blended + 0.5).astype(np.uint8)
+    blend(canvas, mask, max(0, int(round(y))), max(0, int(round(x))), ink)  # kept on the canvas
 
 
 def paste_rotated(canvas: np.ndarray, text: str, size: int, *, x: int, y_center: float) -> None:
