@@ -217,20 +217,11 @@ def _scores(data: Any, path: str | Path) -> dict[str, np.ndarray]:
 
 
 def _quantise_vectors(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Query/key vectors as int8 with one float32 scale per layer and head, or None to keep them.
+    """What `save` stores for query/key vectors: `quantise_vectors`, or None to keep them.
 
-    Symmetric: `scale = max|x| / 127` over `[n, d]` of each head (0 for an all-zero head), so the
-    value read back, `q8 * scale` in float16, is within `scale / 2` of `x` (plus float16 rounding):
-    1/254 of the head's largest value. That is the precision the event page's neuron view already shows them at
-    (`attnlog.render.page` quantises q/k to int8 per layer and head the same way).
-
-    Args:
-        vectors: `[L, H, n, d]` float.
-
-    Returns:
-        (`[L, H, n, d]` int8, `[L, H]` float32), or None for arrays this does not cover: not 4-D
-        floats, or holding NaN/inf. Those are stored as they are (float16), so a diverging
-        model's non-finite vectors are kept as such rather than written as 0.
+    Returns None for arrays this does not cover: not 4-D floats, or holding NaN/inf. Those are
+    stored as they are (float16), so a diverging model's non-finite vectors are kept as such
+    rather than written as 0.
     """
     values = np.asarray(vectors)
     if values.ndim != 4 or values.dtype.kind != "f":
@@ -238,6 +229,21 @@ def _quantise_vectors(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray] | No
     values = values.astype(np.float32)
     if not np.isfinite(values).all():
         return None
+    return quantise_vectors(values)
+
+
+def quantise_vectors(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Finite query/key vectors `[L, H, n, d]` as int8 with one float32 scale per layer and head.
+
+    Symmetric: `scale = max|x| / 127` over `[n, d]` of each head (0 for an all-zero head), so the
+    value read back, `q8 * scale`, is within `scale / 2` of `x`: 1/254 of the head's largest
+    value. The archive stores them so, and the event page's neuron view draws them so
+    (`attnlog.render.page`).
+
+    Returns:
+        (`[L, H, n, d]` int8, `[L, H]` float32).
+    """
+    values = np.asarray(values, dtype=np.float32)
     scale = np.abs(values).max(axis=(2, 3), initial=0.0) / np.float32(127)  # [L, H]
     safe = np.where(scale > 0, scale, np.float32(1))[:, :, None, None]
     q8 = np.clip(np.rint(values / safe), -127, 127).astype(np.int8)

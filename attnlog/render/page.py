@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from attnlog.render import html
-from attnlog.snapshot import ProbeAttention, to_numpy
+from attnlog.snapshot import ProbeAttention, quantise_vectors, to_numpy
 
 __all__ = ["TAB_LABELS", "PageProbe", "assemble", "encode_probe"]
 
@@ -80,9 +80,7 @@ class _Compact:
     def add_vectors(self, array: np.ndarray) -> int:
         """Query/key vectors: signed bytes with one scale per layer and head."""
         values = np.nan_to_num(np.asarray(array, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-        peak = np.abs(values).max(axis=(2, 3), keepdims=True)
-        scale = np.where(peak > 0, peak / 127, 1.0).astype(np.float32)
-        quantised = np.rint(values / scale).astype(np.int8)
+        quantised, scale = quantise_vectors(values)  # as the archive stores them
         scales = [float(f"{s:.6g}") for s in scale.reshape(-1)]
         return self._item(quantised, "i8", scales)
 
