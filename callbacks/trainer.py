@@ -107,7 +107,7 @@ class AttentionLoggerCallback(CallbackCore, TrainerCallback):
             # The writer process starts now and imports what it needs while the Trainer sets up.
             from attnlog.writer.process import prestart
 
-            sinks = self.sinks if self.sinks is not None else _sinks_from_report_to(args.report_to)
+            sinks = self._sinks(args)
             sinks = [sinks] if isinstance(sinks, str) else sinks
             prestart([name for name in sinks if isinstance(name, str)])
 
@@ -116,13 +116,17 @@ class AttentionLoggerCallback(CallbackCore, TrainerCallback):
                      or self._saved_tokenizer)  # fmt: skip
         if tokenizer is None:
             tokenizer = saved_tokenizer(model)
-        sinks = self.sinks if self.sinks is not None else _sinks_from_report_to(args.report_to)
+        sinks = self._sinks(args)
         logdir = self._trials.folder(self.logdir or _tensorboard_dir(args), state)
         if state.is_hyper_param_search and "mlflow" in sinks and state.is_world_process_zero:
             _start_trial_run(args)
         note = NO_TRACKER if self.sinks is None and not sinks else ""
         self.start(state.global_step, model, tokenizer, sinks=sinks, logdir=logdir,
                    is_main_process=state.is_world_process_zero, note=note)  # fmt: skip
+
+    def _sinks(self, args) -> Any:
+        """The sinks given, else those `report_to` names."""
+        return self.sinks if self.sinks is not None else _sinks_from_report_to(args.report_to)
 
     # -- events ------------------------------------------------------------------------------
 

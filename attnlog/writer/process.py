@@ -110,8 +110,7 @@ def _retire(proc: subprocess.Popen[bytes]) -> None:
         if _spare is not proc:
             return  # taken, or replaced
         _spare, _spare_stderr = None, None
-    with contextlib.suppress(OSError):
-        proc.stdin.close()  # it sees end-of-file and exits
+    _stop(proc)
 
 
 def _take_spare() -> subprocess.Popen[bytes] | None:
@@ -124,10 +123,15 @@ def _take_spare() -> subprocess.Popen[bytes] | None:
     if proc is None or proc.poll() is not None:
         return None  # none, or it died (or was killed) while waiting
     if stderr != _stderr_file():
-        with contextlib.suppress(OSError):
-            proc.stdin.close()  # it sees end-of-file and exits
+        _stop(proc)
         return None
     return proc
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a spare: it sees end-of-file where its configuration would come, and exits."""
+    with contextlib.suppress(OSError):
+        proc.stdin.close()
 
 
 def _stderr_file() -> tuple[int, int] | None:
