@@ -18,6 +18,8 @@ from PIL import Image
 
 __all__ = ["LeanImage", "encode_png", "palette_image"]
 
+PNG_LEVEL = 3  # zlib level of every palette PNG written (see the measurements above)
+
 
 def palette_image(image: np.ndarray) -> Image.Image:
     """uint8 RGB `[height, width, 3]` as a Pillow palette ("P") image of at most 256 colours."""
@@ -25,7 +27,7 @@ def palette_image(image: np.ndarray) -> Image.Image:
     return rgb.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
 
 
-def encode_png(image: np.ndarray, compress_level: int = 3) -> bytes:
+def encode_png(image: np.ndarray, compress_level: int = PNG_LEVEL) -> bytes:
     """uint8 RGB `[height, width, 3]` as palette PNG bytes."""
     buffer = io.BytesIO()
     palette_image(image).save(buffer, format="PNG", compress_level=compress_level)
@@ -43,8 +45,11 @@ class LeanImage(Image.Image):
     """
 
     @classmethod
-    def of(cls, image: np.ndarray) -> LeanImage:
-        return cls._lean(Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB"))
+    def of(cls, image: np.ndarray | Image.Image) -> LeanImage:
+        """uint8 RGB `[height, width, 3]`, or an RGB Pillow image (taken over, not copied)."""
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB")
+        return cls._lean(image)
 
     @classmethod
     def _lean(cls, image: Image.Image) -> LeanImage:
@@ -57,7 +62,7 @@ class LeanImage(Image.Image):
     def save(self, fp, format=None, **params) -> None:  # noqa: A002 (Pillow's signature)
         path = str(fp) if format is None and isinstance(fp, (str, os.PathLike)) else ""
         if path.endswith(".png"):
-            palette_image(np.asarray(self)).save(fp, format="PNG", compress_level=3)
+            palette_image(np.asarray(self)).save(fp, format="PNG", compress_level=PNG_LEVEL)
         elif path.endswith(".webp"):
             super().save(fp, format="WEBP", quality=80, method=0)
         else:

@@ -360,8 +360,6 @@ def _send_artifacts(
 def _send_images(
     client: MlflowClient, event: dict[str, Any], folder: Path | None, progress: Callable[[], None]
 ) -> None:
-    import numpy as np
-
     from attnlog.render.png import LeanImage
 
     while event["images"]:
@@ -372,7 +370,7 @@ def _send_images(
             from PIL import Image
 
             with open_regular(spooled_file(folder, img["file"])) as fh, Image.open(fh) as opened:
-                image = LeanImage.of(np.asarray(opened.convert("RGB")))
+                image = LeanImage.of(opened.convert("RGB"))
         client.log_image(
             event["run_id"], image, key=img["key"], step=img["step"], timestamp=img["timestamp"],
             synchronous=True,
