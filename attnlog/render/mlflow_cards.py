@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from attnlog.layout import tb_attention_tag, tb_pattern_tag
-from attnlog.render.draw import stamp
+from attnlog.render.draw import INK, stamp
 from attnlog.render.fonts import font_for
 from attnlog.render.heatmap import colorize, display_token
 
@@ -39,7 +39,6 @@ _LABEL_PX = 22
 _VALUE_PX = 14
 _PAD = 8
 _GAP = 2  # white between tiles
-_INK = (20, 20, 20)
 _MARK = (230, 30, 30)  # the outline of the top head
 
 
@@ -94,7 +93,7 @@ def pattern_card(matrix: np.ndarray, step: int) -> np.ndarray:
         canvas[y0:y1, x0:x1] = rgb[row, col]
         if values:
             text = f"{matrix[row, col]:.2f}" if np.isfinite(matrix[row, col]) else "\u2013"
-            ink = _INK if light[row, col] else (255, 255, 255)
+            ink = INK if light[row, col] else (255, 255, 255)
             stamp(canvas, text, _VALUE_PX, ((x0 + x1) / 2, (y0 + y1) / 2), "mm", ink)
     if top_head is not None:
         y0, x0, y1, x1 = _cell(*grid, *top_head)
