@@ -58,6 +58,20 @@ class BlockingSink(MemorySink):
         super()._record(method, **args)
 
 
+class ThreadNotingSink(MemorySink):
+    """Notes the thread that writes each event's scores."""
+
+    name = "threads"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[threading.Thread] = []
+
+    def log_scores(self, table, step) -> None:
+        self.threads.append(threading.current_thread())
+        super().log_scores(table, step)
+
+
 def attnlog_warnings(record) -> list[str]:
     return [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
 
@@ -359,3 +373,20 @@ def test_views_every_k_events_writes_pages_at_every_kth_event_and_the_rest_every
 def test_views_every_must_be_a_positive_integer(minilm, tmp_path):
     with pytest.raises(ValueError, match="views_every must be a positive integer"):
         make_logger(minilm, tmp_path, [], views_every=0)
+
+
+def test_the_thread_writer_keeps_no_thread_that_scored_an_event(minilm, tmp_path):
+    """Torch's OpenMP runtime keeps a team of threads for each thread that ran a parallel op.
+    While a second team lives it stops spinning between parallel regions: every CPU training
+    step ran about 23 % slower for the thread writer's whole life. So each event is written on
+    a thread that ends with it, and training keeps the only team."""
+    sink = ThreadNotingSink()
+    with make_logger(minilm, tmp_path, [sink], writer="thread") as logger:
+        for step in (0, 1):
+            logger.log(step)
+            logger.flush()
+        first, second = sink.threads
+        assert first is not second
+        assert not first.is_alive() and not second.is_alive()
+        assert threading.current_thread() not in sink.threads
+    assert sink.steps("log_scores") == [0, 1]
