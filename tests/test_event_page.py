@@ -3,6 +3,7 @@ safe against hostile tokens, small, and under the HTML cap."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -261,6 +262,27 @@ def test_hostile_tokens_and_names_cannot_end_the_data_script(snapshot):
     data = page.split("id='attnlog-data'>")[1].split("</script>")[0]
     assert not set("<>&\u2028\u2029") & set(data)
     assert page.count("</script>") == SCRIPTS and "<img" not in page
+
+
+def test_the_page_is_ascii_and_keeps_cjk_and_pooled_labels():
+    """One non-ASCII character (a pooled label's ellipsis, a CJK token) made Python hold the
+    whole page, 10 MB at 8 probes of 128 tokens, at 2 or 4 bytes a character, twice over while
+    it was written. The page is ASCII; the JSON escapes still read back as the tokens."""
+    tokens = ["[CLS]", "\u732b", "\u5750\u2026\u4e86", "\U0001f431", "[SEP]"]
+    shot = Snapshot(step=7, probes=[make_probe(tokens, name="\u4e2d\u6587")])
+    page = page_of(shot)
+    assert page.isascii()
+    data = json.loads(page.split("id='attnlog-data'>")[1].split("</script>")[0])
+    [probe] = data["probes"]
+    assert probe["name"] == "\u4e2d\u6587"
+    assert set(tokens) <= set(_strings(probe))
+
+
+def _strings(value) -> set[str]:
+    if isinstance(value, str):
+        return {value}
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return set().union(*(_strings(v) for v in items)) if items else set()
 
 
 def test_page_is_a_fraction_of_the_per_probe_pages(minilm):

@@ -15,7 +15,6 @@ scripts only): it loads nothing and uses no storage.
 from __future__ import annotations
 
 import base64
-import html as html_lib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -143,7 +142,7 @@ def shell(step: int, data: str) -> str:
         f"{html._view_js(name)}\n}};\n"
         for name in _SCRIPTS
     )
-    title = html_lib.escape(f"attention · step {int(step)}")
+    title = f"attention &middot; step {int(step)}"  # ASCII: see html._script_json
     return (
         "<!doctype html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
         f"<title>{title}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
