@@ -33,6 +33,7 @@ from attnlog.layout import (
 )
 from attnlog.notes import warn_once
 from attnlog.patterns import ScoreTable
+from attnlog.render.page import utf8_size
 from attnlog.settings import MAX_HTML_BYTES, max_html_bytes  # re-exported: the cap lives there
 from attnlog.snapshot import ProbeAttention, Snapshot
 
@@ -133,7 +134,7 @@ def probe_views(
         page = makers[kind](target)
         if page is None:
             continue
-        size = len(page.encode("utf-8"))
+        size = utf8_size(page)
         if size > cap:
             _warn_cap(probe, size, cap, "left out")
             continue
@@ -187,7 +188,7 @@ def event_views(
         return {}
     cap = max_html_bytes() if max_bytes is None else int(max_bytes)
     page = _event_page(snapshot.probes, step, views, cap)
-    if len(page.encode("utf-8")) > cap:  # a cap below the scripts' own ~120 kB
+    if utf8_size(page) > cap:  # a cap below the scripts' own ~120 kB
         warn_once(f"html-cap/page/{cap}", f"attnlog: no page of views: {_mib(cap)} is too small")
         return {}
     return {page_path(step): page}
@@ -275,7 +276,7 @@ def _event_page(probes: Sequence[ProbeAttention], step: int, views: tuple[str, .
         return [f"Left out to stay under the {_mib(cap)} cap: {names}."] if left_out else []
 
     def over() -> int:
-        size = sum(len(e.encode("utf-8")) for e in encoded)
+        size = sum(map(utf8_size, encoded))
         return size + page.overhead(step, wanted, notes()) - cap
 
     if over() > 0 and "neuron" in wanted:

@@ -25,7 +25,7 @@ import numpy as np
 from attnlog.render import html
 from attnlog.snapshot import ProbeAttention, quantise_vectors, to_numpy
 
-__all__ = ["TAB_LABELS", "PageProbe", "assemble", "encode_probe"]
+__all__ = ["TAB_LABELS", "PageProbe", "assemble", "encode_probe", "utf8_size"]
 
 TAB_LABELS = {
     "head": "Head",
@@ -158,9 +158,14 @@ def shell(step: int, data: str) -> str:
 
 def overhead(step: int, views: Sequence[str], notes: Sequence[str]) -> int:
     """Bytes of the page with no probe: libraries, scripts, markup."""
-    return len(assemble([], step, views, notes).encode("utf-8"))
+    return utf8_size(assemble([], step, views, notes))
 
 
 def positions(probe: ProbeAttention) -> int:
     """Query positions of the probe's (self-)attention: what pooling shrinks."""
     return int(to_numpy(probe.attention).shape[-1])
+
+
+def utf8_size(text: str) -> int:
+    """Bytes of `text` in UTF-8, without a copy of a page that is ASCII (they all are)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
