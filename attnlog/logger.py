@@ -1,7 +1,8 @@
 """AttentionLogger: the training process's side of logging — measure, then hand off.
 
 `log(step)` runs the probe pass and hands its host copy to the writer (`attnlog.writer`), which
-scores, renders and writes to every sink in another process (default) or on a thread. After construction `log()` never raises for a logging failure:
+scores, renders and writes to every sink in another process or on a thread (`writer`). After
+construction `log()` never raises for a logging failure:
 failures are contained, reported once with their cause, and counted in `stats` (`strict=True`
 raises them at `flush`/`close` instead, for tests). Configuration errors fail fast in
 `__init__`, and a wrong argument to `log()` itself raises TypeError, like any mistyped call.
@@ -18,7 +19,7 @@ import time
 import warnings
 import weakref
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from attnlog.writer import (
     WriterConfig,
     cause,
 )
-from attnlog.writer.plan import active_mlflow_run, build_writer, plan_sinks
+from attnlog.writer.plan import active_mlflow_run, build_writer, choose_writer, plan_sinks
 from attnlog.writer.spill import DEFAULT_SPILL_MB, Spill, spill_root
 from attnlog.writer.split import SplitWriter
 
@@ -42,7 +43,7 @@ __all__ = ["AttentionLogger", "check_interval", "check_options"]
 
 log = logging.getLogger("attnlog")
 
-WRITERS = ("process", "thread")
+WRITERS = ("auto", "process", "thread")
 
 
 class AttentionLogger:
@@ -76,16 +77,22 @@ class AttentionLogger:
         spill_mb: the most that events waiting on disk may take (MiB). Past it an event is
             dropped, counted in `stats["dropped"]` and `stats["lost"]`, and named in a warning.
         writer: where events are rendered and written.
-            "process" (default): a writer process (`python -m attnlog.writer`, started at the
-            first event). Rendering and the tracking clients hold Python's GIL for about a
-            second per event; in a process of their own they cannot slow the training loop,
-            which on a GPU is mostly Python launching kernels. Choose it for GPU training and
-            whenever the sinks are names. A writer that dies is restarted and its events resent.
-            "thread": a thread of the training process. Nothing extra to start (about 0.3 s
-            and 150–300 MB of memory for the process), but each event's second of rendering
-            competes with training for the GIL and the cores: on an H200 that slowed training
-            by about 60 % at one event every 50 steps. Choose it for short CPU runs, notebooks
-            that cannot start processes, or sinks that must live in the training process.
+            "auto" (default): the thread writer when the model trains on the CPU and torch's
+            threads already fill every core; the writer process otherwise (on an accelerator,
+            or when torch leaves cores free). Decided at the first event, so a model moved to
+            its GPU after the logger was built gets the process.
+            "process": a writer process (`python -m attnlog.writer`, started at the first
+            event). Rendering and the tracking clients hold Python's GIL for about a second per
+            event; in a process of their own they cannot slow the training loop, which on a
+            GPU is mostly Python launching kernels. A writer that dies is restarted and its
+            events resent. Its start-up (about 3 s of CPU: torch, MLflow and its database
+            store) and its ~0.5 GiB are worth it only where it has a core of its own.
+            "thread": a thread of the training process. Nothing extra to start, but each
+            event's rendering competes with training for the GIL: on an H200 that slowed
+            training by about 60 % at one event every 50 steps. With every core training on
+            the CPU it costs less than the process (benchmarks/README.md, Trainer check). Also
+            for notebooks that cannot start processes, or sinks that must live in the training
+            process.
             Sink objects (not names) cannot be rebuilt in another process: they run on the
             thread (which renders for them), with a one-time note, while the named sinks stay
             in the writer process. Sink options that cannot be pickled (a `SummaryWriter`) put
@@ -129,7 +136,7 @@ class AttentionLogger:
         alerts: bool = True,
         queue_size: int = 4,
         spill_mb: float = DEFAULT_SPILL_MB,
-        writer: str = "process",
+        writer: str = "auto",
         close_timeout: float = 60.0,
         is_main_process: bool | None = None,
         strict: bool = False,
@@ -160,25 +167,39 @@ class AttentionLogger:
             self.capturer.check()
         self.sinks: list[Sink] = []  # the sinks in this process (on the thread writer)
         self._writer: ProcessWriter | ThreadWriter | SplitWriter | None = None
+        self._unbuilt: Callable[[], None] | None = None  # the writer, built at the first event
+        self._claimed = self.is_main_process and "archive" in planned
         if self.is_main_process:
             self._make_writer(planned, options, alerts, writer, queue_size, spill_mb)
 
     # -- configuration -----------------------------------------------------------------------
 
     def _make_writer(self, planned, options, alerts, kind, queue_size, spill_mb) -> None:
-        """The main process's writer; a second training in the same archive is refused here."""
-        if "archive" in planned:
+        """The main process's writer; a second training in the same archive is refused here.
+
+        `writer="auto"` with the model on the CPU is decided at the first event: a model moved
+        to its accelerator after the logger was built gets the writer process.
+        """
+        if self._claimed:
             claim(self.logdir)
-        names = [item for item in planned if isinstance(item, str)]
-        self._writer, self.sinks = build_writer(
-            planned,
-            self._writer_config(names, options, alerts),
-            kind=kind,
-            queue_size=queue_size,
-            spill=lambda name: Spill(spill_root(self.logdir), int(spill_mb * 2**20), name),
-            stats=self.stats,
-            report=self._report_once,
-        )
+
+        def build() -> None:
+            self._unbuilt = None
+            names = [item for item in planned if isinstance(item, str)]
+            self._writer, self.sinks = build_writer(
+                planned,
+                self._writer_config(names, options, alerts),
+                kind=choose_writer(kind, self.capturer.model),
+                queue_size=queue_size,
+                spill=lambda name: Spill(spill_root(self.logdir), int(spill_mb * 2**20), name),
+                stats=self.stats,
+                report=self._report_once,
+            )
+
+        if kind == "auto" and choose_writer(kind, self.capturer.model) == "thread":
+            self._unbuilt = build
+        else:
+            build()
         # A run that crashes never reaches close(): still write what is queued at exit.
         atexit.register(_close_at_exit, weakref.ref(self))
 
@@ -221,6 +242,8 @@ class AttentionLogger:
         started = time.perf_counter()
         measured = self._contained("capture", self._measure, step)
         self.stats["training_thread_ms"] += (time.perf_counter() - started) * 1000
+        if self._unbuilt is not None and measured is not None:
+            self._contained("writer", self._unbuilt)
         if measured is None or self._writer is None:  # other ranks only join the probe pass
             return False
         snapshot, table = measured
@@ -353,7 +376,11 @@ class AttentionLogger:
         if self._closed:
             return True
         self._closed = True
-        if self._writer is None or self._forked():  # the parent closes its writer
+        if self._forked():  # the parent closes its writer
+            return True
+        if self._writer is None:  # another rank, or no event logged yet
+            if self._claimed:
+                release(self.logdir)
             return True
         done = self._writer.close(self.close_timeout if timeout is None else timeout)
         release(self.logdir)

@@ -131,7 +131,9 @@ LOGGER_OPTIONS: dict = {}  # --option key=value (what-if runs); the default conf
 def make_logger(model, tokenizer, logdir: Path, probes=None, **options):
     from attnlog import AttentionLogger
 
-    options = {**LOGGER_OPTIONS, **options}
+    # The figures describe the writer process, what training beside a GPU gets; CPU training
+    # that fills every core gets the thread writer (`writer="auto"`): see bench_trainer.py.
+    options = {"writer": "process", **LOGGER_OPTIONS, **options}
     logdir.mkdir(parents=True, exist_ok=True)
     return AttentionLogger(
         model, tokenizer, probes,

@@ -81,9 +81,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--writer",
-        choices=["process", "thread"],
-        default="process",
-        help="the logger's writer (default: the default, the writer process)",
+        choices=["auto", "process", "thread"],
+        default="auto",
+        help="the logger's writer (default: the default, auto)",
     )
     args = parser.parse_args()
     quiet()

@@ -103,7 +103,10 @@ class AttentionLoggerCallback(CallbackCore, TrainerCallback):
         given = self.tokenizer or processing_class or kwargs.get("tokenizer")  # transformers 4
         if given is None and model is not None:
             self._saved_tokenizer = saved_tokenizer(model)
-        if state.is_world_process_zero and self.options.get("writer", "process") == "process":
+        from attnlog.writer.plan import choose_writer
+
+        writer = choose_writer(self.options.get("writer", "auto"), model)
+        if state.is_world_process_zero and writer == "process":
             # The writer process starts now and imports what it needs while the Trainer sets up.
             from attnlog.writer.process import prestart
 

@@ -32,6 +32,7 @@ def _worker(rank: int, world: int, port: int, tokenizer_dir: str, logdir: str) -
         with AttentionLogger(
             model, tokenizer, ["The cat sat.", ("A pair.", "Of sentences.")],
             sinks=["tensorboard"], logdir=os.path.join(logdir, f"rank{rank}"), views=(),
+            writer="process",
         ) as log:  # fmt: skip
             assert log.is_main_process == (rank == 0)
             for step in range(3):

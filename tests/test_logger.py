@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import threading
 import warnings
@@ -390,3 +391,58 @@ def test_the_thread_writer_keeps_no_thread_that_scored_an_event(minilm, tmp_path
         assert not first.is_alive() and not second.is_alive()
         assert threading.current_thread() not in sink.threads
     assert sink.steps("log_scores") == [0, 1]
+
+
+@pytest.fixture
+def torch_on_every_core():
+    """torch's intra-op threads on every core this process may use, as on a CPU box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    yield
+    torch.set_num_threads(before)
+
+
+def test_auto_writer_is_the_thread_when_cpu_training_fills_every_core(
+    minilm, tmp_path, torch_on_every_core
+):
+    """No core is left for a writer process: its start-up and rendering would come out of
+    training anyway. The thread is chosen at the first event, and writes everything."""
+    from attnlog.writer import ThreadWriter
+    from attnlog.writer.plan import choose_writer
+
+    model, _ = minilm
+    assert choose_writer("auto", model) == "thread"
+    with make_logger(minilm, tmp_path, ["tensorboard"]) as logger:
+        assert logger._writer is None  # not before the first event
+        assert logger.log(0) is True
+        assert isinstance(logger._writer, ThreadWriter) and logger.writer_pid is None
+        logger.log(1)
+    assert [e["step"] for e in read_index(tmp_path)] == [0, 1]
+
+
+def test_auto_writer_is_the_process_where_it_has_a_core_of_its_own(minilm):
+    """Beside an accelerator (here a model on the meta device stands for one), or when torch
+    leaves cores free; an explicit choice is kept."""
+    from attnlog.writer.plan import choose_writer
+
+    model, _ = minilm
+    assert choose_writer("auto", torch.nn.Linear(2, 2, device="meta")) == "process"
+    assert choose_writer("auto", object()) == "process"  # no parameters to tell
+    assert choose_writer("process", model) == "process"
+    assert choose_writer("thread", torch.nn.Linear(2, 2, device="meta")) == "thread"
+    if len(os.sched_getaffinity(0)) > 1:
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert choose_writer("auto", model) == "process"
+        finally:
+            torch.set_num_threads(before)
+
+
+def test_a_logger_that_never_logged_leaves_its_logdir_free(minilm, tmp_path, torch_on_every_core):
+    """With `auto` on the CPU the writer is built at the first event; closing before it still
+    releases the archive for the next training."""
+    make_logger(minilm, tmp_path, ["tensorboard"]).close()
+    with make_logger(minilm, tmp_path, ["tensorboard"]) as second:
+        assert second.log(0) is True
+    assert [e["step"] for e in read_index(tmp_path)] == [0]

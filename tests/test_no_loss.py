@@ -54,6 +54,7 @@ def make_logger(minilm, logdir, sinks, **options):
 
     model, tokenizer = minilm
     options.setdefault("views", ())
+    options.setdefault("writer", "process")  # `auto` picks the thread on a CPU this small
     return AttentionLogger(model, tokenizer, PROBES, sinks=sinks, logdir=logdir, **options)
 
 

@@ -3,6 +3,7 @@ TensorBoard tags, the archive, HTML paths and MLflow keys (which take ASCII only
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -106,7 +107,8 @@ def test_cjk_probes_end_to_end(minilm, tmp_path):
     pages = {p.relative_to(html_dir(logdir)).as_posix() for p in html_dir(logdir).rglob("*.html")}
     assert pages == {page_path(0)} == {"attention/step_00000000.html"}
     page = (html_dir(logdir) / page_path(0)).read_text(encoding="utf-8")
-    assert '"name":"猫"' in page and '"name":"狗"' in page and "cat" in page and "dog" in page
+    data = json.loads(page.split("id='attnlog-data'>")[1].split("</script>")[0])  # ASCII escapes
+    assert [p["name"] for p in data["probes"]] == ["猫", "狗"] and "cat" in page and "dog" in page
 
     client = MlflowClient(uri)
     (run,) = client.search_runs([experiment])

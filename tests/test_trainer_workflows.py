@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import os
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ from transformers import (  # noqa: E402
 )
 
 import attnlog  # noqa: E402
-from attnlog import AttentionLogger, AttentionLoggerCallback  # noqa: E402
+from attnlog import AttentionLogger, AttentionLoggerCallback, notes  # noqa: E402
 from attnlog.layout import read_index  # noqa: E402
 
 PROBES = ["The cat sat on the mat.", ("The cat sat.", "It was happy.")]
@@ -233,6 +234,7 @@ def searched(tokenizer, tmp_path_factory):
         trainer = Trainer(model_init=lambda: tiny_model(tokenizer), args=args, train_dataset=data,
                           eval_dataset=data[:4], processing_class=tokenizer,
                           callbacks=[callback(every_n_steps=2)])  # fmt: skip
+        notes.forget("tensorboard/images-hint")  # said once per process: by the thread writer here
         with stderr_to(folder / "stderr.txt"):  # the writer processes' too
             trainer.hyperparameter_search(
                 hp_space=lambda trial: {"learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e-2)},
@@ -245,11 +247,17 @@ def searched(tokenizer, tmp_path_factory):
 def stderr_to(path: Path):
     """This process's `sys.stderr` and file descriptor 2 (inherited by child processes)."""
     saved = os.dup(2)
+    # The thread writer's notes go to the "attnlog" logger, which a script without a logging
+    # set-up prints to stderr (logging's last resort); pytest's own handler would take them.
+    said = logging.StreamHandler()
     with open(path, "w") as file, contextlib.redirect_stderr(file):
         os.dup2(file.fileno(), 2)
+        said.setStream(file)
+        logging.getLogger("attnlog").addHandler(said)
         try:
             yield
         finally:
+            logging.getLogger("attnlog").removeHandler(said)
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)

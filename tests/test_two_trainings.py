@@ -29,7 +29,8 @@ TRAINING = textwrap.dedent(
     from attnlog import AttentionLogger
     tok = AutoTokenizer.from_pretrained({model!r})
     model = AutoModel.from_pretrained({model!r})
-    log = AttentionLogger(model, tok, {probes!r}, sinks=[], logdir={logdir!r}, views=())
+    log = AttentionLogger(model, tok, {probes!r}, sinks=[], logdir={logdir!r}, views=(),
+                          writer="process")
     log.log(0)
     log.flush()
     print("ready", log.writer_pid, flush=True)

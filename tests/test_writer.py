@@ -86,6 +86,7 @@ def make_logger(minilm, logdir, sinks, **options):
 
     model, tokenizer = minilm
     options.setdefault("views", ("head",))
+    options.setdefault("writer", "process")  # `auto` picks the thread on a CPU this small
     return AttentionLogger(model, tokenizer, PROBES, sinks=sinks, logdir=logdir, **options)
 
 
@@ -266,7 +267,8 @@ def test_a_script_without_a_main_guard_trains_once(minilm_path, tmp_path):
             hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         batch = tok(["a b c", "d e f g"], padding=True, return_tensors="pt")
-        log = AttentionLogger(model, tok, ["The cat sat."], sinks=["tensorboard"], logdir="run")
+        log = AttentionLogger(model, tok, ["The cat sat."], sinks=["tensorboard"], logdir="run",
+                              writer="process")
         for step in range(3):
             model(**batch, labels=torch.tensor([0, 1])).loss.backward()
             opt.step(); opt.zero_grad()
@@ -292,7 +294,8 @@ def test_exit_with_a_hung_sink_is_bounded_and_says_what_was_left(minilm_path, tm
         tok = AutoTokenizer.from_pretrained({minilm_path!r})
         model = AutoModel.from_pretrained({minilm_path!r})
         log = AttentionLogger(model, tok, ["The cat sat."], sinks=["gate"], logdir="run",
-                              views=(), close_timeout=1, sink_options={{"gate": {{"folder": {str(gate)!r}}}}})
+                              views=(), close_timeout=1, writer="process",
+                              sink_options={{"gate": {{"folder": {str(gate)!r}}}}})
         log.log(7)
         import pathlib, time
         while not pathlib.Path({str(gate)!r}, "entered-7").exists():  # the writer hangs in it
@@ -304,7 +307,8 @@ def test_exit_with_a_hung_sink_is_bounded_and_says_what_was_left(minilm_path, tm
     assert "left unwritten: steps [7]" in done.stderr
 
 
-def test_training_is_bit_identical_with_the_writer_process(minilm_path, tmp_path):
+@pytest.mark.parametrize("writer", ["process", "thread"])
+def test_training_is_bit_identical_with_either_writer(minilm_path, tmp_path, writer):
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from attnlog import AttentionLogger
@@ -321,7 +325,7 @@ def test_training_is_bit_identical_with_the_writer_process(minilm_path, tmp_path
         logger = None
         if with_logger:
             logger = AttentionLogger(model, tokenizer, PROBES, sinks=["tensorboard"],
-                                     logdir=tmp_path, views=("head",))  # fmt: skip
+                                     logdir=tmp_path, views=("head",), writer=writer)  # fmt: skip
         for step in range(4):
             model(**batch, labels=torch.tensor([0, 1])).loss.backward()
             optimizer.step()

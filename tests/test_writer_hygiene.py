@@ -33,7 +33,7 @@ TRAIN = """
     tok = AutoTokenizer.from_pretrained({path!r})
     model = AutoModel.from_pretrained({path!r})
     log = AttentionLogger(model, tok, ["The cat sat."], sinks=[], logdir={logdir!r}, views=(),
-                          close_timeout=2)
+                          close_timeout=2, writer="process")
 """
 
 
@@ -130,7 +130,7 @@ def test_the_writer_process_does_not_import_transformers(minilm, tmp_path, monke
     model, tokenizer = minilm
     with AttentionLogger(model, tokenizer, ["The cat sat."], sinks=["modules", "tensorboard"],
                          logdir=tmp_path / "run", sink_options={"modules": {"out": str(out)}},
-                         ) as logger:  # fmt: skip
+                         writer="process") as logger:  # fmt: skip
         logger.log(0)
         assert logger.flush(timeout=120)
         assert logger.writer_pid != os.getpid()
