@@ -57,6 +57,9 @@ class LeanImage(Image.Image):
         return image  # type: ignore[return-value]
 
     def resize(self, *args, **kwargs) -> LeanImage:  # type: ignore[override]
+        factor = _whole_factor(self.size, args[0]) if len(args) == 1 and not kwargs else 0
+        if factor > 1:  # MLflow's 256 px thumbnail of a 512 px card: a 2 x 2 box average,
+            return self._lean(self.reduce(factor))  # 0.3 ms against Lanczos's 3 ms
         return self._lean(super().resize(*args, **kwargs))
 
     def save(self, fp, format=None, **params) -> None:  # noqa: A002 (Pillow's signature)
@@ -67,3 +70,13 @@ class LeanImage(Image.Image):
             super().save(fp, format="WEBP", quality=80, method=0)
         else:
             super().save(fp, format, **params)
+
+
+def _whole_factor(size: tuple[int, int], target: object) -> int:
+    """The integer f with `size == f * target` on both sides, else 0."""
+    try:
+        (width, height), (new_width, new_height) = size, target  # type: ignore[misc]
+        factor = width // new_width
+    except (TypeError, ValueError, ZeroDivisionError):
+        return 0
+    return factor if (new_width * factor, new_height * factor) == (width, height) else 0
