@@ -2,10 +2,10 @@
 
 `log(step)` runs the probe pass and hands its host copy to the writer (`attnlog.writer`), which
 scores, renders and writes to every sink in another process or on a thread (`writer`). After
-construction `log()` never raises for a logging failure:
-failures are contained, reported once with their cause, and counted in `stats` (`strict=True`
-raises them at `flush`/`close` instead, for tests). Configuration errors fail fast in
-`__init__`, and a wrong argument to `log()` itself raises TypeError, like any mistyped call.
+construction `log()` never raises for a logging failure: failures are contained, reported once
+with their cause, and counted in `stats` (`strict=True` raises them at `flush`/`close` instead,
+for tests). Configuration errors fail fast in `__init__`, and a wrong argument to `log()`
+itself raises TypeError, like any mistyped call.
 """
 
 from __future__ import annotations

@@ -107,7 +107,8 @@ class AttentionLoggerCallback(CallbackCore, TrainerCallback):
 
         writer = choose_writer(self.options.get("writer", "auto"), model)
         if state.is_world_process_zero and writer == "process":
-            # The writer process starts now and imports what it needs while the Trainer sets up.
+            # The writer process starts now and imports what it needs while the Trainer sets up
+            # (not for the thread writer, which `auto` picks when CPU training fills every core).
             from attnlog.writer.process import prestart
 
             sinks = self._sinks(args)

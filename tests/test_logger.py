@@ -446,3 +446,26 @@ def test_a_logger_that_never_logged_leaves_its_logdir_free(minilm, tmp_path, tor
     with make_logger(minilm, tmp_path, ["tensorboard"]) as second:
         assert second.log(0) is True
     assert [e["step"] for e in read_index(tmp_path)] == [0]
+
+
+def test_the_trainer_starts_no_spare_writer_process_when_auto_picks_the_thread(
+    minilm, tmp_path, torch_on_every_core
+):
+    """A spare process would import torch and MLflow for nothing, and idle on ~0.5 GiB."""
+    from transformers import Trainer, TrainingArguments
+
+    from attnlog import AttentionLoggerCallback
+    from attnlog.writer import process
+
+    model, tokenizer = minilm
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=1)
+    Trainer(model=model, args=args, processing_class=tokenizer,
+            callbacks=[AttentionLoggerCallback()])  # fmt: skip
+    assert process._spare is None
+    Trainer(model=model, args=args, processing_class=tokenizer,
+            callbacks=[AttentionLoggerCallback(writer="process")])  # fmt: skip
+    spare = process._spare
+    assert spare is not None and spare.poll() is None
+    process._stop(spare)
+    process._spare = None
+    assert spare.wait(timeout=120) == 0
