@@ -422,6 +422,17 @@ def metric_route(runs: list[str], experiment: str, keys: list[str], smoothing: i
 PLOTTED = "document.querySelectorAll('.js-plotly-plot .scatterlayer .trace').length >= {n}"
 
 
+def metric_shot(
+    ui: UI, runs: list[str], experiment: str, keys: list[str], smoothing: int, name: str
+) -> None:
+    """The metric page of two runs and two keys (8 traces), once its table is there."""
+    ui.open(metric_route(runs, experiment, keys, smoothing), PLOTTED.format(n=8))
+    ui.close_assistant()
+    ui.wait("document.body.innerText.includes('Latest')")
+    ui.settle()
+    ui.shot(name)
+
+
 def demo_shots(ui: UI, ids: dict[str, str], experiment: str) -> None:
     """browsing.md's screenshots, from the two demo runs."""
     demo, other = ids["demo"], ids["demo_seed1"]
@@ -458,11 +469,7 @@ def demo_shots(ui: UI, ids: dict[str, str], experiment: str) -> None:
 
     # The metric page: two layer means of both runs (the default metrics).
     keys = ["attn.identical_token_other.L3", "attn.identical_token_other.L2"]
-    ui.open(metric_route([demo, other], experiment, keys, 1), PLOTTED.format(n=8))
-    ui.close_assistant()
-    ui.wait("document.body.innerText.includes('Latest')")
-    ui.settle()
-    ui.shot("mlflow-compare-runs.png")
+    metric_shot(ui, [demo, other], experiment, keys, 1, "mlflow-compare-runs.png")
 
     # The run's Model metrics tab: the first card without the params, the second as it comes.
     p0, p1 = "attention/p0_the_old_cat/model", "attention/p1_a_teacher_and/model"
@@ -558,11 +565,7 @@ def induction_shots(ui: UI, ids: dict[str, str], experiment: str) -> None:
     # the experiment first, so that the sidebar names it
     ui.open(f"/experiments/{experiment}/runs", "document.querySelector('[row-id]')")
     keys = ["attn.induction.L1H2", "attn.prev_token.L0H0"]
-    ui.open(metric_route([short, long], experiment, keys, 0), PLOTTED.format(n=8))
-    ui.close_assistant()
-    ui.wait("document.body.innerText.includes('Latest')")
-    ui.settle()
-    ui.shot("mlflow-compare-induction-metric.png")
+    metric_shot(ui, [short, long], experiment, keys, 0, "mlflow-compare-induction-metric.png")
 
     ui.open(
         f"/experiments/{experiment}/runs/{long}/artifacts/attnlog_compare/{COMPARE_PAGE}",
