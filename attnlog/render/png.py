@@ -36,7 +36,7 @@ def encode_png(image: np.ndarray, compress_level: int = PNG_LEVEL) -> bytes:
 
 class LeanImage(Image.Image):
     """An RGB Pillow image that saves itself lean: a palette PNG to a `.png` path, a quick WebP
-    (method 0) to a `.webp` path; `resize` keeps the class, with Pillow's smooth resampling.
+    (method 0) to a `.webp` path; `resize` keeps the class (a box average for a whole factor).
 
     For `MlflowClient.log_image`, which saves the image it is given at Pillow's defaults (an
     RGB PNG: three times the bytes, twice the time) and its card thumbnail, a `resize` of it,
