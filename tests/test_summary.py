@@ -11,6 +11,7 @@ from PIL import Image
 from test_sinks_contract import make_images, make_snapshot
 
 from attnlog.patterns import score
+from attnlog.render.draw import colorize
 from attnlog.render.mlflow_cards import CARD_PX, covered, pattern_card, probe_card
 from attnlog.summary import CHANGE_THRESHOLD, SummaryTracker, summarize
 
@@ -83,6 +84,15 @@ def test_probe_card_fills_the_square_with_every_head():
     assert coloured > 0.5
 
 
+@pytest.mark.parametrize("value", [0.0, 0.37, 1.0])
+def test_probe_card_tiles_show_viridis_at_the_attention_value(value):
+    card = probe_card(np.full((2, 3, 4, 4), value, np.float32), list("abcd"), 5)
+    tiles = card[CARD_PX // 2 :, CARD_PX // 2 :].reshape(-1, 3).astype(int)
+    tiles = tiles[np.ptp(tiles, axis=1) > 30]  # not the white gaps
+    expected = colorize(np.float32(value)).astype(int)
+    assert len(tiles) and np.abs(tiles - expected).max() <= 4  # 239 levels of viridis' 256
+
+
 def test_cards_cover_the_overview_images_only():
     assert covered("attention/cat/model") and covered("patterns/cls")
     assert not covered("attention/cat/layer_0") and not covered("patterns/cls/max")
@@ -151,10 +161,48 @@ def test_mlflow_holds_the_summary_and_one_square_card_per_overview(tables, tmp_p
     local = client.download_artifacts(run.info.run_id, full, str(tmp_path / "dl"))
     with Image.open(local) as png:
         assert png.size == (CARD_PX, CARD_PX) and png.mode == "P"  # a palette PNG: 1/3 the bytes
+        if not pattern_cards:  # a probe card is drawn in palette indices: stored as drawn
+            [cat] = [p for p in snapshots[100].probes if p.name == "cat"]
+            drawn = probe_card(cat.attention, cat.tokens, 100, cat.special)
+            assert np.array_equal(np.asarray(png.convert("RGB")), drawn)
     local = client.download_artifacts(run.info.run_id, thumb, str(tmp_path / "dl"))
     with Image.open(local) as webp:
         assert webp.size == (256, 256)  # what the card shows: square, fills its box
         assert len(np.unique(np.asarray(webp.convert("RGB")).reshape(-1, 3), axis=0)) > 256
+
+
+def test_a_card_spooled_while_the_server_is_down_is_sent_as_drawn(tables, tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+    from servers import free_port
+    from test_sink_mlflow import completes
+
+    from attnlog.sinks.mlflow import MLflowSink
+    from attnlog.sinks.spool import sync
+
+    spool = tmp_path / "spool"
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    sink = MLflowSink(down, experiment_name="exp", spool_dir=spool, cards=True)
+    snapshot = trained(100)
+    completes(sink.log_event, snapshot, tables[1], 100)
+    completes(sink.close)
+    cards = list(spool.glob("*.files/images/*.png"))
+    assert len(cards) == len(snapshot.probes)
+    for card in cards:
+        with Image.open(card) as png:
+            assert png.mode == "P"  # spooled as drawn, not widened to RGB
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert sync(spool, uri) >= 1
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    [full] = [f for f in image_files(client, run.info.run_id)["attention/cat/model"][100]
+              if f.endswith(".png")]  # fmt: skip
+    [cat] = [p for p in snapshot.probes if p.name == "cat"]
+    with Image.open(client.download_artifacts(run.info.run_id, full, str(tmp_path))) as png:
+        assert png.mode == "P"
+        drawn = probe_card(cat.attention, cat.tokens, 100, cat.special)
+        assert np.array_equal(np.asarray(png.convert("RGB")), drawn)
 
 
 def test_tensorboard_has_the_summary_scalars(tables, tmp_path):

@@ -21,22 +21,24 @@ from attnlog.render.draw import (
     PAD,
     TICK_PX,
     VIRIDIS,
+    anchored,
     as_float,
     bar_width,
     blank_canvas,
     blend,
+    blend_all,
     check_tokens,
     colorize,
     display_token,
     downsample,
     draw_colorbar,
     draw_title,
+    glyphs,
     label_px,
     label_width,
     luminance,
     paste_rotated,
     paste_text,
-    stamp,
     text_length,
     text_mask,
     text_width,
@@ -231,9 +233,12 @@ def _draw_cell_values(
     """Each cell's value, dark on bright cells and white on dark ones."""
     (top, left), (cell_h, cell_w) = origin, cell
     dark = luminance(rgb) > 140
+    pieces = []
     for (i, j), text in np.ndenumerate(texts):  # glyphs cached: values repeat across events
-        at = (left + (j + 0.5) * cell_w, top + (i + 0.5) * cell_h)
-        stamp(canvas, text, LABEL_PX, at, "mm", INK if dark[i, j] else (255, 255, 255))
+        mask = glyphs(text, LABEL_PX)
+        y, x = anchored(mask.shape, (left + (j + 0.5) * cell_w, top + (i + 0.5) * cell_h), "mm")
+        pieces.append((mask, y, x, INK if dark[i, j] else (255, 255, 255)))
+    blend_all(canvas, pieces)
 
 
 # ---- layout --------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ of 22 px and more (11 px in the thumbnail), and say in their header what the car
   stretched to fill the square, the probe's text on top;
 - `pattern_card`: one pattern's `[L, H]` scores, its top head outlined and named on top.
 
-Pure functions: numpy and Pillow, no I/O.
+A probe card is drawn in palette indices (`CARD_PALETTE`: viridis in 239 levels, the grey of
+NaN, and 16 greys from ink to white for the text), so it is saved as a palette PNG with no
+quantising. Pure functions: numpy and Pillow, no I/O.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from attnlog.layout import tb_attention_tag, tb_pattern_tag
-from attnlog.render.draw import INK, stamp
+from attnlog.render.draw import INK, NAN_RGB, VIRIDIS, anchored, glyphs, stamp
 from attnlog.render.fonts import font_for
 from attnlog.render.heatmap import colorize, display_token
 
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
     from attnlog.patterns import ScoreTable
     from attnlog.snapshot import Snapshot
 
-__all__ = ["CARD_PX", "covered", "pattern_card", "probe_card", "render_cards"]
+__all__ = ["CARD_PALETTE", "CARD_PX", "covered", "pattern_card", "probe_card", "render_cards"]
 
 CARD_PX = 512  # 2x MLflow's 256 px thumbnail: text scales by 1/2, the click preview stays sharp
 _HEADER_PX = 26
@@ -40,6 +42,18 @@ _VALUE_PX = 14
 _PAD = 8
 _GAP = 2  # white between tiles
 _MARK = (230, 30, 30)  # the outline of the top head
+
+_LEVELS = 239  # viridis levels of a probe card: indices 0..238
+_NAN = _LEVELS  # index 239: cells with no value
+_GREY0, _GREYS = 240, 16  # indices 240..255: ink (240) to white (255), for anti-aliased text
+_WHITE = _GREY0 + _GREYS - 1
+CARD_PALETTE = np.concatenate(
+    [
+        VIRIDIS[np.round(np.linspace(0, 255, _LEVELS)).astype(int)],
+        np.array([NAN_RGB], dtype=np.uint8),
+        np.round(np.linspace(INK, (255, 255, 255), _GREYS)).astype(np.uint8),
+    ]
+)
 
 
 def probe_card(
@@ -50,20 +64,37 @@ def probe_card(
     Queries run down and keys across in each tile, as in TensorBoard's images. The header shows
     the probe's tokens, without the `special` ones ([CLS], [SEP]).
     """
+    return CARD_PALETTE[_probe_card_indices(attention, tokens, step, special)]
+
+
+def probe_card_image(
+    attention: np.ndarray, tokens: Sequence[str], step: int, special: Sequence[bool] | None = None
+) -> Image.Image:
+    """`probe_card` as a Pillow palette ("P") image of `CARD_PALETTE`: what MLflow gets."""
+    indices = _probe_card_indices(attention, tokens, step, special)
+    image = Image.frombytes("P", (indices.shape[1], indices.shape[0]), indices.tobytes())
+    image.putpalette(CARD_PALETTE.tobytes())
+    return image
+
+
+def _probe_card_indices(
+    attention: np.ndarray, tokens: Sequence[str], step: int, special: Sequence[bool] | None
+) -> np.ndarray:
     attention = np.asarray(attention, dtype=np.float32)
-    layers, heads = attention.shape[:2]
+    layers, heads, rows, cols = attention.shape
     special = [False] * len(tokens) if special is None else list(special)
     text = " ".join(display_token(t) for t, s in zip(tokens, special) if not s)
     canvas, (top, left, cell_h, cell_w) = _frame(f"step {step} \u00b7 {text}", layers, heads)
-    rgb = colorize(attention)  # once: a tile at least as large as its map repeats its colours
-    rows, cols = attention.shape[2:]
-    for layer, head in np.ndindex(layers, heads):
+    down = _pixel_map(top, cell_h, layers, rows)
+    across = _pixel_map(left, cell_w, heads, cols)
+    if down is not None and across is not None:  # every tile as large as its map: index once
+        (ys, layer, row), (xs, head, col) = down, across
+        levels = _levels(attention)
+        canvas[np.ix_(ys, xs)] = levels[layer[:, None], head[None, :], row[:, None], col[None, :]]
+        return canvas
+    for layer, head in np.ndindex(layers, heads):  # a tile smaller than its map: block means
         y0, x0, y1, x1 = _cell(top, left, cell_h, cell_w, layer, head)
-        if y1 - y0 >= rows and x1 - x0 >= cols:
-            tile = rgb[layer, head][np.ix_(_blocks(rows, y1 - y0), _blocks(cols, x1 - x0))]
-        else:
-            tile = colorize(_resize(attention[layer, head], y1 - y0, x1 - x0))
-        canvas[y0:y1, x0:x1] = tile
+        canvas[y0:y1, x0:x1] = _levels(_resize(attention[layer, head], y1 - y0, x1 - x0))
     return canvas
 
 
@@ -84,7 +115,8 @@ def pattern_card(matrix: np.ndarray, step: int) -> np.ndarray:
         top_head = np.unravel_index(int(np.nanargmax(matrix)), matrix.shape)
         name = f"L{top_head[0]}H{top_head[1]}"
         header = f"step {step} \u00b7 top {name} = {matrix[top_head]:.2f}"
-    canvas, grid = _frame(header, layers, heads, bar=(lo, hi))
+    indices, grid = _frame(header, layers, heads, bar=(lo, hi))
+    canvas = CARD_PALETTE[indices]
     rgb = colorize(matrix, lo, hi)
     light = (0.2126 * rgb[..., 0] + 0.7152 * rgb[..., 1] + 0.0722 * rgb[..., 2]) > 140
     values = _fits_values(grid)
@@ -103,16 +135,16 @@ def pattern_card(matrix: np.ndarray, step: int) -> np.ndarray:
 
 def render_cards(
     snapshot: Snapshot, table: ScoreTable, patterns: bool = True
-) -> dict[str, np.ndarray]:
-    """A card per probe, and with `patterns` per pattern scored somewhere, under the TensorBoard
-    image tags (`attention/<probe>/model`, `patterns/<pattern>`), so that both name an image
-    alike."""
+) -> dict[str, np.ndarray | Image.Image]:
+    """A card per probe (a palette image), and with `patterns` per pattern scored somewhere (an
+    RGB array), under the TensorBoard image tags (`attention/<probe>/model`,
+    `patterns/<pattern>`), so that both name an image alike."""
     from attnlog.words import unit_probe
 
     cards = {}
     for probe in snapshot.probes:
         shown = unit_probe(probe)  # pooled at capture: its blocks are the tokens
-        cards[tb_attention_tag(shown.name)] = probe_card(
+        cards[tb_attention_tag(shown.name)] = probe_card_image(
             shown.attention, shown.tokens, snapshot.step, shown.special
         )
     for pattern, matrix in table.scores.items() if patterns else ():
@@ -140,11 +172,12 @@ def covered(tag: str) -> bool:
 
 
 def _frame(header: str, layers: int, heads: int, bar: tuple[float, float] | None = None):
-    """A white square with the header, "L<l>" row labels and head-number column labels drawn;
-    returns (canvas, (top, left, cell_h, cell_w)) of the grid's cells."""
-    canvas = np.full((CARD_PX, CARD_PX, 3), 255, dtype=np.uint8)
+    """A white square of `CARD_PALETTE` indices with the header, "L<l>" row labels and
+    head-number column labels drawn; returns (canvas, (top, left, cell_h, cell_w)) of the grid's
+    cells."""
+    canvas = np.full((CARD_PX, CARD_PX), _WHITE, dtype=np.uint8)
     head_font = font_for(header, _HEADER_PX)
-    stamp(canvas, _fit(header, head_font, CARD_PX - 2 * _PAD), _HEADER_PX, (_PAD, _PAD), "lt")
+    _ink(canvas, _fit(header, head_font, CARD_PX - 2 * _PAD), _HEADER_PX, (_PAD, _PAD), "lt")
     label_font = font_for("L0", _LABEL_PX)
     top = _PAD + _HEADER_PX + 10 + _LABEL_PX + 6
     left = _PAD + int(label_font.getlength(f"L{layers - 1}")) + 8
@@ -153,13 +186,47 @@ def _frame(header: str, layers: int, heads: int, bar: tuple[float, float] | None
     every_row, every_col = _every(cell_h, _LABEL_PX), _every(cell_w, label_font.getlength("00"))
     for layer in range(0, layers, every_row):
         y = top + (layer + 0.5) * cell_h - _GAP / 2
-        stamp(canvas, f"L{layer}", _LABEL_PX, (left - 8, y), "rm")
+        _ink(canvas, f"L{layer}", _LABEL_PX, (left - 8, y), "rm")
     for head in range(0, heads, every_col):
         x = left + (head + 0.5) * cell_w - _GAP / 2
-        stamp(canvas, str(head), _LABEL_PX, (x, top - 6), "mb")
+        _ink(canvas, str(head), _LABEL_PX, (x, top - 6), "mb")
     if bar:
         _draw_bar(canvas, bar, left, bottom + 8)
     return canvas, (top, left, cell_h, cell_w)
+
+
+def _ink(canvas: np.ndarray, text: str, size: int, at: tuple[float, float], anchor: str) -> None:
+    """`text` in the card's greys (anti-aliased over white), placed as `draw.stamp` places it."""
+    mask = glyphs(text, size)
+    y, x = anchored(mask.shape, at, anchor)
+    region = canvas[y : y + mask.shape[0], x : x + mask.shape[1]]
+    mask = mask[: region.shape[0], : region.shape[1]]
+    grey = _GREY0 + (255 - mask.astype(np.uint16)) * (_GREYS - 1) // 255  # alpha 255: ink
+    np.minimum(region, grey.astype(np.uint8), out=region)  # the darker where glyphs overlap
+
+
+def _pixel_map(start: int, cell: float, count: int, n: int) -> tuple | None:
+    """Along one axis of the grid: the pixels inside cells, the cell of each and the map row
+    (or column) each shows, as `_cell` lays them out; None when a cell is narrower than `n`."""
+    pixels, cells, within = [], [], []
+    for k in range(count):
+        a0 = start + int(k * cell)
+        a1 = max(a0 + 1, start + int((k + 1) * cell) - _GAP)
+        if a1 - a0 < n:
+            return None
+        pixels.append(np.arange(a0, a1))
+        cells.append(np.full(a1 - a0, k))
+        within.append(_blocks(n, a1 - a0))
+    return np.concatenate(pixels), np.concatenate(cells), np.concatenate(within)
+
+
+def _levels(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] as `CARD_PALETTE` indices: viridis levels, NaN and inf as `_NAN`."""
+    scaled = np.asarray(values, dtype=np.float32) * (_LEVELS - 0.001)
+    finite = np.isfinite(scaled)
+    levels = np.clip(np.where(finite, scaled, 0), 0, _LEVELS - 1).astype(np.uint8)
+    levels[~finite] = _NAN
+    return levels
 
 
 def _cell(top: int, left: int, cell_h: float, cell_w: float, row: int, col: int) -> tuple:
@@ -177,10 +244,10 @@ def _draw_bar(canvas: np.ndarray, span: tuple[float, float], left: int, y: int) 
     lo_text, hi_text = f"{lo:.3g}", f"{hi:.3g}"
     x0 = left + int(font.getlength(lo_text)) + 10
     x1 = CARD_PX - _PAD - int(font.getlength(hi_text)) - 10
-    canvas[y + 4 : y + _LABEL_PX - 4, x0:x1] = colorize(np.linspace(lo, hi, x1 - x0), lo, hi)
+    canvas[y + 4 : y + _LABEL_PX - 4, x0:x1] = _levels(np.linspace(0.0, 1.0, x1 - x0))
     middle = y + _LABEL_PX / 2
-    stamp(canvas, lo_text, _LABEL_PX, (left, middle), "lm")
-    stamp(canvas, hi_text, _LABEL_PX, (CARD_PX - _PAD, middle), "rm")
+    _ink(canvas, lo_text, _LABEL_PX, (left, middle), "lm")
+    _ink(canvas, hi_text, _LABEL_PX, (CARD_PX - _PAD, middle), "rm")
 
 
 def _fits_values(grid: tuple) -> bool:

@@ -35,8 +35,9 @@ def encode_png(image: np.ndarray, compress_level: int = PNG_LEVEL) -> bytes:
 
 
 class LeanImage(Image.Image):
-    """An RGB Pillow image that saves itself lean: a palette PNG to a `.png` path, a quick WebP
-    (method 0) to a `.webp` path; `resize` keeps the class (a box average for a whole factor).
+    """An RGB or palette Pillow image that saves itself lean: a palette PNG to a `.png` path
+    (quantised only when RGB), a quick RGB WebP (method 0) to a `.webp` path; `resize` keeps
+    the class (RGB, a box average for a whole factor).
 
     For `MlflowClient.log_image`, which saves the image it is given at Pillow's defaults (an
     RGB PNG: three times the bytes, twice the time) and its card thumbnail, a `resize` of it,
@@ -46,7 +47,8 @@ class LeanImage(Image.Image):
 
     @classmethod
     def of(cls, image: np.ndarray | Image.Image) -> LeanImage:
-        """uint8 RGB `[height, width, 3]`, or an RGB Pillow image (taken over, not copied)."""
+        """uint8 RGB `[height, width, 3]`, or an RGB or "P" Pillow image (taken over, not
+        copied)."""
         if not isinstance(image, Image.Image):
             image = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB")
         return cls._lean(image)
@@ -57,19 +59,24 @@ class LeanImage(Image.Image):
         return image  # type: ignore[return-value]
 
     def resize(self, *args, **kwargs) -> LeanImage:  # type: ignore[override]
+        rgb = self._rgb()
         factor = _whole_factor(self.size, args[0]) if len(args) == 1 and not kwargs else 0
         if factor > 1:  # MLflow's 256 px thumbnail of a 512 px card: a 2 x 2 box average,
-            return self._lean(self.reduce(factor))  # 0.3 ms against Lanczos's 3 ms
-        return self._lean(super().resize(*args, **kwargs))
+            return self._lean(rgb.reduce(factor))  # 0.3 ms against Lanczos's 3 ms
+        return self._lean(Image.Image.resize(rgb, *args, **kwargs))
 
     def save(self, fp, format=None, **params) -> None:  # noqa: A002 (Pillow's signature)
         path = str(fp) if format is None and isinstance(fp, (str, os.PathLike)) else ""
         if path.endswith(".png"):
-            palette_image(np.asarray(self)).save(fp, format="PNG", compress_level=PNG_LEVEL)
+            paletted = self if self.mode == "P" else palette_image(np.asarray(self._rgb()))
+            Image.Image.save(paletted, fp, format="PNG", compress_level=PNG_LEVEL)
         elif path.endswith(".webp"):
-            super().save(fp, format="WEBP", quality=80, method=0)
+            Image.Image.save(self._rgb(), fp, format="WEBP", quality=80, method=0)
         else:
             super().save(fp, format, **params)
+
+    def _rgb(self) -> Image.Image:
+        return self if self.mode == "RGB" else self.convert("RGB")
 
 
 def _whole_factor(size: tuple[int, int], target: object) -> int:

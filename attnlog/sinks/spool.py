@@ -209,7 +209,9 @@ class Spool:
             else:
                 from PIL import Image
 
-                Image.fromarray(img["array"]).save(self.folder / rel)
+                image = img["array"]  # an array, or a card already in palette form
+                image = image if isinstance(image, Image.Image) else Image.fromarray(image)
+                image.save(self.folder / rel)
             kept = {k: v for k, v in img.items() if k not in ("array", "file")}
             record["images"].append(kept | {"file": rel})
         path = self.folder / f"{entry_id}.json"
@@ -370,7 +372,7 @@ def _send_images(
             from PIL import Image
 
             with open_regular(spooled_file(folder, img["file"])) as fh, Image.open(fh) as opened:
-                image = LeanImage.of(opened.convert("RGB"))
+                image = LeanImage.of(opened.convert("P" if opened.mode == "P" else "RGB"))
         client.log_image(
             event["run_id"], image, key=img["key"], step=img["step"], timestamp=img["timestamp"],
             synchronous=True,

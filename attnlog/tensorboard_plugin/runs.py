@@ -252,5 +252,5 @@ def load_by_key(path: str, mtime_ns: int) -> Snapshot:
 
 @functools.lru_cache(maxsize=4096)
 def _scores(path: str, mtime_ns: int) -> dict[str, np.ndarray]:
-    """Only the `[L, H]` scores: attention is never decompressed."""
+    """Only the `[L, H]` scores: attention is never read."""
     return load_scores(path)
