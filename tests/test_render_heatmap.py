@@ -243,3 +243,35 @@ def test_missing_cjk_font_warns_once_per_process():
 def test_latin_only_tokens_never_warn(recwarn):
     render_layer(softmax_attention(1, 2, 2), ["a", "b"], cjk_font=None)
     assert not [w for w in recwarn if "CJK" in str(w.message)]
+
+
+def _decoded(png: bytes) -> tuple[str, np.ndarray]:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as image:
+        return image.mode, np.asarray(image.convert("RGB")).astype(int)
+
+
+def test_heatmaps_are_saved_on_the_fixed_palette_within_a_few_levels():
+    from attnlog.render.draw import PALETTE
+    from attnlog.render.png import encode_png
+
+    rng = np.random.default_rng(3)
+    attn = rng.dirichlet(np.ones(10), size=(2, 3, 10)).astype(np.float32)
+    for image in (render_model(attn, list("abcdefghij")), render_matrix(rng.random((3, 4)))):
+        mode, back = _decoded(encode_png(image))
+        assert mode == "P" and back.shape == image.shape
+        assert set(map(tuple, np.unique(back.reshape(-1, 3), axis=0))) <= set(map(tuple, PALETTE))
+        assert np.abs(back - image).mean() < 1.5
+
+
+def test_an_image_off_the_palette_gets_its_own_colours():
+    from attnlog.render.png import encode_png
+
+    rng = np.random.default_rng(4)
+    colours = rng.integers(0, 256, size=(200, 3), dtype=np.uint8)  # 200 colours, not viridis
+    image = np.repeat(np.repeat(colours.reshape(10, 20, 3), 8, axis=0), 8, axis=1)
+    mode, back = _decoded(encode_png(image))
+    assert mode == "P" and np.abs(back - image).max() <= 8

@@ -39,6 +39,10 @@ _VIRIDIS_HEX = (
 NAN_RGB = (210, 210, 210)  # cells with no value
 VIRIDIS = np.frombuffer(bytes.fromhex(_VIRIDIS_HEX), dtype=np.uint8).reshape(-1, 3)
 
+# 256 colours that every attnlog image fits: viridis in 239 levels (indices 0..238), the grey of
+# NaN (239), and 16 greys from ink to white (240..255) for anti-aliased text. Probe cards are
+# drawn in these indices; other images are mapped onto them when saved (`render.png`).
+PALETTE_LEVELS, PALETTE_NAN, PALETTE_GREY0, PALETTE_GREYS = 239, 239, 240, 16
 BG = 255
 INK = (20, 20, 20)
 PAD = 10
@@ -47,6 +51,15 @@ TICK_PX = 11
 TITLE_PX = 15
 MAX_LABEL_W = 90
 BAR_W = 14
+
+
+PALETTE = np.concatenate(
+    [
+        VIRIDIS[np.round(np.linspace(0, 255, PALETTE_LEVELS)).astype(int)],
+        np.array([NAN_RGB], dtype=np.uint8),
+        np.round(np.linspace(INK, (BG, BG, BG), PALETTE_GREYS)).astype(np.uint8),
+    ]
+)
 
 
 def colorize(values: Any, vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:

@@ -10,9 +10,8 @@ of 22 px and more (11 px in the thumbnail), and say in their header what the car
   stretched to fill the square, the probe's text on top;
 - `pattern_card`: one pattern's `[L, H]` scores, its top head outlined and named on top.
 
-A probe card is drawn in palette indices (`CARD_PALETTE`: viridis in 239 levels, the grey of
-NaN, and 16 greys from ink to white for the text), so it is saved as a palette PNG with no
-quantising. Pure functions: numpy and Pillow, no I/O.
+A probe card is drawn in indices of `draw.PALETTE` (viridis in 239 levels, the grey of NaN,
+and 16 greys from ink to white for the text), so it is saved as a palette PNG as it is. Pure functions: numpy and Pillow, no I/O.
 """
 
 from __future__ import annotations
@@ -25,7 +24,17 @@ import numpy as np
 from PIL import Image
 
 from attnlog.layout import tb_attention_tag, tb_pattern_tag
-from attnlog.render.draw import INK, NAN_RGB, VIRIDIS, anchored, glyphs, stamp
+from attnlog.render.draw import (
+    INK,
+    PALETTE,
+    PALETTE_GREY0,
+    PALETTE_GREYS,
+    PALETTE_LEVELS,
+    PALETTE_NAN,
+    anchored,
+    glyphs,
+    stamp,
+)
 from attnlog.render.fonts import font_for
 from attnlog.render.heatmap import colorize, display_token
 
@@ -33,7 +42,7 @@ if TYPE_CHECKING:
     from attnlog.patterns import ScoreTable
     from attnlog.snapshot import Snapshot
 
-__all__ = ["CARD_PALETTE", "CARD_PX", "covered", "pattern_card", "probe_card", "render_cards"]
+__all__ = ["CARD_PX", "covered", "pattern_card", "probe_card", "render_cards"]
 
 CARD_PX = 512  # 2x MLflow's 256 px thumbnail: text scales by 1/2, the click preview stays sharp
 _HEADER_PX = 26
@@ -43,17 +52,7 @@ _PAD = 8
 _GAP = 2  # white between tiles
 _MARK = (230, 30, 30)  # the outline of the top head
 
-_LEVELS = 239  # viridis levels of a probe card: indices 0..238
-_NAN = _LEVELS  # index 239: cells with no value
-_GREY0, _GREYS = 240, 16  # indices 240..255: ink (240) to white (255), for anti-aliased text
-_WHITE = _GREY0 + _GREYS - 1
-CARD_PALETTE = np.concatenate(
-    [
-        VIRIDIS[np.round(np.linspace(0, 255, _LEVELS)).astype(int)],
-        np.array([NAN_RGB], dtype=np.uint8),
-        np.round(np.linspace(INK, (255, 255, 255), _GREYS)).astype(np.uint8),
-    ]
-)
+_WHITE = PALETTE_GREY0 + PALETTE_GREYS - 1
 
 
 def probe_card(
@@ -64,16 +63,16 @@ def probe_card(
     Queries run down and keys across in each tile, as in TensorBoard's images. The header shows
     the probe's tokens, without the `special` ones ([CLS], [SEP]).
     """
-    return CARD_PALETTE[_probe_card_indices(attention, tokens, step, special)]
+    return PALETTE[_probe_card_indices(attention, tokens, step, special)]
 
 
 def probe_card_image(
     attention: np.ndarray, tokens: Sequence[str], step: int, special: Sequence[bool] | None = None
 ) -> Image.Image:
-    """`probe_card` as a Pillow palette ("P") image of `CARD_PALETTE`: what MLflow gets."""
+    """`probe_card` as a Pillow palette ("P") image of `PALETTE`: what MLflow gets."""
     indices = _probe_card_indices(attention, tokens, step, special)
     image = Image.frombytes("P", (indices.shape[1], indices.shape[0]), indices.tobytes())
-    image.putpalette(CARD_PALETTE.tobytes())
+    image.putpalette(PALETTE.tobytes())
     return image
 
 
@@ -116,7 +115,7 @@ def pattern_card(matrix: np.ndarray, step: int) -> np.ndarray:
         name = f"L{top_head[0]}H{top_head[1]}"
         header = f"step {step} \u00b7 top {name} = {matrix[top_head]:.2f}"
     indices, grid = _frame(header, layers, heads, bar=(lo, hi))
-    canvas = CARD_PALETTE[indices]
+    canvas = PALETTE[indices]
     rgb = colorize(matrix, lo, hi)
     light = (0.2126 * rgb[..., 0] + 0.7152 * rgb[..., 1] + 0.0722 * rgb[..., 2]) > 140
     values = _fits_values(grid)
@@ -172,7 +171,7 @@ def covered(tag: str) -> bool:
 
 
 def _frame(header: str, layers: int, heads: int, bar: tuple[float, float] | None = None):
-    """A white square of `CARD_PALETTE` indices with the header, "L<l>" row labels and
+    """A white square of `PALETTE` indices with the header, "L<l>" row labels and
     head-number column labels drawn; returns (canvas, (top, left, cell_h, cell_w)) of the grid's
     cells."""
     canvas = np.full((CARD_PX, CARD_PX), _WHITE, dtype=np.uint8)
@@ -201,7 +200,9 @@ def _ink(canvas: np.ndarray, text: str, size: int, at: tuple[float, float], anch
     y, x = anchored(mask.shape, at, anchor)
     region = canvas[y : y + mask.shape[0], x : x + mask.shape[1]]
     mask = mask[: region.shape[0], : region.shape[1]]
-    grey = _GREY0 + (255 - mask.astype(np.uint16)) * (_GREYS - 1) // 255  # alpha 255: ink
+    grey = (
+        PALETTE_GREY0 + (255 - mask.astype(np.uint16)) * (PALETTE_GREYS - 1) // 255
+    )  # alpha 255: ink
     np.minimum(region, grey.astype(np.uint8), out=region)  # the darker where glyphs overlap
 
 
@@ -221,11 +222,11 @@ def _pixel_map(start: int, cell: float, count: int, n: int) -> tuple | None:
 
 
 def _levels(values: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] as `CARD_PALETTE` indices: viridis levels, NaN and inf as `_NAN`."""
-    scaled = np.asarray(values, dtype=np.float32) * (_LEVELS - 0.001)
+    """Values in [0, 1] as `PALETTE` indices: viridis levels, NaN and inf as `PALETTE_NAN`."""
+    scaled = np.asarray(values, dtype=np.float32) * (PALETTE_LEVELS - 0.001)
     finite = np.isfinite(scaled)
-    levels = np.clip(np.where(finite, scaled, 0), 0, _LEVELS - 1).astype(np.uint8)
-    levels[~finite] = _NAN
+    levels = np.clip(np.where(finite, scaled, 0), 0, PALETTE_LEVELS - 1).astype(np.uint8)
+    levels[~finite] = PALETTE_NAN
     return levels
 
 
