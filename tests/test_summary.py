@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,6 +204,46 @@ def test_a_card_spooled_while_the_server_is_down_is_sent_as_drawn(tables, tmp_pa
         assert png.mode == "P"
         drawn = probe_card(cat.attention, cat.tokens, 100, cat.special)
         assert np.array_equal(np.asarray(png.convert("RGB")), drawn)
+
+
+def test_images_are_named_and_sized_as_mlflows_log_image_makes_them(tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    from attnlog.sinks.spool import send
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.create_experiment("exp", artifact_location=str(tmp_path / "art"))
+    image = np.random.default_rng(5).integers(0, 256, (300, 500, 3), dtype=np.uint8)
+    theirs = client.create_run(experiment).info.run_id
+    client.log_image(theirs, image, key="attention/cat/model", step=3, timestamp=1234)
+    ours = client.create_run(experiment).info.run_id
+    img = {"key": "attention/cat/model", "step": 3, "timestamp": 1234, "array": image}
+    event = {"run_id": ours, "metrics": [], "params": {}, "tags": {}, "artifacts": [],
+             "images": [img], "end_run": None}  # fmt: skip
+    send(client, event, None, lambda: None)
+
+    def files(run_id):
+        local = client.download_artifacts(run_id, "images", str(tmp_path / run_id))
+        found = {}
+        for path in Path(local).iterdir():
+            with Image.open(path) as opened:
+                found[re.sub(r"\+[0-9a-f-]{36}", "+<id>", path.name)] = opened.size
+        return found
+
+    assert files(ours) == files(theirs)  # names (but the id), and the thumbnail's size
+    assert client.get_run(ours).data.tags["mlflow.loggedImages"] == "True"
+
+
+def test_an_image_stem_is_one_file_name():
+    from attnlog.sinks.spool import image_stem
+
+    img = {"key": "a/b", "step": 1, "timestamp": 2, "id": "../../elsewhere"}
+    stem = image_stem(img)
+    assert "/" not in stem and stem.startswith("a~b+step+1+timestamp+2+")
+    assert img["id"] != "../../elsewhere" and stem == image_stem(img)  # a new id, kept
+    with pytest.raises(ValueError, match="letters, digits"):
+        image_stem({"key": "a\\b", "step": 1, "timestamp": 2})
 
 
 def test_tensorboard_has_the_summary_scalars(tables, tmp_path):
