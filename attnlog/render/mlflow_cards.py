@@ -32,6 +32,7 @@ from attnlog.render.draw import (
     PALETTE_LEVELS,
     PALETTE_NAN,
     anchored,
+    fit,
     glyphs,
     stamp,
 )
@@ -174,9 +175,18 @@ def _frame(header: str, layers: int, heads: int, bar: tuple[float, float] | None
     """A white square of `PALETTE` indices with the header, "L<l>" row labels and
     head-number column labels drawn; returns (canvas, (top, left, cell_h, cell_w)) of the grid's
     cells."""
-    canvas = np.full((CARD_PX, CARD_PX), _WHITE, dtype=np.uint8)
+    base, grid = _labelled(layers, heads, bar)
+    canvas = base.copy()
     head_font = font_for(header, _HEADER_PX)
-    _ink(canvas, _fit(header, head_font, CARD_PX - 2 * _PAD), _HEADER_PX, (_PAD, _PAD), "lt")
+    _ink(canvas, fit(header, head_font, CARD_PX - 2 * _PAD), _HEADER_PX, (_PAD, _PAD), "lt")
+    return canvas, grid
+
+
+@lru_cache(maxsize=64)
+def _labelled(layers: int, heads: int, bar: tuple[float, float] | None) -> tuple:
+    """`_frame` without its header: the same for every card of a model, drawn once
+    (read-only)."""
+    canvas = np.full((CARD_PX, CARD_PX), _WHITE, dtype=np.uint8)
     label_font = font_for("L0", _LABEL_PX)
     top = _PAD + _HEADER_PX + 10 + _LABEL_PX + 6
     left = _PAD + int(label_font.getlength(f"L{layers - 1}")) + 8
@@ -191,6 +201,7 @@ def _frame(header: str, layers: int, heads: int, bar: tuple[float, float] | None
         _ink(canvas, str(head), _LABEL_PX, (x, top - 6), "mb")
     if bar:
         _draw_bar(canvas, bar, left, bottom + 8)
+    canvas.flags.writeable = False
     return canvas, (top, left, cell_h, cell_w)
 
 
@@ -285,11 +296,3 @@ def _resize(values: np.ndarray, height: int, width: int) -> np.ndarray:
     """`values` `[n, m]` to `[height, width]`: blocks when enlarged, block means when shrunk."""
     image = Image.fromarray(np.ascontiguousarray(values, dtype=np.float32))
     return np.asarray(image.resize((width, height), Image.Resampling.BOX), dtype=np.float32)
-
-
-def _fit(text: str, font, max_w: float) -> str:
-    if font.getlength(text) <= max_w:
-        return text
-    while len(text) > 1 and font.getlength(text + "\u2026") > max_w:
-        text = text[:-1]
-    return text + "\u2026"
