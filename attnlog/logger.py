@@ -164,7 +164,7 @@ class AttentionLogger:
         self._closed = False
         self._missing_said = 0  # lost steps that flush() has reported
         if check:  # before the sinks: a model without attention leaves nothing behind
-            self.capturer.check()
+            self.capturer.check(self.patterns)  # kept for a first `log` before any update
         self.sinks: list[Sink] = []  # the sinks in this process (on the thread writer)
         self._writer: ProcessWriter | ThreadWriter | SplitWriter | None = None
         self._unbuilt: Callable[[], None] | None = None  # the writer, built at the first event

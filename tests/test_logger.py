@@ -469,3 +469,60 @@ def test_the_trainer_starts_no_spare_writer_process_when_auto_picks_the_thread(
     process._stop(spare)
     process._spare = None
     assert spare.wait(timeout=120) == 0
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64)  # fmt: skip
+    return BertModel(config)
+
+
+def logged_attention(memory: MemorySink, step: int) -> np.ndarray:
+    [call] = [c for c in memory.of("log_archive") if c.args["step"] == step]
+    return np.asarray(call.args["snapshot"].probes[0].attention)
+
+
+def test_step_0_takes_the_construction_check_while_the_weights_are_unchanged(minilm, tmp_path):
+    _, tokenizer = minilm
+    model = tiny_bert()
+    passes = []
+    model.register_forward_hook(lambda *args: passes.append(1))
+    memory = MemorySink()
+    with AttentionLogger(model, tokenizer, PROBES, sinks=[memory], logdir=tmp_path / "a",
+                         views=(), writer="thread") as log:  # fmt: skip
+        assert len(passes) == 1  # the check at construction
+        log.log(0)
+        assert len(passes) == 1  # a Trainer logs step 0 right after: one pass, not two
+        log.log(1)
+        assert len(passes) == 2
+    assert memory.steps("log_archive") == [0, 1]
+    np.testing.assert_array_equal(logged_attention(memory, 0), logged_attention(memory, 1))
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["an optimizer step", "another dtype"],
+)
+def test_a_first_log_after_the_weights_changed_captures_them_anew(minilm, tmp_path, change):
+    _, tokenizer = minilm
+    model = tiny_bert()
+    memory = MemorySink()
+    with AttentionLogger(model, tokenizer, PROBES, sinks=[memory], logdir=tmp_path / "a",
+                         views=(), writer="thread") as log:  # fmt: skip
+        if change == "an optimizer step":
+            optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+            model(
+                **tokenizer(["Change the weights."], return_tensors="pt")
+            ).last_hidden_state.sum().backward()
+            optimizer.step()
+        else:
+            model.double()
+        log.log(0)
+    fresh = MemorySink()
+    with AttentionLogger(model, tokenizer, PROBES, sinks=[fresh], logdir=tmp_path / "b",
+                         views=(), writer="thread") as log:  # fmt: skip
+        log.log(0)
+    np.testing.assert_array_equal(logged_attention(memory, 0), logged_attention(fresh, 0))
