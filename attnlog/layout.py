@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import unicodedata
 from collections.abc import Iterable
@@ -268,15 +267,19 @@ def _entry(raw: bytes) -> dict[str, Any] | None:
 
 
 def json_matrix(rows: Iterable[Iterable[float]], digits: int | None = None) -> list:
-    """A 2-D score or attention matrix as nested lists for JSON: NaN/inf -> null, rounded."""
-    out = []
-    for row in rows:
-        values = []
-        for value in row:
-            value = float(value)
-            if not math.isfinite(value):
-                values.append(None)
-            else:
-                values.append(value if digits is None else round(value, digits))
-        out.append(values)
+    """A 2-D score or attention matrix as nested lists for JSON: NaN/inf -> null, rounded.
+
+    In numpy, not value by value: `scores.json` holds about 12,000 numbers an event (10 ms of
+    the writer's CPU that way).
+    """
+    import numpy as np
+
+    matrix = np.asarray(rows, dtype=np.float64)  # float32 widens exactly
+    finite = np.isfinite(matrix)
+    if digits is not None:
+        matrix = np.round(matrix, digits)
+    out = matrix.tolist()
+    if not finite.all():
+        for row, column in zip(*np.nonzero(~finite)):
+            out[row][column] = None
     return out

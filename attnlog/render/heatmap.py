@@ -271,11 +271,13 @@ def _draw_grid(
     g = _GridGeometry(tiles.shape, layout, title, max_size, cjk_font)
     if g.factor > 1:
         tiles = downsample(tiles, g.factor)
-    grid = _grid_pixels(tiles, layout.count, g)
-    bar_h = min(max(grid.shape[0] - g.key_label_h - g.gap - g.name_h, 80), 300)
-    height = max(grid.shape[0], g.name_h + bar_h + TICK_PX)
-    canvas = blank_canvas(g.left + grid.shape[1] + _GAP + bar_width() + PAD, g.top + height + PAD)
-    canvas[g.top : g.top + grid.shape[0], g.left : g.left + grid.shape[1]] = grid
+    rows, cols = tiles.shape[:2]
+    grid_shape = (rows * g.block_h, cols * g.block_w)
+    bar_h = min(max(grid_shape[0] - g.key_label_h - g.gap - g.name_h, 80), 300)
+    height = max(grid_shape[0], g.name_h + bar_h + TICK_PX)
+    canvas = blank_canvas(g.left + grid_shape[1] + _GAP + bar_width() + PAD, g.top + height + PAD)
+    grid = canvas[g.top : g.top + grid_shape[0], g.left : g.left + grid_shape[1]]
+    _paint_panels(grid, tiles, layout.count, g)
     draw_title(canvas, title, cjk_font)
     _draw_panel_labels(canvas, layout, g, tiles.shape[1], cjk_font)
     _draw_grid_axes(canvas, layout, g, grid.shape)
@@ -315,17 +317,18 @@ class _GridGeometry:
         self.block_w = self.label_w + self.panel_w + self.gap
 
 
-def _grid_pixels(tiles: np.ndarray, count: int, g: _GridGeometry) -> np.ndarray:
-    """The coloured panels laid out in their blocks, `[R * block_h, C * block_w, 3]`; blocks
-    past `count` (the last row's unused places) stay background."""
+def _paint_panels(grid: np.ndarray, tiles: np.ndarray, count: int, g: _GridGeometry) -> None:
+    """Colour each panel in its block of `grid` (a view of the canvas, background already),
+    `[R * block_h, C * block_w, 3]`; blocks past `count` (the last row's unused places) stay
+    background. In place: a separate grid image was a 1 MB allocation and copy an image."""
     rows, cols = tiles.shape[:2]
-    blocks = np.full((rows, g.block_h, cols, g.block_w, 3), BG, dtype=np.uint8)
+    blocks = grid.view()
+    blocks.shape = (rows, g.block_h, cols, g.block_w, 3)  # still a view of the canvas (or raises)
     rgb = colorize(tiles)  # [R, C, n2, m2, 3]
     rgb = np.repeat(np.repeat(rgb, g.cell, axis=2), g.cell, axis=3)
     rgb[np.arange(rows * cols).reshape(rows, cols) >= count] = BG
     panel = (slice(g.name_h, g.name_h + g.panel_h), slice(g.label_w, g.label_w + g.panel_w))
     blocks[:, panel[0], :, panel[1]] = rgb.transpose(0, 2, 1, 3, 4)
-    return blocks.reshape(rows * g.block_h, cols * g.block_w, 3)
 
 
 def _draw_panel_labels(
