@@ -126,3 +126,33 @@ def test_disk_error_while_logging_raises_from_the_method(tmp_path):
     with pytest.raises(OSError):
         sink.log_html(make_html(0), 0)
     sink.close()
+
+
+def test_the_event_file_is_framed_with_tensorflows_checksums(tmp_path):
+    from tensorboard.compat.tensorflow_stub import errors
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import (
+        PyRecordReader_New,
+        masked_crc32c,
+    )
+
+    from attnlog.sinks import tensorboard_records
+
+    rng = np.random.default_rng(0)
+    for size in (0, 1, 8, 4097):  # the C checksum is TensorFlow's, byte for byte
+        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        assert tensorboard_records.masked_crc32c(data) == masked_crc32c(data)
+
+    sink = TensorBoardSink(tmp_path)  # its writer frames records with the C checksum
+    for step in (0, 100):
+        sink.log_scores(make_table(step), step)
+        sink.log_images(make_images(step), step)
+    sink.close()
+    [path] = tmp_path.glob("events.out.tfevents.*")
+    reader, records = PyRecordReader_New(str(path)), 0
+    while True:
+        try:
+            reader.GetNext()  # checks both checksums of every record: DataLossError if wrong
+        except errors.OutOfRangeError:
+            break
+        records += 1
+    assert records > 2 * len(make_images(0))
