@@ -6,6 +6,7 @@ import json
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 from servers import MlflowServer
 from test_sinks_contract import make_html, make_images, make_table
@@ -83,7 +84,8 @@ def test_everything_reads_back_from_one_run(store, tmp_path):
     local = client.download_artifacts(run.info.run_id, scores_path(100), str(tmp_path / "dl"))
     scores = json.loads(Path(local).read_text())
     assert scores["step"] == 100 and scores["scores"]["cross_sentence"][1] == [None, None, None]
-    assert scores["scores"]["sep"] == tables[100].scores["sep"].tolist()  # every head, exact
+    exact = np.asarray(scores["scores"]["sep"], dtype=np.float32)  # every head, exact
+    np.testing.assert_array_equal(exact, tables[100].scores["sep"].astype(np.float32))
     html = html_path(0, "cat", "head_view")
     local = client.download_artifacts(run.info.run_id, html, str(tmp_path / "dl2"))
     assert Path(local).read_text() == make_html(0)[html]

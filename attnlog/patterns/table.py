@@ -47,7 +47,9 @@ class ScoreTable:
             return json_matrix(matrix, digits=5)
 
         def exact(matrix: np.ndarray) -> list:
-            return json_matrix(np.asarray(matrix, dtype=np.float32))
+            # 9 significant digits read back as the same float32 (the float64 `repr` took 17)
+            rows = json_matrix(np.asarray(matrix, dtype=np.float32))
+            return [[None if v is None else float(f"{v:.9g}") for v in row] for row in rows]
 
         return {
             "step": self.step,

@@ -10,7 +10,7 @@ of 22 px and more (11 px in the thumbnail), and say in their header what the car
   stretched to fill the square, the probe's text on top;
 - `pattern_card`: one pattern's `[L, H]` scores, its top head outlined and named on top.
 
-A probe card is drawn in indices of `draw.PALETTE` (viridis in 239 levels, the grey of NaN,
+A probe card is drawn in indices of `draw.PALETTE` (viridis in 128 levels, the grey of NaN,
 and 16 greys from ink to white for the text), so it is saved as a palette PNG as it is. Pure functions: numpy and Pillow, no I/O.
 """
 

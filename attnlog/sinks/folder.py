@@ -55,7 +55,7 @@ class FolderSink(Sink):
         self.written: list[Path] = []
 
     def log_scores(self, table: ScoreTable, step: int) -> None:
-        text = json.dumps(table.to_json(), ensure_ascii=False)
+        text = json.dumps(table.to_json(), ensure_ascii=False, separators=(",", ":"))
         self._write(self._path("scores.json", step), text.encode("utf-8"))
 
     def log_images(self, images: Mapping[str, np.ndarray], step: int) -> None:

@@ -191,7 +191,7 @@ class MLflowSink(Sink):
         metrics = [
             [mlflow_key(k), v, now, step] for k, v in head_metrics(table, self.head_metrics).items()
         ]
-        text = json.dumps(table.to_json())
+        text = json.dumps(table.to_json(), separators=(",", ":"))  # 10 % smaller than ", "
         artifacts = [{"path": scores_path(step), "text": text}]
         tags = {}
         if table.alerts:
