@@ -161,6 +161,10 @@ def blend_all(canvas: np.ndarray, pieces: Sequence[tuple[np.ndarray, int, int, A
 def _mix(canvas: np.ndarray, ys: np.ndarray, xs: np.ndarray, alpha: np.ndarray, ink) -> None:
     """canvas[ys, xs] = canvas * (1 - alpha) + ink * alpha, rounded; through flat pixel
     indices, which numpy gathers and scatters about twice as fast as (ys, xs) pairs."""
+    if not canvas.flags.c_contiguous:  # a view of a larger image: no flat view of its own
+        mixed = canvas[ys, xs] * (1.0 - alpha) + ink * alpha + 0.5
+        canvas[ys, xs] = mixed.astype(np.uint8)
+        return
     pixels = canvas.reshape(-1, canvas.shape[-1])
     at = ys * canvas.shape[1] + xs
     mixed = pixels[at].astype(np.float32)

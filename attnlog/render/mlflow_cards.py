@@ -11,7 +11,9 @@ of 22 px and more (11 px in the thumbnail), and say in their header what the car
 - `pattern_card`: one pattern's `[L, H]` scores, its top head outlined and named on top.
 
 A probe card is drawn in indices of `draw.PALETTE` (viridis in 128 levels, the grey of NaN,
-and 16 greys from ink to white for the text), so it is saved as a palette PNG as it is. Pure functions: numpy and Pillow, no I/O.
+and 16 greys from ink to white for the text), so it is saved as a palette PNG as it is.
+
+Pure functions: numpy and Pillow, no I/O.
 """
 
 from __future__ import annotations
@@ -211,10 +213,9 @@ def _ink(canvas: np.ndarray, text: str, size: int, at: tuple[float, float], anch
     y, x = anchored(mask.shape, at, anchor)
     region = canvas[y : y + mask.shape[0], x : x + mask.shape[1]]
     mask = mask[: region.shape[0], : region.shape[1]]
-    grey = (
-        PALETTE_GREY0 + (255 - mask.astype(np.uint16)) * (PALETTE_GREYS - 1) // 255
-    )  # alpha 255: ink
-    np.minimum(region, grey.astype(np.uint8), out=region)  # the darker where glyphs overlap
+    lightness = (255 - mask.astype(np.uint16)) * (PALETTE_GREYS - 1) // 255  # alpha 255: ink
+    grey = (PALETTE_GREY0 + lightness).astype(np.uint8)
+    np.minimum(region, grey, out=region)  # the darker where glyphs overlap (white is the last)
 
 
 def _pixel_map(start: int, cell: float, count: int, n: int) -> tuple | None:
