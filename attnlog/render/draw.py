@@ -126,18 +126,7 @@ def _text_mask(
 
 def blend(canvas: np.ndarray, mask: np.ndarray, y: int, x: int, color=INK) -> None:
     """Alpha-blend `color` into `canvas` where `mask` `[h, w]` is set, clipped to the canvas."""
-    y, x = int(y), int(x)
-    h = min(mask.shape[0], canvas.shape[0] - y)
-    w = min(mask.shape[1], canvas.shape[1] - x)
-    if h <= 0 or w <= 0:
-        return
-    ys, xs, alpha = _inked(mask)  # text covers few pixels: blend only those
-    if h < mask.shape[0] or w < mask.shape[1]:
-        inside = (ys < h) & (xs < w)
-        ys, xs, alpha = ys[inside], xs[inside], alpha[inside]
-    if ys.size == 0:
-        return
-    _mix(canvas, ys + y, xs + x, alpha, np.asarray(color, dtype=np.float32))
+    blend_all(canvas, [(mask, y, x, color)])
 
 
 def blend_all(canvas: np.ndarray, pieces: Sequence[tuple[np.ndarray, int, int, Any]]) -> None:
@@ -145,7 +134,7 @@ def blend_all(canvas: np.ndarray, pieces: Sequence[tuple[np.ndarray, int, int, A
     matrix's 72 cell values cost one fancy index instead of 72."""
     if not pieces:
         return
-    inked = [_inked(mask) for mask, _, _, _ in pieces]
+    inked = [_inked(mask) for mask, _, _, _ in pieces]  # text covers few pixels: only those
     ys = np.concatenate([i[0] + int(y) for i, (_, y, _, _) in zip(inked, pieces)])
     xs = np.concatenate([i[1] + int(x) for i, (_, _, x, _) in zip(inked, pieces)])
     alpha = np.concatenate([i[2] for i in inked])

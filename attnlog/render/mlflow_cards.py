@@ -223,8 +223,7 @@ def _pixel_map(start: int, cell: float, count: int, n: int) -> tuple | None:
     (or column) each shows, as `_cell` lays them out; None when a cell is narrower than `n`."""
     pixels, cells, within = [], [], []
     for k in range(count):
-        a0 = start + int(k * cell)
-        a1 = max(a0 + 1, start + int((k + 1) * cell) - _GAP)
+        a0, a1 = _span(start, cell, k)
         if a1 - a0 < n:
             return None
         pixels.append(np.arange(a0, a1))
@@ -244,10 +243,14 @@ def _levels(values: np.ndarray) -> np.ndarray:
 
 def _cell(top: int, left: int, cell_h: float, cell_w: float, row: int, col: int) -> tuple:
     """(y0, x0, y1, x1) of one cell, `_GAP` px of white after it."""
-    y0, x0 = top + int(row * cell_h), left + int(col * cell_w)
-    y1 = max(y0 + 1, top + int((row + 1) * cell_h) - _GAP)
-    x1 = max(x0 + 1, left + int((col + 1) * cell_w) - _GAP)
+    (y0, y1), (x0, x1) = _span(top, cell_h, row), _span(left, cell_w, col)
     return y0, x0, y1, x1
+
+
+def _span(start: int, cell: float, k: int) -> tuple[int, int]:
+    """The first and past-the-last pixel of the `k`-th cell along one axis."""
+    a0 = start + int(k * cell)
+    return a0, max(a0 + 1, start + int((k + 1) * cell) - _GAP)
 
 
 def _draw_bar(canvas: np.ndarray, span: tuple[float, float], left: int, y: int) -> None:

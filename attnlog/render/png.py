@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 from functools import lru_cache
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -49,21 +50,20 @@ def _palette() -> Image.Image:
     return image
 
 
-def encode_png(image: np.ndarray, compress_level: int = PNG_LEVEL) -> bytes:
+def encode_png(image: np.ndarray) -> bytes:
     """uint8 RGB `[height, width, 3]` as palette PNG bytes."""
     buffer = io.BytesIO()
-    palette_image(image).save(buffer, format="PNG", compress_level=compress_level)
+    save_png(image, buffer)
     return buffer.getvalue()
 
 
-def save_png(image: np.ndarray | Image.Image, path: str | os.PathLike) -> None:
-    """uint8 RGB `[height, width, 3]`, or a Pillow image, as a palette PNG at `path` (a "P"
-    image, such as a probe card, as it is)."""
-    if isinstance(image, Image.Image) and image.mode == "P":
-        image.save(path, format="PNG", compress_level=PNG_LEVEL)
-        return
-    rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
-    palette_image(rgb).save(path, format="PNG", compress_level=PNG_LEVEL)
+def save_png(image: np.ndarray | Image.Image, target: str | os.PathLike | BinaryIO) -> None:
+    """uint8 RGB `[height, width, 3]`, or a Pillow image, as a palette PNG at `target` (a path
+    or a binary file; a "P" image, such as a probe card, as it is)."""
+    if not (isinstance(image, Image.Image) and image.mode == "P"):
+        rgb = image.convert("RGB") if isinstance(image, Image.Image) else image
+        image = palette_image(np.asarray(rgb))
+    image.save(target, format="PNG", compress_level=PNG_LEVEL)
 
 
 def save_thumbnail(image: np.ndarray | Image.Image, path: str | os.PathLike, side: int) -> None:
